@@ -1,0 +1,50 @@
+"""Build the host kernel and the guest with Make (incremental: nothing changed, nothing runs)."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hostinfo import require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("normal", "lie")
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    kernel: Path  # ELF32 copy, booted by QEMU (-kernel takes multiboot ELF32 only)
+    symbols: Path  # ELF64 with symbols, for GDB
+    guest: Path  # flat guest image, passed as a multiboot module
+    guest_symbols: Path  # guest ELF64, for GDB
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def build_dir(variant: str) -> Path:
+    return ROOT / "firmware" / "build" / ("" if variant == "normal" else variant)
+
+
+def artifacts(variant: str = "normal") -> Artifacts:
+    fw = build_dir(variant)
+    gb = ROOT / "guests" / "build"
+    return Artifacts(fw / "host.elf32", fw / "host.elf64", gb / "guest.bin", gb / "guest.elf64")
+
+
+def _make(directory: Path, *args: str) -> None:
+    proc = subprocess.run(["make", "-s", "-C", str(directory), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuildError(f"make -C {directory} {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+
+
+def build(variant: str = "normal") -> Artifacts:
+    if variant not in VARIANTS:
+        raise BuildError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    for tool in ("make", "gcc", "ld", "objcopy"):
+        require_tool(tool)
+    _make(ROOT / "guests")
+    _make(ROOT / "firmware", *(() if variant == "normal" else (f"VARIANT={variant}",)))
+    return artifacts(variant)

@@ -1,0 +1,180 @@
+"""The architecture rules, in one place.
+
+Every expected value is derived here from the configuration: the accelerator, and QEMU's
+own description of the configured CPU model (QOM properties such as `vendor`, `rdtscp`,
+`svm`), never from what the firmware printed and never from constants tuned to one
+machine. Change `--cpu` and the expectations change with it.
+
+`plan()` lists every check a boot must produce; a check without an observation is an
+`error`, never a `pass`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .ids import check_id
+
+# -- references (Intel SDM = Intel 64 and IA-32 Architectures SDM; APM = AMD64 APM) --------
+REF_CPL = "SDM Vol. 3A 5.5: CPL is CS bits 1:0; APM Vol. 2 4.9.1"
+REF_IRET = "SDM Vol. 2A IRET (return to outer privilege level); APM Vol. 2 8.7.3"
+REF_SYSRET = "SDM Vol. 2B SYSRET: CS = IA32_STAR[63:48]+16, CPL 3; APM Vol. 2 6.1.1"
+REF_SYSCALL = "SDM Vol. 2B SYSCALL: CS = IA32_STAR[47:32], CPL 0; APM Vol. 2 6.1.1"
+REF_EXC_RETURN = "SDM Vol. 3A 6.12.1: an exception from CPL>0 runs its DPL0 handler on the TSS RSP0 stack"
+REF_PRIV = "SDM Vol. 3A 5.9: privileged instructions (HLT, MOV CRn) #GP(0) at CPL>0"
+REF_CLI = "SDM Vol. 2A CLI: #GP(0) if CPL > IOPL (IOPL=0, no VME/PVI)"
+REF_RDTSC = "SDM Vol. 2B RDTSC: #GP(0) if CR4.TSD=1 and CPL>0 (and CR0.PE=1); APM Vol. 3 RDTSC"
+REF_RDTSCP = "SDM Vol. 2B RDTSCP: #UD if CPUID.80000001H:EDX[27]=0, else #GP(0) iff CR4.TSD=1 and CPL>0"
+REF_VENDOR = "SDM Vol. 2A CPUID leaf 0: EBX,EDX,ECX = vendor; value from QEMU's CPU model (QOM `vendor`)"
+REF_HV_BIT = "APM Vol. 3 E.3.2 CPUID Fn0000_0001_ECX[31] (reserved for hypervisor use); QOM `hypervisor`"
+REF_HV_SIG = "CPUID 0x40000000-0x400000FF is the hypervisor range (APM Vol. 3 App. E); TCG: QOM `tcg-cpuid`; KVM: QOM `kvm`"
+REF_GUEST_CPL = "APM Vol. 2 15.5.1: VMRUN loads the guest's CS and CPL from the VMCB: the guest runs at its own CPL0"
+REF_GUEST_TSD = (
+    "APM Vol. 2 15.7: instruction intercepts are checked after exceptions such as #GP for "
+    "privilege; the guest's own CR4.TSD applies inside the guest"
+)
+REF_GUEST_SIG = "APM Vol. 2 15.9/15.13: the host intercepts CPUID and answers leaf 0x40000000 itself"
+REF_INTERCEPT = "APM Vol. 2 15.9-15.13, App. C: an intercepted instruction causes #VMEXIT with its exit code"
+
+HOST_RINGS = (1, 2, 3)
+TSC_CPLS = (0, 1, 2, 3)
+PRIV_INSNS = ("hlt", "cli", "mov-cr4")
+AT_LEAST_ONCE = ">=1"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the configuration says the CPU is. Filled from QEMU (QOM), not the firmware."""
+
+    accel: str
+    kvm_module: str | None
+    vendor: str
+    rdtscp: bool
+    svm: bool
+    hypervisor: bool
+    expose_kvm: bool = True
+    tcg_cpuid: bool = True
+    hv_signature: str = "LabRingMinus"
+    host_mode: str = "auto"
+
+    @classmethod
+    def from_qemu(cls, accel: str, kvm_module: str | None, qom: dict, *, hv_signature: str, host_mode: str) -> "Facts":
+        return cls(
+            accel=accel,
+            kvm_module=kvm_module if accel == "kvm" else None,
+            vendor=str(qom.get("vendor", "")),
+            rdtscp=bool(qom.get("rdtscp", False)),
+            svm=bool(qom.get("svm", False)),
+            hypervisor=bool(qom.get("hypervisor", False)),
+            expose_kvm=bool(qom.get("kvm", True)),
+            tcg_cpuid=bool(qom.get("tcg-cpuid", True)),
+            hv_signature=hv_signature,
+            host_mode=host_mode,
+        )
+
+    @property
+    def guest_mode(self) -> str:
+        """Which host runs the guest: the SVM host when the CPU has SVM (or it is forced)."""
+        if self.host_mode == "auto":
+            return "svm" if self.svm else "none"
+        return self.host_mode
+
+
+@dataclass(frozen=True)
+class Expectation:
+    scope: str
+    probe: str
+    params: dict[str, str]
+    expected: str
+    rule: str
+    skip: str | None = None  # why this check cannot run in this configuration
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", check_id(self.scope, self.probe, self.params))
+
+    def matches(self, observed: str) -> bool:
+        if self.expected == AT_LEAST_ONCE:
+            return observed.isdigit() and int(observed) >= 1
+        return observed == self.expected
+
+
+def _p(**kw: object) -> dict[str, str]:
+    return {k: str(v) for k, v in kw.items()}
+
+
+# -- the rules ------------------------------------------------------------------------------
+def tsc_read(insn: str, tsd: int, cpl: int, *, rdtscp_present: bool = True, protected: bool = True) -> str:
+    """RDTSC/RDTSCP: #UD if RDTSCP is absent (decode-time, before privilege checks);
+    #GP(0) iff CR4.TSD=1 and CPL>0 and CR0.PE=1; otherwise it completes."""
+    if insn == "rdtscp" and not rdtscp_present:
+        return "#UD"
+    if tsd and cpl > 0 and protected:
+        return "#GP(0)"
+    return "ok"
+
+
+def privileged(insn: str, cpl: int) -> str:
+    """HLT and MOV to CR4 need CPL0; CLI needs CPL <= IOPL, and the lab runs with IOPL=0."""
+    del insn  # same rule for all three with IOPL=0
+    return "#GP(0)" if cpl > 0 else "ok"
+
+
+def hv_signature(facts: Facts) -> str:
+    """What leaf 0x40000000 (EBX,ECX,EDX) returns on this accelerator's virtual CPU."""
+    if facts.accel == "tcg":
+        return "TCGTCGTCGTCG" if facts.tcg_cpuid else "\0" * 12
+    return "KVMKVMKVM\0\0\0" if facts.expose_kvm else "\0" * 12
+
+
+def host_plan(facts: Facts) -> list[Expectation]:
+    out: list[Expectation] = []
+    add = out.append
+    for cpl in HOST_RINGS:
+        add(Expectation("host", "cpl-enter", _p(cpl=cpl, via="iretq"), str(cpl), f"{REF_CPL}; {REF_IRET}"))
+    add(Expectation("host", "cpl-enter", _p(cpl=3, via="sysret"), "3", f"{REF_CPL}; {REF_SYSRET}"))
+    for cpl in HOST_RINGS:
+        add(Expectation("host", "cpl-return", _p(from_cpl=cpl, via="ud2"), "0", REF_EXC_RETURN))
+    for cpl in HOST_RINGS:
+        add(Expectation("host", "cpl-return", _p(from_cpl=cpl, via="syscall"), "0", REF_SYSCALL))
+    for cpl in HOST_RINGS:
+        for insn in PRIV_INSNS:
+            rule = REF_CLI if insn == "cli" else REF_PRIV
+            add(Expectation("host", "priv-insn", _p(insn=insn, cpl=cpl), privileged(insn, cpl), rule))
+    for insn, rule in (("rdtsc", REF_RDTSC), ("rdtscp", REF_RDTSCP)):
+        for tsd in (0, 1):
+            for cpl in TSC_CPLS:
+                expected = tsc_read(insn, tsd, cpl, rdtscp_present=facts.rdtscp)
+                add(Expectation("host", insn, _p(tsd=tsd, cpl=cpl), expected, rule))
+    add(Expectation("host", "cpuid-vendor", _p(leaf=0), facts.vendor, REF_VENDOR))
+    add(Expectation("host", "cpuid-hv-bit", {}, "1" if facts.hypervisor else "0", REF_HV_BIT))
+    add(Expectation("host", "cpuid-hv-signature", {}, hv_signature(facts), REF_HV_SIG))
+    return out
+
+
+def guest_svm_plan(facts: Facts) -> list[Expectation]:
+    skip = None
+    if facts.guest_mode != "svm":
+        skip = "no SVM: this CPU model has no SVM" if not facts.svm else f"host mode {facts.guest_mode}"
+        if facts.accel == "kvm" and not facts.svm:
+            skip = f"no SVM under KVM ({facts.kvm_module or 'unknown module'} gives its guests no SVM)"
+    s = "guest-svm"
+    rows = [
+        Expectation(s, "cpl-enter", _p(cpl=0, via="vmrun"), "0", REF_GUEST_CPL, skip),
+        Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
+        Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "0", REF_EXC_RETURN, skip),
+        Expectation(s, "cpuid-vendor", _p(leaf=0), facts.vendor, f"{REF_VENDOR}; passed through by the host", skip),
+        Expectation(s, "cpuid-hv-bit", {}, "1", f"{REF_HV_BIT}; set by the host", skip),
+        Expectation(s, "cpuid-hv-signature", {}, facts.hv_signature, REF_GUEST_SIG, skip),
+        Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; {REF_GUEST_TSD}", skip),
+        Expectation(s, "rdtsc", _p(tsd=0, cpl=3), "ok", REF_RDTSC, skip),
+        Expectation(s, "rdtsc", _p(tsd=1, cpl=0), "ok", REF_RDTSC, skip),
+        Expectation(s, "rdtsc-intercepted", _p(cpl=0), "host-value", REF_INTERCEPT, skip),
+    ]
+    for reason in ("cpuid", "rdtsc", "hlt", "ioio"):
+        rows.append(Expectation(s, "vmexit", _p(reason=reason), AT_LEAST_ONCE, REF_INTERCEPT, skip))
+    return rows
+
+
+def plan(facts: Facts) -> list[Expectation]:
+    return host_plan(facts) + guest_svm_plan(facts)

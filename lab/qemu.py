@@ -1,0 +1,346 @@
+"""Start QEMU for one boot, read its serial console, watch its run state, and always
+tear it down.
+
+Serial and QMP are unix sockets in a private (0700) folder; the gdbstub, when asked for,
+listens on 127.0.0.1 only. QEMU starts paused (-S) so nothing the firmware prints is lost
+before the console is connected, and so a GDB witness can attach before the first
+instruction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pexpect
+import pexpect.fdpexpect
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .config import RunConfig
+
+# The firmware's last record; anchored to the line end because serial output arrives in chunks.
+END_RECORD = re.compile(rb"@@LAB \d+ end [^\n]*\n")
+KVM_INTERNAL_ERROR = b"KVM internal error"
+# isa-debug-exit: QEMU exits with (value << 1) | 1; the firmware writes 0 when all went well.
+EXIT_OK = 1
+
+# CPU properties asked of QEMU itself (QOM), so expectations follow the configured model
+# rather than this machine: vendor string, feature flags, hypervisor leaves.
+CPU_PROPERTIES = ("vendor", "rdtscp", "svm", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id")
+
+
+class BootError(RuntimeError):
+    """QEMU could not be started or talked to; carries its stderr."""
+
+
+@dataclass
+class BootResult:
+    command: list[str]
+    repro: str  # the same boot for a person at a terminal (serial on stdio)
+    serial: bytes
+    exit: str  # ok | timeout | internal-error | crash | exit-code | killed
+    exit_detail: str
+    returncode: int | None
+    wall_s: float
+    cpu_facts: dict[str, object] = field(default_factory=dict)
+    stderr: str = ""
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initrd_arg(cfg: RunConfig) -> list[str]:
+    if not cfg.modules:
+        return []
+    parts = [f"{m.path} {m.args}".strip() for m in cfg.modules]
+    # QEMU separates multiboot modules with commas (a literal comma is written ",,").
+    return ["-initrd", ",".join(p.replace(",", ",,") for p in parts)]
+
+
+def machine_arg(cfg: RunConfig) -> str:
+    if cfg.machine == "microvm":
+        # No PIT/PIC/RTC/option ROMs: the firmware needs only COM1 and isa-debug-exit, and
+        # each device left out shortens the boot (FACTS: microvm boots in ~0.03-0.05 s).
+        return "microvm,x-option-roms=off,pit=off,pic=off,rtc=off"
+    return cfg.machine
+
+
+def build_command(
+    cfg: RunConfig,
+    *,
+    serial: str | None,
+    qmp: str | None,
+    gdb: str | None = None,
+    paused: bool = True,
+) -> list[str]:
+    """The exact QEMU command line. `serial`/`qmp` are unix socket paths (None: serial on
+    stdio, no QMP, for a person at a terminal); `gdb` is a gdbstub address."""
+    cmd = [
+        cfg.qemu,
+        "-M", machine_arg(cfg),
+        "-accel", cfg.accel,
+        "-cpu", cfg.cpu,
+        "-m", "128",
+        "-smp", "1",
+        "-nodefaults", "-no-user-config", "-nic", "none",
+        "-display", "none",
+        "-no-reboot",  # a triple fault ends QEMU instead of looping through resets
+        "-device", "isa-debug-exit",
+    ]
+    if serial:
+        cmd += ["-chardev", f"socket,id=ser0,path={serial},server=on,wait=off", "-serial", "chardev:ser0"]
+    else:
+        cmd += ["-serial", "stdio"]
+    if qmp:
+        cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if gdb:
+        cmd += ["-gdb", gdb]
+    if paused:
+        cmd += ["-S"]
+    cmd += ["-kernel", str(cfg.kernel), *initrd_arg(cfg), "-append", cfg.cmdline()]
+    cmd += list(cfg.extra_qemu_args)
+    return cmd
+
+
+def repro_command(cfg: RunConfig) -> str:
+    return shlex.join(build_command(cfg, serial=None, qmp=None, paused=False))
+
+
+def _wait_for_path(path: str, proc: subprocess.Popen, deadline: float) -> None:
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise BootError(f"QEMU exited with status {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise BootError(f"QEMU did not create {path} in time")
+        time.sleep(0.002)
+
+
+class Machine(contextlib.AbstractContextManager):
+    """One QEMU process: `with Machine(cfg, run_dir) as m: result = m.run()`.
+
+    Leaving the `with` block always ends QEMU (QMP quit, then SIGTERM, then SIGKILL to its
+    process group) and closes every socket, also on errors and KeyboardInterrupt.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, gdb_port: int | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        # Short path (sun_path is 108 bytes); the pid in the name tells whose QEMU it is.
+        self.sock_dir = tempfile.mkdtemp(prefix=f"ringlab-{os.getpid()}-")
+        os.chmod(self.sock_dir, 0o700)
+        self.serial_path = os.path.join(self.sock_dir, "serial.sock")
+        self.qmp_path = os.path.join(self.sock_dir, "qmp.sock")
+        self.gdb_addr = f"127.0.0.1:{gdb_port}" if gdb_port else None
+        gdb_arg = f"tcp:127.0.0.1:{gdb_port}" if gdb_port else None
+        self.command = build_command(cfg, serial=self.serial_path, qmp=self.qmp_path, gdb=gdb_arg)
+        self.proc: subprocess.Popen | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.sock: socket.socket | None = None
+        self.console: pexpect.fdpexpect.fdspawn | None = None
+        self.stderr_path = run_dir / "qemu.stderr"
+        self._stderr = None
+        self._log = None
+        self.t_start = 0.0
+
+    # -- start ---------------------------------------------------------------------------
+    def __enter__(self) -> "Machine":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "command.txt").write_text(shlex.join(self.command) + "\n")
+        self._stderr = open(self.stderr_path, "wb")
+        self.t_start = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._stderr,
+            stderr=self._stderr,
+            start_new_session=True,  # own process group: teardown kills all of it
+        )
+        deadline = time.monotonic() + 10
+        try:
+            _wait_for_path(self.qmp_path, self.proc, deadline)
+            _wait_for_path(self.serial_path, self.proc, deadline)
+        except BootError as exc:
+            raise BootError(f"{exc}\n{self.stderr_text()}") from None
+        self.qmp = QEMUMonitorProtocol(self.qmp_path)
+        self.qmp.connect(negotiate=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.serial_path)
+        self._log = open(self.run_dir / "serial.log", "wb")
+        self.console = pexpect.fdpexpect.fdspawn(self.sock.fileno(), timeout=1, logfile=self._log)
+
+    def cpu_facts(self) -> dict[str, object]:
+        """QEMU's own view of the configured CPU (QOM properties of CPU 0)."""
+        assert self.qmp is not None
+        path = self.qmp.cmd("query-cpus-fast")[0]["qom-path"]
+        facts: dict[str, object] = {}
+        for prop in CPU_PROPERTIES:
+            reply = self.qmp.cmd_raw("qom-get", {"path": path, "property": prop})
+            if "return" in reply:
+                facts[prop] = reply["return"]
+        return facts
+
+    def resume(self) -> None:
+        assert self.qmp is not None
+        self.qmp.cmd("cont")
+
+    # -- run -----------------------------------------------------------------------------
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _internal_error(self) -> bool:
+        """KVM internal errors stop the VM without ending QEMU: notice them at once."""
+        assert self.qmp is not None
+        for event in self.qmp.get_events(wait=False):
+            if event.get("event") == "STOP":
+                status = self.qmp.cmd("query-status")
+                if status.get("status") == "internal-error":
+                    return True
+        self.qmp.clear_events()
+        return False
+
+    def wait_for_end(self, timeout_s: float | None = None, poll_s: float = 0.05) -> tuple[str, str]:
+        """Read the console until the `end` record, QEMU's exit, a KVM internal error or the
+        timeout. Returns (exit kind, detail)."""
+        assert self.console is not None and self.proc is not None
+        deadline = time.monotonic() + (timeout_s or self.cfg.timeout_s)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout", f"no `end` record within {timeout_s or self.cfg.timeout_s:.1f} s"
+            idx = self.console.expect(
+                [END_RECORD, pexpect.EOF, pexpect.TIMEOUT], timeout=min(poll_s, remaining)
+            )
+            if idx == 0:
+                return self._wait_exit()
+            if idx == 1:
+                return self._wait_exit(already_closed=True)
+            if self._internal_error() or KVM_INTERNAL_ERROR.decode() in self.stderr_text():
+                return "internal-error", self._stderr_tail("KVM internal error")
+            if self.proc.poll() is not None:
+                return self._classify_exit()
+
+    def _wait_exit(self, already_closed: bool = False) -> tuple[str, str]:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            if not already_closed and self._internal_error():
+                return "internal-error", self._stderr_tail("KVM internal error")
+            return "timeout", "the firmware sent `end` but QEMU did not exit within 2 s"
+        return self._classify_exit()
+
+    def _classify_exit(self) -> tuple[str, str]:
+        assert self.proc is not None
+        rc = self.proc.returncode
+        if rc == EXIT_OK:
+            return "ok", "isa-debug-exit 0"
+        if rc is not None and rc < 0:
+            return "killed", f"QEMU killed by signal {-rc}"
+        if rc is not None and rc & 1 and rc > 1:
+            return "exit-code", f"firmware exited with code {rc >> 1} through isa-debug-exit"
+        if rc == 0:
+            # -no-reboot turns a triple fault (shutdown) into a clean QEMU exit.
+            return "crash", "QEMU exited with status 0: triple fault or reset (-no-reboot)"
+        return "crash", f"QEMU exited with status {rc}: {self._stderr_tail()}"
+
+    def _stderr_tail(self, needle: str | None = None) -> str:
+        lines = [line for line in self.stderr_text().splitlines() if line.strip()]
+        if needle:
+            hits = [line for line in lines if needle in line]
+            if hits:
+                return hits[0]
+        return " | ".join(lines[-3:]) if lines else "(no stderr)"
+
+    def serial_bytes(self) -> bytes:
+        if self._log:
+            self._log.flush()
+        try:
+            return (self.run_dir / "serial.log").read_bytes()
+        except OSError:
+            return b""
+
+    def run(self, start: Callable[[], None] | None = None) -> BootResult:
+        """Boot to the end and collect everything. `start` lets the CPU go (default: QMP
+        `cont`; a GDB witness passes its own, which sets breakpoints and continues)."""
+        facts = self.cpu_facts()
+        (start or self.resume)()
+        kind, detail = self.wait_for_end()
+        # Drain what the console still holds so the log and the parser see all of it.
+        with contextlib.suppress(Exception):
+            self.console.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=0.01)
+        wall = time.monotonic() - self.t_start
+        return BootResult(
+            command=self.command,
+            repro=repro_command(self.cfg),
+            serial=self.serial_bytes(),
+            exit=kind,
+            exit_detail=detail,
+            returncode=self.proc.poll() if self.proc else None,
+            wall_s=wall,
+            cpu_facts=facts,
+            stderr=self.stderr_text(),
+        )
+
+    # -- teardown ------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.cmd("quit")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=1)
+        if self.proc is not None:
+            kill_group(self.proc)
+        for closer in (self.qmp, self.sock, self._log, self._stderr):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        self.qmp = self.sock = None
+        for name in ("serial.sock", "qmp.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.sock_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.sock_dir)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 1.0) -> None:
+    """End a process started with start_new_session=True and everything in its group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    else:
+        # QEMU itself is gone; make sure nothing it spawned lingers in its group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)

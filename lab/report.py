@@ -1,0 +1,78 @@
+"""Reports in standard formats: the JSON contract of DESIGN.md, JUnit XML and TAP 13."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .judge import Check, summarize
+
+
+def build(lab_version: str, host: dict, runs: list[dict], checks: list[Check]) -> dict:
+    return {
+        "lab_version": lab_version,
+        "host": host,
+        "runs": runs,
+        "checks": [c.as_dict() for c in checks],
+        "summary": summarize(checks),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(report: dict, path: Path) -> None:
+    _atomic_write(path, json.dumps(report, indent=2) + "\n")
+
+
+def _case_name(check: dict) -> str:
+    return f"{check['config'] or check['accel']}: {check['id']}"
+
+
+def write_junit(report: dict, path: Path) -> None:
+    """One testcase per check; fail -> <failure>, error -> <error>, skip/xfail -> <skipped>."""
+    s = report["summary"]
+    suite = ET.Element(
+        "testsuite", name="ring-lab", tests=str(len(report["checks"])),
+        failures=str(s["fail"]), errors=str(s["error"]), skipped=str(s["skip"] + s["xfail"]),
+    )
+    logs = {r.get("config"): r.get("log") for r in report["runs"]}
+    for c in report["checks"]:
+        case = ET.SubElement(suite, "testcase", classname=f"ringlab.{c['accel']}.{c['scope']}", name=_case_name(c))
+        text = f"expected={c['expected']} observed={c['observed']} witnesses={c['witnesses']}\nlog: {logs.get(c['config'])}"
+        if c["status"] == "fail":
+            ET.SubElement(case, "failure", message=c["reason"]).text = text
+        elif c["status"] == "error":
+            ET.SubElement(case, "error", message=c["reason"]).text = text
+        elif c["status"] in ("skip", "xfail"):
+            ET.SubElement(case, "skipped", message=f"{c['status']}: {c['reason']}")
+        elif c["status"] == "xpass":
+            ET.SubElement(case, "system-out").text = f"xpass: {c['reason']}"
+    ET.indent(suite)
+    _atomic_write(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
+
+
+def tap(report: dict) -> str:
+    """TAP 13: skip and xfail as # SKIP / # TODO, so TAP consumers count them right."""
+    lines = ["TAP version 13", f"1..{len(report['checks'])}"]
+    for n, c in enumerate(report["checks"], 1):
+        ok = c["status"] in ("pass", "skip", "xfail", "xpass")
+        line = f"{'ok' if ok else 'not ok'} {n} - {_case_name(c)}"
+        if c["status"] == "skip":
+            line += f" # SKIP {c['reason']}"
+        elif c["status"] in ("xfail", "xpass"):
+            line += f" # TODO {c['status']}: {c['reason']}"
+        lines.append(line)
+        if not ok:
+            lines += ["  ---", f"  status: {c['status']}", f"  expected: {json.dumps(c['expected'])}",
+                      f"  observed: {json.dumps(c['observed'])}", f"  reason: {json.dumps(c['reason'])}", "  ..."]
+    return "\n".join(lines) + "\n"

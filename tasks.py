@@ -1,0 +1,142 @@
+"""Invoke tasks: setup, build, lab.run, lab.debug, test, bench, soak.
+
+`invoke --list` shows them; `invoke --help lab.run` shows a task's options.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from invoke import Collection, Exit, task
+
+# Debian/Ubuntu packages and the program each one provides.
+SYSTEM_PACKAGES = {
+    "qemu-system-x86": "qemu-system-x86_64",
+    "gcc": "gcc",
+    "binutils": "objcopy",
+    "make": "make",
+    "gdb": "gdb",
+}
+
+
+def _fail(message: str) -> Exit:
+    return Exit(f"error: {message}", code=2)
+
+
+@task
+def setup(c):
+    """Install the system packages the lab needs (QEMU, gcc, binutils, make, gdb) with apt-get."""
+    missing = [pkg for pkg, prog in SYSTEM_PACKAGES.items() if shutil.which(prog) is None]
+    if not missing:
+        print("setup: all system packages present")
+        return
+    if shutil.which("apt-get") is None:
+        raise _fail(f"missing {', '.join(missing)} and no apt-get here: install them with your package manager")
+    sudo = "" if os.geteuid() == 0 else "sudo "
+    if sudo and shutil.which("sudo") is None:
+        raise _fail(f"missing {', '.join(missing)}: run as root: apt-get install {' '.join(missing)}")
+    print(f"setup: installing {', '.join(missing)}")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    c.run(f"{sudo}apt-get update -qq", env=env)
+    c.run(f"{sudo}apt-get install -y -qq --no-install-recommends {' '.join(missing)}", env=env, hide="out")
+
+
+@task(help={"variant": "normal, or lie (a kernel that reports wrong observations: a negative control)"})
+def build(c, variant="normal"):
+    """Build the host kernel and the guest (incremental)."""
+    from lab.build import BuildError, build as do_build
+
+    try:
+        art = do_build(variant)
+    except BuildError as exc:
+        raise _fail(str(exc)) from None
+    print(f"kernel: {art.kernel}\nsymbols: {art.symbols}\nguest: {art.guest}")
+
+
+@task(
+    help={
+        "accel": "auto | tcg | kvm | all (default: every usable accelerator)",
+        "cpu": "QEMU CPU model (default per accelerator: qemu64,+svm for TCG, qemu64 for KVM)",
+        "machine": "QEMU machine: microvm (default), pc or q35",
+        "json": "also write the JSON report here",
+        "junit": "write a JUnit XML report here",
+        "tap": "print a TAP 13 report on stdout",
+        "qemu": "QEMU binary (default: $LAB_QEMU or qemu-system-x86_64)",
+        "witness": "serial | gdb | both (default both: GDB confirms the serial verdicts)",
+        "hv_signature": "12-byte hypervisor signature the lab's host shows its guest",
+        "host_mode": "auto | svm | soft | none: how the host runs its guest",
+        "kernel_arg": "extra key=value for the kernel command line (repeatable), e.g. fault=hang",
+        "variant": "kernel build: normal or lie (negative control)",
+        "timeout": "seconds a boot may take before it is an error",
+    },
+    iterable=["kernel_arg"],
+)
+def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=False, qemu=None,
+        witness="both", hv_signature=None, host_mode="auto", kernel_arg=None, variant="normal", timeout=15.0):
+    """Boot the lab kernel under each accelerator and judge what it saw."""
+    from lab.cli import USER_ERRORS, RunOptions, run_lab
+
+    opts = RunOptions(accel=accel, cpu=cpu, machine=machine, json=json, junit=junit, tap=tap, qemu=qemu,
+                      witness=witness, hv_signature=hv_signature, host_mode=host_mode,
+                      kernel_args=tuple(kernel_arg or ()), variant=variant, timeout=float(timeout))
+    try:
+        status, _ = run_lab(opts)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted: QEMU and GDB were stopped", code=130) from None
+    if status:
+        raise Exit(code=status)
+
+
+@task(
+    help={
+        "accel": "tcg or kvm (default: tcg)",
+        "scope": "host or guest: where the first breakpoint goes",
+        "break_": "symbol to stop at first",
+        "print_only": "print the QEMU and GDB commands instead of starting them (attach from an IDE)",
+        "cpu": "QEMU CPU model",
+        "machine": "QEMU machine",
+    }
+)
+def debug(c, accel="tcg", scope="host", break_=None, print_only=False, cpu="", machine="microvm"):
+    """Start QEMU paused and open GDB on it, with host and guest symbols and lab-* commands."""
+    from lab.build import build as do_build
+    from lab.debug import debug_session
+
+    do_build()
+    sys.exit(debug_session(accel=accel, scope=scope, break_symbol=break_, print_only=print_only,
+                           cpu=cpu, machine=machine))
+
+
+@task(help={"args": "extra pytest arguments, e.g. '-k parser' or '-n 2'"})
+def test(c, args=""):
+    """Run the test suite (unit tests, boot tests under TCG and KVM, negative controls)."""
+    c.run(f"{sys.executable} -m pytest {args}", pty=False)
+
+
+@task(help={"rounds": "rounds per measurement", "json": "write the figures here"})
+def bench(c, rounds=5, json="bench.json"):
+    """Measure the lab against the floor (bare QEMU boot) and a naive one-boot-per-check runner."""
+    from lab.bench import main as bench_main
+
+    sys.exit(bench_main(rounds=int(rounds), json_path=json))
+
+
+@task(help={"n": "how many full runs", "accel": "accelerators, as for lab.run"})
+def soak(c, n=100, accel="all"):
+    """Run the full matrix N times and report any flake."""
+    from lab.soak import main as soak_main
+
+    sys.exit(soak_main(n=int(n), accel=accel))
+
+
+lab = Collection("lab")
+lab.add_task(run)
+lab.add_task(debug)
+ns = Collection()
+ns.add_collection(lab)
+for t in (setup, build, test, bench, soak):
+    ns.add_task(t)

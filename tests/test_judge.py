@@ -1,0 +1,144 @@
+"""The judge, and negative controls: altered observations, wrong expectations, missing
+observations and disagreeing witnesses must never pass."""
+
+import dataclasses
+
+from lab import deviations
+from lab.expectations import Expectation, Facts, plan
+from lab.judge import judge, judge_one, summarize
+from lab.records import checksum, parse_stream
+
+
+def facts(**kw):
+    base = dict(accel="tcg", kvm_module=None, vendor="AuthenticAMD", rdtscp=False, svm=False, hypervisor=True)
+    base.update(kw)
+    return Facts(**base)
+
+
+def honest_stream(f: Facts, alter: dict[str, str] | None = None, drop: set[str] = frozenset()) -> bytes:
+    """A transcript that reports exactly the architectural value for every planned check."""
+    alter = alter or {}
+    bodies = ["hello proto=1 kernel=test variant=normal"]
+    for e in plan(f):
+        if e.skip or e.id in drop:
+            continue
+        value = alter.get(e.id, e.expected if e.expected != ">=1" else "2")
+        esc = "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "\\=" else f"\\x{ord(c):02x}" for c in value)
+        params = " ".join(f"{k}={v}" for k, v in e.params.items())
+        bodies.append(f"obs scope={e.scope} probe={e.probe} {params} obs={esc}".replace("  ", " "))
+    bodies.append(f"end count={len(bodies)}")
+    out = b""
+    for i, b in enumerate(bodies):
+        text = f"@@LAB {i} {b}".encode()
+        out += text + f" ck={checksum(text):02x}\r\n".encode()
+    return out
+
+
+def statuses(checks):
+    return {c.id: c.status for c in checks}
+
+
+def test_honest_run_passes():
+    f = facts()
+    s = summarize(judge(f, parse_stream(honest_stream(f))))
+    assert s["fail"] == 0 and s["error"] == 0 and s["pass"] > 30
+
+
+def test_negative_control_altered_observation_fails():
+    f = facts()
+    checks = judge(f, parse_stream(honest_stream(f, alter={"host.rdtsc.tsd1.cpl3": "ok"})))
+    assert statuses(checks)["host.rdtsc.tsd1.cpl3"] == "fail"
+
+
+def test_negative_control_lying_vendor_fails():
+    f = facts()
+    checks = judge(f, parse_stream(honest_stream(f, alter={"host.cpuid-vendor.leaf0": "LieLieLieLie"})))
+    assert statuses(checks)["host.cpuid-vendor.leaf0"] == "fail"
+
+
+def test_negative_control_wrong_expectation_fails():
+    f = facts()
+    wrong = dataclasses.replace(f, vendor="GenuineIntel")  # the lab expects another CPU than it booted
+    checks = judge(wrong, parse_stream(honest_stream(f)))
+    assert statuses(checks)["host.cpuid-vendor.leaf0"] == "fail"
+
+
+def test_missing_observation_is_error_never_pass():
+    f = facts()
+    checks = judge(f, parse_stream(honest_stream(f, drop={"host.cpl-enter.cpl3.iretq"})))
+    assert statuses(checks)["host.cpl-enter.cpl3.iretq"] == "error"
+
+
+def test_empty_console_is_all_error():
+    f = facts()
+    checks = judge(f, parse_stream(b""), boot_exit="timeout", boot_detail="no end")
+    assert all(c.status in ("error", "skip") for c in checks)
+    assert statuses(checks)["run.integrity"] == "error"
+
+
+def test_broken_end_record_makes_the_run_an_error():
+    f = facts()
+    t = parse_stream(honest_stream(f).replace(b"end count", b"xxx count"))
+    assert statuses(judge(f, t))["run.integrity"] == "error"
+
+
+def test_unplanned_observation_is_error():
+    f = facts()
+    extra = Expectation("host", "rdtsc", {"tsd": "1", "cpl": "7"}, "ok", "")
+    data = honest_stream(f)
+    body = b"@@LAB 999 obs scope=host probe=rdtsc tsd=1 cpl=7 obs=ok"
+    data += body + f" ck={checksum(body):02x}\r\n".encode()
+    assert statuses(judge(f, parse_stream(data))).get(extra.id) in (None, "error")
+    # Inserted before `end` with the right sequence number it is judged, as an error:
+    lines = honest_stream(f).splitlines(keepends=True)
+    n = len(lines) - 1
+    body = f"@@LAB {n} obs scope=host probe=rdtsc tsd=1 cpl=7 obs=ok".encode()
+    end = f"@@LAB {n + 1} end count={n + 1}".encode()
+    data = b"".join(lines[:-1]) + body + f" ck={checksum(body):02x}\r\n".encode() + end + f" ck={checksum(end):02x}\r\n".encode()
+    assert statuses(judge(f, parse_stream(data)))[extra.id] == "error"
+
+
+def test_known_deviation_is_xfail_with_its_name_and_xpass_when_gone():
+    f = facts(accel="kvm", kvm_module="kvm_pvm")
+    dev_obs = honest_stream(f, alter={"host.rdtsc.tsd1.cpl3": "ok"})
+    st = statuses(judge(f, parse_stream(dev_obs)))
+    assert st["host.rdtsc.tsd1.cpl3"] == "xfail"
+    assert st["host.rdtsc.tsd1.cpl2"] == "pass"
+    gone = statuses(judge(f, parse_stream(honest_stream(f))))
+    assert gone["host.rdtsc.tsd1.cpl3"] == "xpass"
+
+
+def test_deviation_does_not_excuse_a_different_wrong_value():
+    f = facts(accel="kvm", kvm_module="kvm_pvm")
+    st = statuses(judge(f, parse_stream(honest_stream(f, alter={"host.rdtsc.tsd1.cpl3": "#UD"}))))
+    assert st["host.rdtsc.tsd1.cpl3"] == "fail"
+
+
+def test_deviation_is_keyed_by_the_detected_module():
+    f = facts(accel="kvm", kvm_module="kvm_amd")  # hardware KVM: the architecture must hold
+    st = statuses(judge(f, parse_stream(honest_stream(f, alter={"host.rdtsc.tsd1.cpl3": "ok"}))))
+    assert st["host.rdtsc.tsd1.cpl3"] == "fail"
+
+
+def test_probes_that_would_hang_qemu_are_skipped_with_reason():
+    f = facts(accel="kvm", kvm_module="kvm_pvm")
+    assert deviations.skipped_probes("kvm", "kvm_pvm") == ["rdtscp"]
+    assert deviations.skipped_probes("tcg", "kvm_pvm") == []
+    assert deviations.skipped_probes("kvm", "kvm_intel") == []
+    checks = judge(f, parse_stream(honest_stream(f)))
+    rdtscp = [c for c in checks if c.probe == "rdtscp"]
+    assert rdtscp and all(c.status == "skip" and "kvm_pvm" in c.reason for c in rdtscp)
+
+
+def test_witnesses_disagree_fails_and_shows_both():
+    f = facts()
+    e = Expectation("host", "rdtsc", {"tsd": "1", "cpl": "3"}, "#GP(0)", "rule")
+    c = judge_one(e, f, "#GP(0)", "ok")
+    assert c.status == "fail" and "serial=#GP(0)" in c.reason and "gdb=ok" in c.reason
+    assert judge_one(e, f, "#GP(0)", "#GP(0)").status == "pass"
+
+
+def test_unreached_breakpoint_is_error():
+    f = facts()
+    e = Expectation("host", "cpuid-vendor", {"leaf": "0"}, "AuthenticAMD", "rule")
+    assert judge_one(e, f, "AuthenticAMD", "unreached").status == "error"
