@@ -15,6 +15,12 @@ MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "x", "xpass": "X", 
 SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-soft": "guest (soft)"}
 
 
+def _is_tty() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
 def _row_key(check: dict) -> str:
     # The id without its scope: the same probe lines up across host and guest columns.
     return check["id"].split(".", 1)[1] if check["scope"] != "host" or check["probe"] != "run" else "run.integrity"
@@ -32,7 +38,7 @@ def _cell(check: dict) -> Text:
 
 
 def render(report: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=None if _is_tty() else 160)
     h = report["host"]
     kvm = h["kvm_module"] or "none"
     kvm_note = "" if h["kvm_usable"] else f" (unusable: {h['kvm_reason']})"
@@ -48,7 +54,7 @@ def render(report: dict, console: Console | None = None) -> None:
         rows.setdefault(_row_key(c), {})[(c["config"], c["scope"])] = c
 
     table = Table(show_lines=False, header_style="bold", pad_edge=False)
-    table.add_column("check")
+    table.add_column("check", no_wrap=True)
     for cfg, scope in columns:
         table.add_column(f"{cfg}\n{SCOPE_TITLE.get(scope, scope)}")
     for key, cells in rows.items():
