@@ -46,11 +46,12 @@ def setup(c):
 @task(help={"variant": "normal, or lie (a kernel that reports wrong observations: a negative control)"})
 def build(c, variant="normal"):
     """Build the host kernel and the guest (incremental)."""
-    from lab.build import BuildError, build as do_build
+    from lab.build import build as do_build
+    from lab.cli import USER_ERRORS
 
     try:
         art = do_build(variant)
-    except BuildError as exc:
+    except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
     print(f"kernel: {art.kernel}\nsymbols: {art.symbols}\nguest: {art.guest}")
 
@@ -85,8 +86,6 @@ def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=Fa
         status, _ = run_lab(opts)
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
-        raise Exit("interrupted: QEMU and GDB were stopped", code=130) from None
     if status:
         raise Exit(code=status)
 

@@ -87,8 +87,11 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     try:
         outcomes = run_matrix(cfgs, run_root, kvm=kvm, witness=opts.witness)
     except _Terminated:
-        console.print("[red]terminated: QEMU and GDB were stopped[/]")
+        console.print(f"[red]terminated: QEMU and GDB were stopped; run folder {run_root}[/]")
         return 143, None
+    except KeyboardInterrupt:
+        console.print(f"[red]interrupted: QEMU and GDB were stopped; run folder {run_root}[/]")
+        return 130, None
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)

@@ -15,6 +15,8 @@ DEFAULT_MACHINE = "microvm"
 MACHINES = ("microvm", "pc", "q35")
 HOST_MODES = ("auto", "svm", "soft", "none")
 DEFAULT_SIGNATURE = "LabRingMinus"
+# Fault injection for the lab's own robustness tests (firmware/faults.c).
+FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "kvm-internal")
 
 _CPU_RE = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.+\-=]+)*$")
 _CMDLINE_VALUE_RE = re.compile(r"^[\x21-\x7e]*$")
@@ -70,6 +72,9 @@ class RunConfig:
         for word in self.kernel_args:
             if not _CMDLINE_VALUE_RE.match(word) or "=" not in word:
                 raise ConfigError(f"kernel argument {word!r} must be key=value without spaces")
+            key, _, value = word.partition("=")
+            if key == "fault" and value not in FAULT_KINDS:
+                raise ConfigError(f"fault={value!r}: choose one of {', '.join(FAULT_KINDS)}")
         for path in (self.kernel, self.symbols, *[m.path for m in self.modules]):
             if not Path(path).is_file():
                 raise ConfigError(f"{path} does not exist: build it first (invoke build)")

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class BootResult:
     command: list[str]
     repro: str  # the same boot for a person at a terminal (serial on stdio)
     serial: bytes
-    exit: str  # ok | timeout | internal-error | crash | exit-code | killed
+    exit: str  # ok | timeout | internal-error | crash | exit-code | killed | interrupted
     exit_detail: str
     returncode: int | None
     wall_s: float
@@ -135,8 +136,10 @@ class Machine(contextlib.AbstractContextManager):
     process group) and closes every socket, also on errors and KeyboardInterrupt.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, gdb_port: int | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, gdb_port: int | None = None,
+                 cancel: threading.Event | None = None):
         self.cfg = cfg
+        self.cancel = cancel or threading.Event()  # set by Ctrl-C / SIGTERM handling
         self.run_dir = run_dir
         # Short path (sun_path is 108 bytes); the pid in the name tells whose QEMU it is.
         self.sock_dir = tempfile.mkdtemp(prefix=f"ringlab-{os.getpid()}-")
@@ -229,6 +232,8 @@ class Machine(contextlib.AbstractContextManager):
         deadline = time.monotonic() + (timeout_s or self.cfg.timeout_s)
         while True:
             remaining = deadline - time.monotonic()
+            if self.cancel.is_set():
+                return "interrupted", "the lab was interrupted (Ctrl-C or SIGTERM)"
             if remaining <= 0:
                 return "timeout", f"no `end` record within {timeout_s or self.cfg.timeout_s:.1f} s"
             idx = self.console.expect(

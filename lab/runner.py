@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,8 @@ def make_config(
     )
 
 
-def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "serial") -> RunOutcome:
+def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "serial",
+            cancel: threading.Event | None = None) -> RunOutcome:
     """Boot once, judge, and write the run folder's report. Never raises for a bad boot:
     the outcome then carries `error` checks and the reason."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
     gdb_readings: dict[str, str] = {}
     outcome = RunOutcome(cfg, run_dir, [])
     try:
-        with Machine(cfg, run_dir, gdb_port=gdb_port) as machine:
+        with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel) as machine:
             gdb = None
             if gdb_port:
                 from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
@@ -151,9 +153,18 @@ def run_matrix(cfgs: list[RunConfig], run_root: Path, *, kvm: KvmStatus | None =
                witness: str = "serial", parallel: int = 2) -> list[RunOutcome]:
     kvm = kvm or kvm_status()
     dirs = [run_root / f"{i}-{_slug(c.label)}" for i, c in enumerate(cfgs)]
+    cancel = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = [pool.submit(run_one, c, d, kvm, witness) for c, d in zip(cfgs, dirs)]
-        return [f.result() for f in futures]
+        futures = [pool.submit(run_one, c, d, kvm, witness, cancel) for c, d in zip(cfgs, dirs)]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            # Ctrl-C or SIGTERM: every boot stops at its next poll and tears QEMU down
+            # before the pool's exit stops waiting for it.
+            cancel.set()
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def full_report(outcomes: list[RunOutcome], qemu: str, kvm: KvmStatus, skipped: list[Check]) -> dict:

@@ -42,7 +42,7 @@ def kvm():
 
 def lab_processes() -> list[str]:
     """QEMU and GDB processes started by this test process (children and their groups)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,pgid,args"], capture_output=True, text=True).stdout
     me = str(os.getpid())
     found = []
     for row in out.splitlines()[1:]:

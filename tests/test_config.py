@@ -73,6 +73,7 @@ def test_repro_command_uses_stdio_and_runs_unpaused(files):
         (dict(host_mode="ring-1"), "host-mode"),
         (dict(kernel_args=("novalue",)), "key=value"),
         (dict(timeout_s=0), "positive"),
+        (dict(kernel_args=("fault=nonsense",)), "choose one of hang"),
     ],
 )
 def test_bad_input_is_a_clear_error(files, kw, msg):
