@@ -124,12 +124,13 @@ def bench(c, rounds=5, json="bench.json"):
     sys.exit(bench_main(rounds=int(rounds), json_path=json))
 
 
-@task(help={"n": "how many full runs", "accel": "accelerators, as for lab.run"})
-def soak(c, n=100, accel="all"):
-    """Run the full matrix N times and report any flake."""
+@task(help={"n": "how many full runs", "accel": "accelerators, as for lab.run",
+            "witness": "serial | gdb | both", "json": "write the soak result here"})
+def soak(c, n=100, accel="all", witness="both", json=None):
+    """Run the full matrix N times and report any flake (a status that changes, a fail, an error)."""
     from lab.soak import main as soak_main
 
-    sys.exit(soak_main(n=int(n), accel=accel))
+    sys.exit(soak_main(n=int(n), accel=accel, witness=witness, json_path=json))
 
 
 lab = Collection("lab")

@@ -75,12 +75,28 @@ def render(report: dict, console: Console | None = None) -> None:
         console.print(f"[bold]{r['config']}[/] exit={r['exit']} wall={r['wall_s']} s  log: {r['log']}")
         if r["exit"] != "ok":
             console.print(f"  [red]{r['exit_detail']}[/]")
+        for line in _cost_lines(r.get("costs", {})):
+            console.print(f"  {line}")
         if r["repro"]:
             console.print(f"  reproduce: {r['repro']}", soft_wrap=True, highlight=False)
     s = report["summary"]
     line = "  ".join(f"{k}={v}" for k, v in s.items())
     bad = s["fail"] + s["error"]
     console.print(f"[{'bold red' if bad else 'bold green'}]{line}[/]")
+
+
+def _cost_lines(costs: dict[str, int]) -> list[str]:
+    """`cost.<op>.<path>_cycles` pairs from the firmware, native against trapped."""
+    out = []
+    ops = sorted({k.split(".")[1] for k in costs if k.endswith("_cycles")})
+    for op in ops:
+        native = costs.get(f"cost.{op}.native_cycles")
+        paths = [(k.split(".")[2][: -len("_cycles")], v) for k, v in costs.items()
+                 if k.startswith(f"cost.{op}.") and k.endswith("_cycles") and not k.endswith("native_cycles")]
+        for path, cycles in paths:
+            ratio = f" (x{cycles / native:.0f})" if native else ""
+            out.append(f"{op.upper()} cost: native {native} TSC cycles, through {path} {cycles}{ratio}")
+    return out
 
 
 def last_lines(serial: bytes, n: int = 5) -> list[str]:

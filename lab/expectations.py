@@ -56,9 +56,11 @@ class Facts:
     tcg_cpuid: bool = True
     hv_signature: str = "LabRingMinus"
     host_mode: str = "auto"
+    guest_rdtsc_intercept: bool = True  # the host's RDTSC intercept (hv-intercept-rdtsc)
 
     @classmethod
-    def from_qemu(cls, accel: str, kvm_module: str | None, qom: dict, *, hv_signature: str, host_mode: str) -> "Facts":
+    def from_qemu(cls, accel: str, kvm_module: str | None, qom: dict, *, hv_signature: str, host_mode: str,
+                  guest_rdtsc_intercept: bool = True) -> "Facts":
         return cls(
             accel=accel,
             kvm_module=kvm_module if accel == "kvm" else None,
@@ -70,6 +72,7 @@ class Facts:
             tcg_cpuid=bool(qom.get("tcg-cpuid", True)),
             hv_signature=hv_signature,
             host_mode=host_mode,
+            guest_rdtsc_intercept=guest_rdtsc_intercept,
         )
 
     @property
@@ -169,9 +172,11 @@ def guest_svm_plan(facts: Facts) -> list[Expectation]:
         Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; {REF_GUEST_TSD}", skip),
         Expectation(s, "rdtsc", _p(tsd=0, cpl=3), "ok", REF_RDTSC, skip),
         Expectation(s, "rdtsc", _p(tsd=1, cpl=0), "ok", REF_RDTSC, skip),
-        Expectation(s, "rdtsc-intercepted", _p(cpl=0), "host-value", REF_INTERCEPT, skip),
+        Expectation(s, "rdtsc-intercepted", _p(cpl=0, intercept=int(facts.guest_rdtsc_intercept)),
+                    "host-value" if facts.guest_rdtsc_intercept else "native", REF_INTERCEPT, skip),
     ]
-    for reason in ("cpuid", "rdtsc", "hlt", "ioio"):
+    reasons = ("cpuid", "rdtsc", "hlt", "ioio") if facts.guest_rdtsc_intercept else ("cpuid", "hlt", "ioio")
+    for reason in reasons:
         rows.append(Expectation(s, "vmexit", _p(reason=reason), AT_LEAST_ONCE, REF_INTERCEPT, skip))
     return rows
 

@@ -52,7 +52,8 @@ class RunOutcome:
             "exit": b.exit if b else "error",
             "exit_detail": (b.exit_detail if b else self.error),
             "cpu_facts": b.cpu_facts if b else {},
-            "firmware": {k: v for k, v in info.items() if not k.startswith("cmdline")},
+            "firmware": {k: v for k, v in info.items() if not k.startswith(("cmdline", "cost."))},
+            "costs": {k: int(v) for k, v in info.items() if k.startswith("cost.") and v.isdigit()},
             "gdb_transcript": str(self.gdb_transcript) if self.gdb_transcript else None,
         }
 
@@ -121,7 +122,8 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
     outcome.boot = boot
     outcome.transcript = parse_stream(boot.serial)
     outcome.facts = Facts.from_qemu(
-        cfg.accel, kvm.module, boot.cpu_facts, hv_signature=cfg.hv_signature, host_mode=cfg.host_mode
+        cfg.accel, kvm.module, boot.cpu_facts, hv_signature=cfg.hv_signature, host_mode=cfg.host_mode,
+        guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in cfg.kernel_args,
     )
     outcome.checks = judge(
         outcome.facts, outcome.transcript, gdb_readings=gdb_readings if witness != "serial" else None,

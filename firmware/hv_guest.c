@@ -1,0 +1,287 @@
+/* hv_guest.c - host-independent half of the hypervisor: command-line keys,
+ * loading the guest kernel, the CPUID view a guest gets, and turning the
+ * guest's reports (lab_guest_abi.h) into records. The host only relays: every
+ * value in a guest record is the one the guest measured. */
+#include "hv_guest.h"
+
+extern char __kernel_end[];
+
+/* ---- configuration (docs/records.md, "Hypervisor and guest") ---- */
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static int flag(const char *key, int dflt)
+{
+    const char *v = cmdline_get(key);
+    if (!v || !*v)
+        return dflt;
+    return !(v[0] == '0' && v[1] == 0);
+}
+
+void hv_config_parse(struct hv_config *c)
+{
+    const char *s = cmdline_get("hv-signature");
+    int n = 0;
+
+    c->mode = cmdline_get("host-mode");
+    if (!c->mode || !*c->mode)
+        c->mode = "auto";
+    if (!s)
+        s = HV_DEFAULT_SIGNATURE;
+    /* Same escaping as records: \xHH is one byte (so NULs can be asked for). */
+    memset(c->signature, 0, sizeof c->signature);
+    for (const char *p = s; *p; n++) {
+        u8 b;
+        if (p[0] == '\\' && p[1] == 'x' && hexval(p[2]) >= 0 && hexval(p[3]) >= 0) {
+            b = (u8)(hexval(p[2]) << 4 | hexval(p[3]));
+            p += 4;
+        } else {
+            b = (u8)*p++;
+        }
+        if (n < 12)
+            c->signature[n] = b;
+    }
+    c->sig_len = n;
+    c->intercept_rdtsc = flag("hv-intercept-rdtsc", 1);
+    c->intercept_cpuid = flag("hv-intercept-cpuid", 1);
+    c->npt = flag("hv-npt", 1);
+    c->fault = cmdline_get("hv-fault");
+}
+
+/* ---- the guest image ---- */
+static u64 rd64(const u8 *p, unsigned off)
+{
+    u64 v;
+    memcpy(&v, p + off, 8);
+    return v;
+}
+
+static void move(u8 *d, const u8 *s, u64 n)   /* memmove: module may overlap */
+{
+    if (d < s)
+        for (u64 i = 0; i < n; i++) d[i] = s[i];
+    else
+        for (u64 i = n; i > 0; i--) d[i - 1] = s[i - 1];
+}
+
+static int in_window(u64 a, u64 len)
+{
+    return a >= LABG_WINDOW_BASE && len <= LABG_WINDOW_SIZE &&
+           a - LABG_WINDOW_BASE <= LABG_WINDOW_SIZE - len;
+}
+
+int hv_guest_load(const struct bootinfo *bi, struct hv_guest_image *img, const char **why)
+{
+    unsigned i;
+    const u8 *p = NULL;
+    u64 size = 0;
+
+    for (i = 0; i < bi->nmods; i++) {
+        p = (const u8 *)bi->mods[i].start;      /* identity-mapped (boot.S) */
+        size = bi->mods[i].end - bi->mods[i].start;
+        if (size >= LABG_HEADER_SIZE && !memcmp(p, LABG_MAGIC, 8))
+            break;
+    }
+    if (bi->nmods == 0) { *why = "no-guest-module"; return -1; }
+    if (i == bi->nmods) { *why = "bad-guest-magic"; return -1; }
+
+    img->module = i;
+    img->load = rd64(p, LABG_OFF_LOAD_ADDR);
+    img->entry = rd64(p, LABG_OFF_ENTRY);
+    img->cr3 = rd64(p, LABG_OFF_CR3);
+    img->stack_top = rd64(p, LABG_OFF_STACK_TOP);
+    img->image_size = rd64(p, LABG_OFF_IMAGE_SIZE);
+    img->mem_size = rd64(p, LABG_OFF_MEM_SIZE);
+    if (img->image_size > size || img->image_size > img->mem_size ||
+        !in_window(img->load, img->mem_size) || !in_window(img->entry, 1) ||
+        !in_window(img->cr3, 4096) || (img->cr3 & 0xfff) ||
+        !in_window(img->stack_top - 8, 8)) {
+        *why = "bad-guest-header";
+        return -1;
+    }
+    if ((u64)__kernel_end > LABG_WINDOW_BASE) {  /* the host itself would be overwritten */
+        *why = "host-overlaps-guest-window";
+        return -1;
+    }
+    move((u8 *)img->load, p, img->image_size);
+    memset((u8 *)img->load + img->image_size, 0, img->mem_size - img->image_size);
+    return 0;
+}
+
+/* ---- CPUID as the guest sees it (APM Vol. 3 "CPUID"; 0x40000000.. is the
+ * range hypervisors use for their own leaves) ---- */
+void hv_cpuid(const struct hv_config *c, u32 leaf, u32 subleaf, struct cpuid_regs *r)
+{
+    if (leaf >= 0x40000000 && leaf <= 0x400000ff) {
+        *r = (struct cpuid_regs){ 0, 0, 0, 0 };
+        if (leaf == 0x40000000) {
+            r->eax = 0x40000001;            /* highest hypervisor leaf */
+            memcpy(&r->ebx, c->signature, 4);
+            memcpy(&r->ecx, c->signature + 4, 4);
+            memcpy(&r->edx, c->signature + 8, 4);
+        }
+        return;
+    }
+    cpuid(leaf, subleaf, r);
+    if (leaf == 1)
+        r->ecx |= 1u << 31;                 /* "hypervisor present" */
+    if (leaf == 0x80000001)
+        r->ecx &= ~(1u << 2);               /* no nested SVM for the guest */
+    if (leaf == 0x8000000a)
+        *r = (struct cpuid_regs){ 0, 0, 0, 0 };
+}
+
+/* ---- guest reports -> records ---- */
+static const char *via_name(u64 v)
+{
+    switch (v) {
+    case LABHC_VIA_VMRUN: return "vmrun";
+    case LABHC_VIA_IRETQ: return "iretq";
+    case LABHC_VIA_UD2:   return "ud2";
+    default:              return "fault";
+    }
+}
+
+static void put_regs12(const char *key, u32 a, u32 b, u32 c)
+{
+    u8 s[12];
+    memcpy(s, &a, 4);
+    memcpy(s + 4, &b, 4);
+    memcpy(s + 8, &c, 4);
+    rec_bytes(key, s, 12);
+}
+
+static struct exc_result outcome(u64 o, u64 err, u64 rip, u64 cs)
+{
+    if (o == LABHC_OUTCOME_OK)
+        return EXC_OK;
+    return (struct exc_result){ 1, (u32)(o & 0xff), err, rip, cs };
+}
+
+u64 hv_native_cpuid_cycles(u64 iterations)
+{
+    struct cpuid_regs r;
+    u64 t0 = rdtsc();
+    for (u64 i = 0; i < iterations; i++)
+        cpuid(0, 0, &r);
+    return rdtsc() - t0;
+}
+
+int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r)
+{
+    u32 fn = (u32)r->rax;
+
+    switch (fn) {
+    case LABHC_HELLO:
+        rec_begin("info");
+        rec_u64("guest.abi", r->rdi);
+        rec_str("guest.scope", c->scope);
+        rec_end();
+        return 0;
+    case LABHC_CPL_ENTER:
+        rec_obs_begin(c->scope, "cpl-enter");
+        rec_u64("cpl", r->rdi);
+        rec_str("via", via_name(r->rsi));
+        rec_u64("obs", r->rdx & 3);
+        rec_hex("cs", r->rdx);
+        rec_end();
+        return 0;
+    case LABHC_CPL_RETURN:
+        rec_obs_begin(c->scope, "cpl-return");
+        rec_u64("from_cpl", r->rdi);
+        rec_str("via", via_name(r->rsi));
+        rec_u64("obs", r->rdx & 3);
+        rec_hex("cs", r->rdx);
+        rec_hex("frame_cs", r->rcx);
+        if (r->rsi == LABHC_VIA_FAULT)
+            rec_u64("vector", r->r8);
+        rec_end();
+        return 0;
+    case LABHC_CPUID_VENDOR:                /* vendor bytes: ebx, edx, ecx */
+        rec_obs_begin(c->scope, "cpuid-vendor");
+        rec_u64("leaf", r->rdi);
+        put_regs12("obs", (u32)r->rdx, (u32)r->r8, (u32)r->rcx);
+        rec_hex("max", (u32)r->rsi);
+        rec_end();
+        return 0;
+    case LABHC_CPUID_HV_BIT:
+        rec_obs_begin(c->scope, "cpuid-hv-bit");
+        rec_u64("obs", (r->rdi >> 31) & 1);
+        rec_end();
+        return 0;
+    case LABHC_CPUID_HV_SIG:                /* signature bytes: ebx, ecx, edx */
+        rec_obs_begin(c->scope, "cpuid-hv-signature");
+        put_regs12("obs", (u32)r->rdx, (u32)r->rcx, (u32)r->r8);
+        rec_hex("max", (u32)r->rsi);
+        rec_end();
+        return 0;
+    case LABHC_RDTSC: {
+        struct exc_result e = outcome(r->rdx, r->rcx, r->r8, r->r9);
+        rec_obs_begin(c->scope, "rdtsc");
+        rec_u64("tsd", r->rdi);
+        rec_u64("cpl", r->rsi);
+        if (LAB_IS_LIE && r->rdi == 1 && r->rsi == 3)
+            rec_str("obs", "ok");           /* lie variant: negative control */
+        else
+            rec_exc("obs", e);
+        if (e.faulted) {
+            rec_hex("rip", e.rip);
+            rec_hex("cs", e.cs);
+        }
+        rec_end();
+        return 0;
+    }
+    case LABHC_RDTSC_SEEN:
+        rec_obs_begin(c->scope, "rdtsc-intercepted");
+        rec_u64("cpl", r->rdi);
+        rec_u64("intercept", (u64)c->cfg->intercept_rdtsc);
+        rec_str("obs", (r->rsi & LAB_TSC_MARK_MASK) == LAB_TSC_MARK ? "host-value" : "native");
+        rec_hex("tsc", r->rsi);
+        rec_end();
+        return 0;
+    case LABHC_COST: {
+        u64 n = r->rsi ? r->rsi : 1;
+        u64 native = hv_native_cpuid_cycles(n);
+        char key[48];
+        rec_begin("info");
+        rec_str("scope", c->scope);
+        /* cost.cpuid.<path>_cycles: TSC cycles per CPUID, guest loop vs host CPL0 loop */
+        memcpy(key, "cost.cpuid.", 11);
+        size_t pl = strlen(c->exit_path);
+        memcpy(key + 11, c->exit_path, pl);
+        memcpy(key + 11 + pl, "_cycles", 8);
+        rec_u64(key, r->rdx / n);
+        rec_u64("cost.cpuid.native_cycles", native / n);
+        rec_u64("cost.iterations", n);
+        rec_u64("cost.cpuid.intercepted", (u64)c->cfg->intercept_cpuid);
+        rec_end();
+        return 0;
+    }
+    case LABHC_PANIC:
+        rec_begin("info");
+        rec_str("guest.end", "panic");
+        rec_exc("guest.exception", outcome(LABHC_OUTCOME_EXC | (r->rdi & 0xff), r->rsi, r->rdx, r->rcx));
+        rec_hex("guest.rip", r->rdx);
+        rec_hex("guest.cs", r->rcx);
+        rec_end();
+        c->end = "panic";
+        return 1;
+    case LABHC_DONE:
+        rec_begin("info");
+        rec_str("guest.end", "done");
+        rec_u64("guest.probes", r->rdi);
+        rec_end();
+        c->end = "done";
+        return 1;
+    default:
+        rec_begin("info");
+        rec_hex("guest.bad_report", fn);
+        rec_end();
+        return 0;
+    }
+}

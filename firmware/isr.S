@@ -1,0 +1,105 @@
+/* isr.S - exception entry stubs. Every vector goes to isr_common, which
+ * builds a struct exc_frame and calls the C dispatcher exc_dispatch().
+ * Exceptions from CPL1/2/3 arrive on TSS.RSP0 (SDM Vol. 3A 6.12.1,
+ * 6.14.4/6.14.5 64-bit stack switching; #DF uses IST1). */
+#include "asm.h"
+
+    .text
+.macro ISR_NOERR n
+    .globl isr_stub_\n
+    .balign 16
+isr_stub_\n:
+    pushq $0
+    pushq $\n
+    jmp isr_common
+.endm
+.macro ISR_ERR n
+    .globl isr_stub_\n
+    .balign 16
+isr_stub_\n:
+    pushq $\n
+    jmp isr_common
+.endm
+
+/* Vectors that push an error code: 8, 10-14, 17, 21, 29, 30 (SDM Vol. 3A 6.15). */
+ISR_NOERR 0
+ISR_NOERR 1
+ISR_NOERR 2
+ISR_NOERR 3
+ISR_NOERR 4
+ISR_NOERR 5
+ISR_NOERR 6
+ISR_NOERR 7
+ISR_ERR   8
+ISR_NOERR 9
+ISR_ERR   10
+ISR_ERR   11
+ISR_ERR   12
+ISR_ERR   13
+ISR_ERR   14
+ISR_NOERR 15
+ISR_NOERR 16
+ISR_ERR   17
+ISR_NOERR 18
+ISR_NOERR 19
+ISR_NOERR 20
+ISR_ERR   21
+ISR_NOERR 22
+ISR_NOERR 23
+ISR_NOERR 24
+ISR_NOERR 25
+ISR_NOERR 26
+ISR_NOERR 27
+ISR_NOERR 28
+ISR_ERR   29
+ISR_ERR   30
+ISR_NOERR 31
+ISR_NOERR 128
+
+    .globl isr_common
+isr_common:
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    cld
+    mov %rsp, %rdi          /* struct exc_frame * (16-byte aligned: 22 qwords) */
+    call exc_dispatch
+    .globl isr_return
+isr_return:
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    add $16, %rsp           /* vector, error code */
+    iretq
+
+    .section .rodata
+    .balign 8
+    .globl isr_stub_table
+isr_stub_table:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad isr_stub_\n
+    .endr

@@ -1,0 +1,193 @@
+/* ring.S - entering CPL1/2/3 and coming back to CPL0.
+ *
+ * Ways in: IRETQ (SDM Vol. 3A 6.14.3 / 5.8: return to an outer privilege
+ * level loads CS/SS/RSP from the frame) and SYSRETQ (APM Vol. 2 6.1.1).
+ * Ways back: ud2 -> #UD handler at CPL0 (works under TCG and kvm_pvm), or
+ * SYSCALL -> syscall_entry (LSTAR). Never int n / call gates / lret: those
+ * are emulation failures or #UD under kvm_pvm (shared/FACTS.md).
+ */
+#include "asm.h"
+
+    .text
+/* void ring_call(u64 cpl, probe_fn fn, void *arg, u64 use_sysret)
+ * Saves the kernel context, enters ring `cpl`, calls fn(arg) there. Returns
+ * (through ring_resume) once the ring code came back to CPL0. */
+    .globl ring_call
+ring_call:
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    mov %rsp, ring_kctx_rsp(%rip)
+    mov %rsi, %r12                  /* fn  (callee-saved: survives into the ring) */
+    mov %rdx, %r13                  /* arg */
+    lea ring_stack_tops(%rip), %rax
+    mov (%rax,%rdi,8), %r8          /* this ring's fixed stack */
+    test %rcx, %rcx
+    jnz 1f
+    lea ring_cs_sels(%rip), %rax
+    mov (%rax,%rdi,8), %r9          /* CS with RPL = cpl */
+    lea ring_ss_sels(%rip), %rax
+    mov (%rax,%rdi,8), %r10         /* SS with RPL = cpl */
+    pushq %r10                      /* SS */
+    pushq %r8                       /* RSP */
+    pushq $0x2                      /* RFLAGS: IF=0, IOPL=0 */
+    pushq %r9                       /* CS */
+    lea ring_entry(%rip), %rax
+    pushq %rax                      /* RIP */
+    iretq
+1:  /* SYSRETQ: CS=STAR[63:48]+16|3, SS=STAR[63:48]+8|3, RIP=RCX, RFLAGS=R11.
+     * RSP is not switched by SYSRET: load the ring-3 stack first (IF=0). */
+    lea ring_entry_sysret(%rip), %rcx
+    mov $0x2, %r11
+    mov %r8, %rsp
+    sysretq
+
+/* First instruction executed at CPLn after IRETQ (GDB witness: ring_entry). */
+    .globl ring_entry
+ring_entry:
+    mov %cs, %rax
+    mov %rax, ring_state+RS_ENTRY_CS(%rip)
+    mov %r13, %rdi
+    call *%r12
+    /* Back to CPL0: #UD here; exc_dispatch recognises this RIP. */
+    .globl ring_return_ud2
+ring_return_ud2:
+    ud2
+
+/* First instruction executed at CPL3 after SYSRETQ. */
+    .globl ring_entry_sysret
+ring_entry_sysret:
+    mov %cs, %rax
+    mov %rax, ring_state+RS_ENTRY_CS(%rip)
+    mov %r13, %rdi
+    call *%r12
+    jmp ring_return_ud2
+
+/* void ring_do_syscall(void *): executed in the ring, leaves via SYSCALL. */
+    .globl ring_do_syscall
+ring_do_syscall:
+    .globl ring_syscall_insn
+ring_syscall_insn:
+    syscall
+    ud2                             /* not reached */
+
+/* LSTAR target. First instruction after SYSCALL (GDB witness: syscall_entry).
+ * APM Vol. 2 6.1.1: SYSCALL loads CS=STAR[47:32] (CPL0). kvm_pvm from CPL3
+ * jumps here but stays at CPL3: record CS honestly and, if not at CPL0,
+ * leave via ud2 so the #UD handler (a real CPL0 entry) resumes the kernel. */
+    .globl syscall_entry
+syscall_entry:
+    mov %cs, %rax
+    mov %rax, ring_state+RS_RETURN_CS(%rip)
+    test $3, %al
+    jnz syscall_entry_ud2
+    mov $RING_VIA_SYSCALL, %edi
+    mov %rax, %rsi
+    jmp ring_resume
+    .globl syscall_entry_ud2
+syscall_entry_ud2:
+    ud2
+
+/* noreturn void ring_resume(u64 via, u64 return_cs)
+ * Called at CPL0 (from exc_dispatch or syscall_entry): drop the current
+ * stack, restore the kernel context saved by ring_call and return from it. */
+    .globl ring_resume
+ring_resume:
+    mov %rdi, ring_state+RS_VIA(%rip)
+    mov %rsi, ring_state+RS_RETURN_CS(%rip)
+    mov ring_kctx_rsp(%rip), %rsp
+    mov $SEL_KDATA, %eax
+    mov %eax, %ss                   /* interrupt from CPL>0 left SS null */
+    mov %eax, %ds
+    mov %eax, %es
+    .globl ring_back_cpl0
+ring_back_cpl0:                     /* kernel context restored, CPL0 */
+    mov %cs, %rax
+    mov %rax, ring_state+RS_RESUME_CS(%rip)
+    movq $0, ring_state+RS_ACTIVE(%rip)
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+    ret
+
+/* ---- CPUID probes: global labels right after `cpuid`, where ebx/ecx/edx
+ * still hold the result (GDB witness breaks there). ---- */
+
+/* void cpuid_vendor_probe(u32 out[4]): leaf 0 -> eax, ebx, ecx, edx */
+    .globl cpuid_vendor_probe
+cpuid_vendor_probe:
+    pushq %rbx
+    mov %rdi, %r8
+    xor %eax, %eax
+    xor %ecx, %ecx
+    cpuid
+    .globl cpuid_vendor_done
+cpuid_vendor_done:
+    mov %eax, 0(%r8)
+    mov %ebx, 4(%r8)
+    mov %ecx, 8(%r8)
+    mov %edx, 12(%r8)
+    popq %rbx
+    ret
+
+/* void cpuid_hvbit_probe(u32 out[4]): leaf 1 */
+    .globl cpuid_hvbit_probe
+cpuid_hvbit_probe:
+    pushq %rbx
+    mov %rdi, %r8
+    mov $1, %eax
+    xor %ecx, %ecx
+    cpuid
+    .globl cpuid_hvbit_done
+cpuid_hvbit_done:
+    mov %eax, 0(%r8)
+    mov %ebx, 4(%r8)
+    mov %ecx, 8(%r8)
+    mov %edx, 12(%r8)
+    popq %rbx
+    ret
+
+/* void cpuid_hvsig_probe(u32 out[4]): leaf 0x40000000 */
+    .globl cpuid_hvsig_probe
+cpuid_hvsig_probe:
+    pushq %rbx
+    mov %rdi, %r8
+    mov $0x40000000, %eax
+    xor %ecx, %ecx
+    cpuid
+    .globl cpuid_hvsig_done
+cpuid_hvsig_done:
+    mov %eax, 0(%r8)
+    mov %ebx, 4(%r8)
+    mov %ecx, 8(%r8)
+    mov %edx, 12(%r8)
+    popq %rbx
+    ret
+
+    .data
+    .balign 8
+    .globl ring_kctx_rsp
+ring_kctx_rsp: .quad 0
+ring_cs_sels:
+    .quad SEL_KCODE, SEL_R1CODE | 1, SEL_R2CODE | 2, SEL_UCODE | 3
+ring_ss_sels:
+    .quad SEL_KDATA, SEL_R1DATA | 1, SEL_R2DATA | 2, SEL_UDATA | 3
+    .globl ring_stack_tops
+ring_stack_tops:
+    .quad 0, ring1_stack_top, ring2_stack_top, ring3_stack_top
+
+    .bss
+    .balign 16
+    .globl ring1_stack_top, ring2_stack_top, ring3_stack_top
+ring1_stack: .skip 16384
+ring1_stack_top:
+ring2_stack: .skip 16384
+ring2_stack_top:
+ring3_stack: .skip 16384
+ring3_stack_top:

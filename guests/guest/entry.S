@@ -1,0 +1,172 @@
+/* entry.S - guest kernel: image header, 64-bit entry, its own GDT, exception
+ * stubs, ring-3 trampolines and page tables. The host starts us already in
+ * long mode (CPL0, CR3 = guest_pml4, see lab_guest_abi.h); everything else is
+ * ours, so our exceptions go through our own IDT, not the host's. */
+#include "lab_guest_abi.h"
+
+#define SEL_KCODE 0x08
+#define SEL_KDATA 0x10
+#define SEL_UDATA 0x23
+#define SEL_UCODE 0x2b
+
+    .section .text.header, "ax"
+    .globl guest_header
+guest_header:                       /* offsets: LABG_OFF_* */
+    .ascii LABG_MAGIC
+    .quad __load_addr
+    .quad guest_start
+    .quad guest_pml4
+    .quad guest_stack_top
+    .quad __image_size
+    .quad __mem_size
+
+    .text
+    .globl guest_start
+guest_start:
+    lea guest_stack_top(%rip), %rsp
+    xor %edi, %edi
+    mov %cs, %di                    /* CS as the host handed it: cpl-enter via=vmrun */
+    lgdt guest_gdtr(%rip)
+    pushq $SEL_KCODE                /* reload CS from our own GDT (same ring) */
+    lea 1f(%rip), %rax
+    push %rax
+    lretq
+1:  mov $SEL_KDATA, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+    call guest_main
+2:  hlt
+    jmp 2b
+
+/* Exception stubs 0..31: push a dummy error code where the CPU does not
+ * (so struct gframe is uniform), then the vector. */
+.macro VEC n, err
+    .balign 16
+vec_\n:
+    .if \err == 0
+    pushq $0
+    .endif
+    pushq $\n
+    jmp trap_common
+.endm
+    VEC 0,0;  VEC 1,0;  VEC 2,0;  VEC 3,0;  VEC 4,0;  VEC 5,0;  VEC 6,0;  VEC 7,0
+    VEC 8,1;  VEC 9,0;  VEC 10,1; VEC 11,1; VEC 12,1; VEC 13,1; VEC 14,1; VEC 15,0
+    VEC 16,0; VEC 17,1; VEC 18,0; VEC 19,0; VEC 20,0; VEC 21,1; VEC 22,0; VEC 23,0
+    VEC 24,0; VEC 25,0; VEC 26,0; VEC 27,0; VEC 28,0; VEC 29,1; VEC 30,1; VEC 31,0
+
+    .section .rodata
+    .balign 8
+    .globl guest_vec_table
+guest_vec_table:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad vec_\n
+    .endr
+
+    .text
+/* Frame layout = struct gframe (guest.c). 15 GPRs + vector + error + 5-word
+ * hardware frame keep RSP 16-aligned at the call. */
+    .globl guest_trap_common
+trap_common:
+guest_trap_common:
+    push %rax; push %rbx; push %rcx; push %rdx; push %rsi; push %rdi; push %rbp
+    push %r8;  push %r9;  push %r10; push %r11; push %r12; push %r13; push %r14; push %r15
+    mov %rsp, %rdi
+    cld
+    call guest_trap                 /* returns only if it wants a plain IRETQ */
+    pop %r15;  pop %r14;  pop %r13;  pop %r12; pop %r11; pop %r10; pop %r9; pop %r8
+    pop %rbp;  pop %rdi;  pop %rsi;  pop %rdx; pop %rcx; pop %rbx; pop %rax
+    add $16, %rsp
+    iretq
+
+/* int guest_setjmp(struct gjmp *b) / void guest_longjmp(struct gjmp *b, int v):
+ * how an exception handler resumes the probe's CPL0 context. */
+    .globl guest_setjmp
+guest_setjmp:
+    mov %rbx, 0(%rdi);  mov %rbp, 8(%rdi);  mov %r12, 16(%rdi)
+    mov %r13, 24(%rdi); mov %r14, 32(%rdi); mov %r15, 40(%rdi)
+    lea 8(%rsp), %rax;  mov %rax, 48(%rdi)  /* rsp after our return */
+    mov (%rsp), %rax;   mov %rax, 56(%rdi)  /* return address */
+    xor %eax, %eax
+    ret
+    .globl guest_longjmp
+guest_longjmp:
+    mov 0(%rdi), %rbx;  mov 8(%rdi), %rbp;  mov 16(%rdi), %r12
+    mov 24(%rdi), %r13; mov 32(%rdi), %r14; mov 40(%rdi), %r15
+    mov 48(%rdi), %rsp
+    mov %esi, %eax
+    jmp *56(%rdi)
+
+/* void guest_enter_user(u64 rip, u64 rsp): IRETQ to CPL3 (never `int n`, see
+ * FACTS.md); the ring-3 code comes back with ud2 or a fault. IF stays 0. */
+    .globl guest_enter_user
+guest_enter_user:
+    pushq $SEL_UDATA
+    push %rsi
+    pushq $0x2
+    pushq $SEL_UCODE
+    push %rdi
+    iretq
+
+/* Ring-3 stubs. Each ends with ud2 at a known label: #UD there means "the
+ * probe's instruction completed". */
+    .globl user_read_cs, user_read_cs_ud2
+user_read_cs:
+    xor %eax, %eax
+    mov %cs, %ax
+    mov %rax, user_cs(%rip)         /* all guest pages are U/S=1 */
+user_read_cs_ud2:
+    ud2
+
+    .globl user_rdtsc, user_rdtsc_insn, user_rdtsc_ud2
+user_rdtsc:
+user_rdtsc_insn:
+    rdtsc
+user_rdtsc_ud2:
+    ud2
+
+/* Identity map of the first 1 GiB with 2 MiB pages, U/S=1 everywhere so ring-3
+ * stubs and their stack need no separate mapping. Under nested paging the host
+ * backs only our 2 MiB window (APM Vol. 2 15.25). */
+    .section .data.pagetables, "aw"
+    .balign 4096
+    .globl guest_pml4
+guest_pml4:
+    .quad guest_pdpt + 0x7
+    .fill 511, 8, 0
+guest_pdpt:
+    .quad guest_pd + 0x7
+    .fill 511, 8, 0
+guest_pd:
+    .set .Lpdi, 0
+    .rept 512
+    .quad (.Lpdi << 21) + 0x87      /* P RW US PS */
+    .set .Lpdi, .Lpdi + 1
+    .endr
+
+    .data
+    .balign 16
+    .globl guest_gdt, guest_gdt_tss
+guest_gdt:
+    .quad 0
+    .quad 0x00209b0000000000        /* 0x08 64-bit code DPL0 */
+    .quad 0x00cf93000000ffff        /* 0x10 data DPL0 */
+    .quad 0                         /* 0x18 unused */
+    .quad 0x00cff3000000ffff        /* 0x20 data DPL3 */
+    .quad 0x0020fb0000000000        /* 0x28 64-bit code DPL3 */
+guest_gdt_tss:
+    .quad 0, 0                      /* 0x30 64-bit TSS, filled by guest.c */
+guest_gdt_end:
+    .balign 8
+guest_gdtr:
+    .word guest_gdt_end - guest_gdt - 1
+    .quad guest_gdt
+
+    .bss
+    .balign 16
+    .space 16384
+    .globl guest_stack_top
+guest_stack_top:

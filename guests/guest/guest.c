@@ -1,0 +1,252 @@
+/* guest.c - the lab's guest kernel. It probes what a guest sees (its CPL,
+ * CPUID as filtered by the host, RDTSC under its own CR4.TSD, the cost of a
+ * CPUID exit) in its own context, with its own GDT/IDT/TSS, and hands each raw
+ * value to the host through the OUT channel of lab_guest_abi.h. It observes,
+ * never judges; the host formats the records (scope=guest-svm). */
+#include "lab_guest_abi.h"
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+/* Cost loop: double the CPUID count until the loop takes this many TSC
+ * cycles (the shape of kvm-unit-tests' x86/vmexit.c). Under TCG one CPUID exit
+ * costs ~10^5 cycles, so 2^23 keeps the whole doubling below ~10 ms. */
+#define COST_BUDGET_CYCLES (1ull << 23)
+#define COST_MAX_ITER      (1ull << 20)
+
+#define CR4_TSD (1ull << 2)
+#define SEL_KCODE 0x08
+#define SEL_TSS   0x30
+
+struct gframe {                     /* entry.S trap_common */
+    u64 r15, r14, r13, r12, r11, r10, r9, r8;
+    u64 rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    u64 vector, error_code;
+    u64 rip, cs, rflags, rsp, ss;
+};
+struct gjmp { u64 rbx, rbp, r12, r13, r14, r15, rsp, rip; };
+struct tss64 {
+    u32 rsvd0;
+    u64 rsp[3];
+    u64 rsvd1;
+    u64 ist[7];
+    u64 rsvd2;
+    u16 rsvd3, iomap_base;
+} __attribute__((packed));
+struct idt_gate { u16 off0, sel; u8 ist, type; u16 off1; u32 off2, rsvd; };
+
+int guest_setjmp(struct gjmp *b) __attribute__((returns_twice));
+void guest_longjmp(struct gjmp *b, int v) __attribute__((noreturn));
+void guest_enter_user(u64 rip, u64 rsp) __attribute__((noreturn));
+extern const u64 guest_vec_table[32];
+extern u64 guest_gdt_tss[2];
+extern char user_read_cs[], user_read_cs_ud2[];
+extern char user_rdtsc[], user_rdtsc_ud2[];
+
+volatile u64 user_cs;               /* written at CPL3 by user_read_cs */
+static struct tss64 tss __attribute__((aligned(16)));
+static struct idt_gate idt[32] __attribute__((aligned(16)));
+static u8 rsp0_stack[8192] __attribute__((aligned(16)));
+static u8 user_stack[4096] __attribute__((aligned(16)));
+
+/* What the last exception was, when a probe expected one (catch armed). */
+static struct gjmp catch_buf;
+static volatile int catch_armed;
+static volatile struct { u64 vector, error_code, rip, cs, has_err; } caught;
+static unsigned nprobes;
+
+/* ---- the reporting channel (lab_guest_abi.h): args in rdi rsi rdx rcx r8 r9 ---- */
+static inline void hc(u32 fn, u64 a, u64 b, u64 c, u64 d, u64 e, u64 f)
+{
+    register u64 r8 __asm__("r8") = e;
+    register u64 r9 __asm__("r9") = f;
+    __asm__ volatile("outl %%eax, %[port]"
+                     : "+a"(fn)
+                     : [port] "i"(LABHC_PORT), "D"(a), "S"(b), "d"(c), "c"(d), "r"(r8), "r"(r9)
+                     : "memory");
+}
+
+static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+static inline u64 read_cs(void) { u64 v = 0; __asm__ volatile("mov %%cs, %w0" : "+r"(v)); return v; }
+static inline u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); return v; }
+static inline void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" :: "r"(v) : "memory"); }
+
+static int has_error_code(u64 v)
+{
+    return v == 8 || (v >= 10 && v <= 14) || v == 17 || v == 21 || v == 29 || v == 30;
+}
+
+/* Every exception lands here. An armed probe gets its exception recorded and
+ * its CPL0 context back (the only way home from CPL3: an exception, FACTS.md);
+ * anything else is a guest bug: tell the host, which ends the guest. */
+void guest_trap(struct gframe *f)
+{
+    if (catch_armed) {
+        catch_armed = 0;
+        caught.vector = f->vector;
+        caught.error_code = f->error_code;
+        caught.has_err = has_error_code(f->vector);
+        caught.rip = f->rip;
+        caught.cs = f->cs;
+        guest_longjmp(&catch_buf, 1);
+    }
+    hc(LABHC_PANIC, f->vector, f->error_code, f->rip, f->cs, 0, 0);
+    for (;;)
+        __asm__ volatile("hlt");
+}
+
+/* Run a ring-3 stub; returns once it comes back by an exception. */
+static void run_user(char *stub)
+{
+    if (guest_setjmp(&catch_buf) == 0) {
+        catch_armed = 1;
+        guest_enter_user((u64)stub, (u64)(user_stack + sizeof user_stack));
+    }
+}
+
+static void setup_tables(void)
+{
+    u64 base = (u64)&tss;
+    u64 lim = sizeof tss - 1;
+    struct { u16 lim; u64 base; } __attribute__((packed)) idtr;
+
+    tss.rsp[0] = (u64)(rsp0_stack + sizeof rsp0_stack);
+    tss.iomap_base = sizeof tss;    /* no I/O bitmap: CPL3 I/O faults (IOPL=0) */
+    /* 64-bit available TSS descriptor (type 9), APM Vol. 2 4.8.3 */
+    guest_gdt_tss[0] = (lim & 0xffff) | ((base & 0xffffff) << 16) | (0x89ull << 40) |
+                       (((lim >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
+    guest_gdt_tss[1] = base >> 32;
+    __asm__ volatile("ltr %w0" :: "r"((u16)SEL_TSS));
+
+    for (int v = 0; v < 32; v++) {
+        u64 h = guest_vec_table[v];
+        idt[v] = (struct idt_gate){ (u16)h, SEL_KCODE, 0, 0x8e, (u16)(h >> 16), (u32)(h >> 32), 0 };
+    }
+    idtr.lim = sizeof idt - 1;
+    idtr.base = (u64)idt;
+    __asm__ volatile("lidt %0" :: "m"(idtr));
+}
+
+static void probe_cpuid(void)
+{
+    u32 a, b, c, d;
+
+    cpuid(0, &a, &b, &c, &d);
+    hc(LABHC_CPUID_VENDOR, 0, a, b, c, d, 0);
+    cpuid(1, &a, &b, &c, &d);
+    hc(LABHC_CPUID_HV_BIT, c, 0, 0, 0, 0, 0);
+    cpuid(0x40000000, &a, &b, &c, &d);
+    hc(LABHC_CPUID_HV_SIG, 0, a, b, c, d, 0);
+    nprobes += 3;
+}
+
+/* A CPL3 round trip: in by IRETQ, back by ud2 (#UD through our IDT). */
+static void probe_ring3(void)
+{
+    user_cs = 0;
+    run_user(user_read_cs);
+    u64 back_cs = read_cs();
+    hc(LABHC_CPL_ENTER, 3, LABHC_VIA_IRETQ, user_cs, 0, 0, 0);
+    /* #UD at the stub's ud2 is the planned way back; anything else is reported as is */
+    u64 via = caught.vector == 6 && caught.rip == (u64)user_read_cs_ud2 ? LABHC_VIA_UD2
+                                                                        : LABHC_VIA_FAULT;
+    hc(LABHC_CPL_RETURN, 3, via, back_cs, caught.cs, caught.vector, 0);
+    nprobes += 2;
+}
+
+static void report_rdtsc(u64 tsd, u64 cpl, int completed)
+{
+    u64 outcome = LABHC_OUTCOME_OK;
+
+    if (!completed)
+        outcome = LABHC_OUTCOME_EXC | caught.vector | (caught.has_err ? LABHC_OUTCOME_ERR : 0);
+    hc(LABHC_RDTSC, tsd, cpl, outcome, caught.error_code, caught.rip, caught.cs);
+    nprobes++;
+}
+
+/* RDTSC at CPL3 under our own CR4.TSD (APM Vol. 3 RDTSC: #GP(0) iff CR4.TSD=1
+ * and CPL>0), then at CPL0 with TSD=1. */
+static void probe_rdtsc(void)
+{
+    u64 cr4 = read_cr4();
+
+    for (int i = 0; i < 2; i++) {   /* tsd = 1, then 0 */
+        u64 tsd = 1 - i;
+        write_cr4(tsd ? cr4 | CR4_TSD : cr4 & ~CR4_TSD);
+        run_user(user_rdtsc);
+        report_rdtsc(tsd, 3, caught.vector == 6 && caught.rip == (u64)user_rdtsc_ud2);
+    }
+
+    write_cr4(cr4 | CR4_TSD);
+    volatile int completed = 0;
+    if (guest_setjmp(&catch_buf) == 0) {
+        catch_armed = 1;
+        (void)rdtsc();
+        catch_armed = 0;
+        completed = 1;
+    }
+    report_rdtsc(1, 0, completed);
+    write_cr4(cr4 & ~CR4_TSD);
+
+    /* The value itself: LAB_TSC_MARK in bits 63:48 means the host answered. */
+    hc(LABHC_RDTSC_SEEN, 0, rdtsc(), 0, 0, 0, 0);
+    nprobes++;
+}
+
+/* A VMMCALL ping (counted as an exit by an SVM host) and a HLT (intercepted:
+ * the host resumes us). Neither is a probe record of its own. */
+static void touch_intercepts(void)
+{
+    u64 rax = LABHC_VMMCALL_PING;
+
+    if (guest_setjmp(&catch_buf) == 0) {
+        catch_armed = 1;            /* #UD when no SVM host answers */
+        __asm__ volatile("vmmcall" : "+a"(rax) :: "rbx", "rcx", "rdx", "memory");
+        catch_armed = 0;
+    }
+    __asm__ volatile("hlt");
+}
+
+static void probe_cost(void)
+{
+    u64 n = 1, dt;
+    u32 a, b, c, d;
+
+    for (;;) {
+        u64 t0 = rdtsc();
+        for (u64 i = 0; i < n; i++)
+            cpuid(0, &a, &b, &c, &d);
+        dt = rdtsc() - t0;
+        if (dt >= COST_BUDGET_CYCLES || n >= COST_MAX_ITER)
+            break;
+        n <<= 1;
+    }
+    hc(LABHC_COST, LABHC_OP_CPUID, n, dt, 0, 0, 0);
+}
+
+void guest_main(u64 entry_cs)
+{
+    setup_tables();
+    hc(LABHC_HELLO, LABHC_ABI_VERSION, entry_cs, 0, 0, 0, 0);
+    hc(LABHC_CPL_ENTER, 0, LABHC_VIA_VMRUN, entry_cs, 0, 0, 0);
+    nprobes++;
+    probe_cpuid();
+    probe_ring3();
+    probe_rdtsc();
+    touch_intercepts();
+    probe_cost();
+    hc(LABHC_DONE, nprobes, 0, 0, 0, 0, 0);
+    for (;;)
+        __asm__ volatile("hlt");
+}
