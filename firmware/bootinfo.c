@@ -51,10 +51,9 @@ void bootinfo_init(u32 magic, u32 mbi_addr)
             bootinfo.nmods = k + 1;
         }
     }
-    memcpy(cmdline_tok, cmdline_raw, sizeof(cmdline_tok));
-    for (size_t i = 0; i < sizeof(cmdline_tok); i++)
-        if (cmdline_tok[i] == ' ')
-            cmdline_tok[i] = 0;
+    /* Only the used part: every CPL0 instruction costs ~1 us under kvm_pvm. */
+    for (size_t i = 0; cmdline_raw[i]; i++)
+        cmdline_tok[i] = cmdline_raw[i] == ' ' ? 0 : cmdline_raw[i];
 }
 
 const char *cmdline_get(const char *key)

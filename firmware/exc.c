@@ -15,6 +15,7 @@ struct try_state_s try_state;
 /* Exception that ended ring code (or try_call code) early. */
 struct exc_result ring_fault;
 volatile int try_call_active;
+volatile int exc_depth;   /* >0 while exc_dispatch runs (records render in place) */
 
 void exc_set_hook(int vector, exc_hook_fn fn)
 {
@@ -67,19 +68,27 @@ void exc_dispatch(struct exc_frame *f)
 {
     u64 v = f->vector;
 
-    if (v < 256 && hooks[v] && hooks[v](f))
+    exc_depth++;
+    if (v < 256 && hooks[v] && hooks[v](f)) {
+        exc_depth--;
         return;
+    }
 
     if (v == 0x80) {  /* fault=kvm-internal: int $0x80 at CPL0 */
         rec_info_str("int80", "reached");
+        exc_depth--;
         return;
     }
 
     if (v == 6 && ring_state.active) {
-        if (f->rip == (u64)ring_return_ud2)
+        if (f->rip == (u64)ring_return_ud2) {
+            exc_depth--;
             ring_resume(RING_VIA_UD, read_cs());
-        if (f->rip == (u64)syscall_entry_ud2)
+        }
+        if (f->rip == (u64)syscall_entry_ud2) {
+            exc_depth--;
             ring_resume(RING_VIA_SYSCALL_UD, ring_state.return_cs);
+        }
     }
 
     for (const struct extable_entry *e = __extable_start; e < __extable_end; e++) {
@@ -90,6 +99,7 @@ void exc_dispatch(struct exc_frame *f)
             try_state.rip = f->rip;
             try_state.cs = f->cs;
             f->rip = e->to;   /* resume after the guarded snippet, same CPL */
+            exc_depth--;
             return;
         }
     }
@@ -97,11 +107,13 @@ void exc_dispatch(struct exc_frame *f)
     if (ring_state.active && (f->cs & 3)) {
         /* Unguarded fault in ring code run by run_at_cpl: hand it back. */
         ring_fault = frame_result(f);
+        exc_depth--;
         ring_resume(RING_VIA_FAULT, read_cs());
     }
 
     if (try_call_active && !(f->cs & 3)) {
         ring_fault = frame_result(f);
+        exc_depth--;
         try_call_resume();
     }
 

@@ -33,9 +33,11 @@ void fault_inject(const char *kind)
         serial_flush();
     } else if (!strcmp(kind, "longline")) {
         emit_fault(kind);
-        static const char pat[] = "0123456789abcdef";
-        for (int i = 0; i < 100 * 1024; i++)
-            serial_putc(pat[i & 15]);
+        static char pat[1024];
+        for (int i = 0; i < 1024; i++)
+            pat[i] = "0123456789abcdef"[i & 15];
+        for (int i = 0; i < 100; i++)
+            serial_write(pat, sizeof(pat));
         serial_write("\r\n", 2);
         serial_flush();
     } else if (!strcmp(kind, "cut")) {

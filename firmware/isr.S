@@ -25,7 +25,15 @@ isr_stub_\n:
 ISR_NOERR 0
 ISR_NOERR 1
 ISR_NOERR 2
-ISR_NOERR 3
+/* #BP: fast path for the record renderer's return from CPL3 (records.c). */
+    .globl isr_stub_3
+    .balign 16
+isr_stub_3:
+    cmpq $rec_render_int3_ret, (%rsp)
+    je rec_render_resume
+    pushq $0
+    pushq $3
+    jmp isr_common
 ISR_NOERR 4
 ISR_NOERR 5
 ISR_NOERR 6

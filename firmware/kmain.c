@@ -26,11 +26,10 @@ volatile struct current_probe current_probe;
 
 static void copy16(volatile char *d, const char *s)
 {
-    int i = 0;
-    for (; s && s[i] && i < 15; i++)
+    ((volatile u64 *)d)[0] = 0;
+    ((volatile u64 *)d)[1] = 0;
+    for (int i = 0; s && s[i] && i < 15; i++)
         d[i] = s[i];
-    for (; i < 16; i++)
-        d[i] = 0;
 }
 
 void probe_set(const char *name, const char *param, u32 cpl, u32 tsd)

@@ -116,6 +116,48 @@ ring_back_cpl0:                     /* kernel context restored, CPL0 */
     popq %rbx
     ret
 
+/* void rec_render_cpl3(void): run rec_render_ring3() at CPL3 (native speed
+ * under kvm_pvm), come back with int3. isr_stub_3 recognises
+ * rec_render_int3_ret and jumps to rec_render_resume without calling
+ * exc_dispatch, so this plumbing never shows at the GDB witness points. */
+    .globl rec_render_cpl3
+rec_render_cpl3:
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    mov %rsp, render_kctx_rsp(%rip)
+    pushq $(SEL_UDATA | 3)
+    lea render_stack_top(%rip), %rax
+    pushq %rax
+    pushq $0x2
+    pushq $(SEL_UCODE | 3)
+    lea render_entry(%rip), %rax
+    pushq %rax
+    iretq
+render_entry:
+    call rec_render_ring3
+    int3
+    .globl rec_render_int3_ret
+rec_render_int3_ret:                /* #BP is a trap: the frame RIP points here */
+    ud2
+    .globl rec_render_resume
+rec_render_resume:
+    mov render_kctx_rsp(%rip), %rsp
+    mov $SEL_KDATA, %eax
+    mov %eax, %ss
+    mov %eax, %ds
+    mov %eax, %es
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+    ret
+
 /* ---- CPUID probes: global labels right after `cpuid`, where ebx/ecx/edx
  * still hold the result (GDB witness breaks there). ---- */
 
@@ -174,6 +216,7 @@ cpuid_hvsig_done:
     .balign 8
     .globl ring_kctx_rsp
 ring_kctx_rsp: .quad 0
+render_kctx_rsp: .quad 0
 ring_cs_sels:
     .quad SEL_KCODE, SEL_R1CODE | 1, SEL_R2CODE | 2, SEL_UCODE | 3
 ring_ss_sels:
@@ -191,3 +234,5 @@ ring2_stack: .skip 16384
 ring2_stack_top:
 ring3_stack: .skip 16384
 ring3_stack_top:
+render_stack: .skip 8192
+render_stack_top:

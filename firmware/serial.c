@@ -54,6 +54,6 @@ void serial_putc(char c)
 
 void serial_write(const char *s, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
-        serial_putc(s[i]);
+    serial_flush();
+    tx_chunks(s, n);
 }

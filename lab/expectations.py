@@ -34,6 +34,7 @@ REF_GUEST_TSD = (
     "privilege; the guest's own CR4.TSD applies inside the guest"
 )
 REF_GUEST_SIG = "APM Vol. 2 15.9/15.13: the host intercepts CPUID and answers leaf 0x40000000 itself"
+REF_GUEST_END = "the guest ran all its probes and ended through its DONE report (docs/records.md)"
 REF_INTERCEPT = "APM Vol. 2 15.9-15.13, App. C: an intercepted instruction causes #VMEXIT with its exit code"
 
 HOST_RINGS = (1, 2, 3)
@@ -157,10 +158,12 @@ def host_plan(facts: Facts) -> list[Expectation]:
 
 def guest_svm_plan(facts: Facts) -> list[Expectation]:
     skip = None
-    if facts.guest_mode != "svm":
-        skip = "no SVM: this CPU model has no SVM" if not facts.svm else f"host mode {facts.guest_mode}"
-        if facts.accel == "kvm" and not facts.svm:
+    if not facts.svm:
+        skip = "no SVM: this CPU model has none (CPUID 0x80000001 ECX[2]; QOM `svm`)"
+        if facts.accel == "kvm":
             skip = f"no SVM under KVM ({facts.kvm_module or 'unknown module'} gives its guests no SVM)"
+    elif facts.guest_mode != "svm":
+        skip = f"host mode {facts.guest_mode}: the SVM host does not run"
     s = "guest-svm"
     rows = [
         Expectation(s, "cpl-enter", _p(cpl=0, via="vmrun"), "0", REF_GUEST_CPL, skip),
@@ -175,6 +178,7 @@ def guest_svm_plan(facts: Facts) -> list[Expectation]:
         Expectation(s, "rdtsc-intercepted", _p(cpl=0, intercept=int(facts.guest_rdtsc_intercept)),
                     "host-value" if facts.guest_rdtsc_intercept else "native", REF_INTERCEPT, skip),
     ]
+    rows.append(Expectation(s, "guest-end", {}, "done", REF_GUEST_END, skip))
     reasons = ("cpuid", "rdtsc", "hlt", "ioio") if facts.guest_rdtsc_intercept else ("cpuid", "hlt", "ioio")
     for reason in reasons:
         rows.append(Expectation(s, "vmexit", _p(reason=reason), AT_LEAST_ONCE, REF_INTERCEPT, skip))

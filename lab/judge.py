@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from . import deviations
 from .expectations import Expectation, Facts, plan
 from .ids import check_id
-from .records import Transcript
+from .records import Observation, Transcript
 
 STATUSES = ("pass", "fail", "xfail", "xpass", "skip", "error")
 UNREACHED = "unreached"
@@ -131,7 +131,7 @@ def judge(
     plan does not know and for a boot that did not end cleanly."""
     gdb_readings = gdb_readings or {}
     observed: dict[str, list] = {}
-    for obs in transcript.observations:
+    for obs in transcript.observations + _guest_end(transcript):
         observed.setdefault(check_id(obs.scope, obs.probe, obs.params), []).append(obs)
 
     missing = "no observation: the probe did not report"
@@ -159,6 +159,16 @@ def judge(
 
     checks.append(_integrity(facts, transcript, boot_exit, boot_detail, config))
     return checks
+
+
+def _guest_end(t: Transcript) -> list[Observation]:
+    """How the guest ended (`info guest.end=...`, with the exit code when it was cut short),
+    as an observation of its scope: an unknown exit or a guest crash is then an error."""
+    info = t.info
+    if "guest.end" not in info or "guest.scope" not in info:
+        return []
+    details = {k: v for k, v in info.items() if k.startswith("guest.exit_") or k in ("guest.rip", "guest.cpl")}
+    return [Observation(-1, info["guest.scope"], "guest-end", {}, info["guest.end"], details)]
 
 
 def _informational(probe: str) -> bool:

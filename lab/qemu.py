@@ -186,7 +186,14 @@ class Machine(contextlib.AbstractContextManager):
         except BootError as exc:
             raise BootError(f"{exc}\n{self.stderr_text()}") from None
         self.qmp = QEMUMonitorProtocol(self.qmp_path)
-        self.qmp.connect(negotiate=True)
+        while True:  # the socket file exists from bind(); listen() follows a moment later
+            try:
+                self.qmp.connect(negotiate=True)
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise BootError(f"QMP connection failed: {exc}\n{self.stderr_text()}") from None
+                time.sleep(0.005)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.serial_path)
         self._log = open(self.run_dir / "serial.log", "wb")
@@ -288,11 +295,14 @@ class Machine(contextlib.AbstractContextManager):
         except OSError:
             return b""
 
-    def run(self, start: Callable[[], None] | None = None) -> BootResult:
-        """Boot to the end and collect everything. `start` lets the CPU go (default: QMP
-        `cont`; a GDB witness passes its own, which sets breakpoints and continues)."""
+    def run(self, start: Callable[[dict], None] | None = None) -> BootResult:
+        """Boot to the end and collect everything. `start(cpu_facts)` lets the CPU go
+        (default: QMP `cont`; a GDB witness sets its breakpoints and continues itself)."""
         facts = self.cpu_facts()
-        (start or self.resume)()
+        if start is None:
+            self.resume()
+        else:
+            start(facts)
         kind, detail = self.wait_for_end()
         # Drain what the console still holds so the log and the parser see all of it.
         with contextlib.suppress(Exception):

@@ -103,18 +103,25 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
     gdb_port = free_tcp_port() if witness in ("gdb", "both") else None
     gdb_readings: dict[str, str] = {}
     outcome = RunOutcome(cfg, run_dir, [])
+    witness_box: list = []
+
+    def start_witness(machine: Machine, qom: dict) -> None:
+        from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
+
+        guest_svm = bool(qom.get("svm")) and cfg.host_mode in ("auto", "svm")
+        scopes = ("host", "guest-svm") if guest_svm and cfg.guest_symbols else ("host",)
+        gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, machine.gdb_addr, cfg.accel, scopes=scopes)
+        witness_box.append(gdb)
+        outcome.gdb_transcript = gdb.transcript
+        gdb.start()
+
     try:
         with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel) as machine:
-            gdb = None
-            if gdb_port:
-                from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
-
-                gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, machine.gdb_addr, cfg.accel)
-                outcome.gdb_transcript = gdb.transcript_path
+            start = (lambda qom: start_witness(machine, qom)) if gdb_port else None
             try:
-                boot = machine.run(start=gdb.start if gdb else None)
+                boot = machine.run(start=start)
             finally:
-                if gdb is not None:
+                for gdb in witness_box:
                     gdb_readings = {r.check_id: r.value for r in gdb.finish(timeout=5)}
     except BootError as exc:
         outcome.error = str(exc)

@@ -70,7 +70,9 @@ void exc_dispatch(struct exc_frame *f);
 typedef int (*exc_hook_fn)(struct exc_frame *f);
 void exc_set_hook(int vector, exc_hook_fn fn);   /* fn=NULL removes it */
 
-/* ---- records (docs/records.md) ---- */
+/* ---- records (docs/records.md) ----
+ * rec_str/rec_bytes keep the POINTER until rec_end(): the buffer must stay
+ * valid (and unchanged) until then. Keys must be string literals or static. */
 void rec_begin(const char *type);                 /* "@@LAB <seq> <type>" */
 void rec_str(const char *key, const char *val);   /* key=<escaped val> */
 void rec_bytes(const char *key, const void *p, size_t n);  /* escaped bytes */
@@ -78,12 +80,16 @@ void rec_u64(const char *key, u64 v);             /* decimal */
 void rec_hex(const char *key, u64 v);             /* 0x... lowercase */
 void rec_exc(const char *key, struct exc_result r); /* ok | #GP(0) | #UD | #GP(0xd2) ... */
 void rec_end(void);                               /* " ck=hh\r\n" */
+void rec_abort(void);   /* send a half-built record as is (corrupt on purpose), end the line */
 /* "@@LAB n obs scope=<scope> probe=<probe>"; then params, then rec_*("obs",..), details. */
 void rec_obs_begin(const char *scope, const char *probe);
 /* One-line info record "info <key>=<val>". */
 void rec_info_str(const char *key, const char *val);
 void rec_info_hex(const char *key, u64 v);
 u64 rec_count(void);                              /* records emitted so far */
+/* rec_end() renders the line at CPL3 (fast under kvm_pvm, see records.c);
+ * rec_set_fast(0) makes it render in place at the current CPL instead. */
+void rec_set_fast(int on);
 /* Emits "end count=N", exits via isa-debug-exit (port 0x501): status (code<<1)|1. */
 NORETURN void lab_finish(int code);
 NORETURN void lab_exit(int code);   /* isa-debug-exit without end record */
