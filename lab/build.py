@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,10 @@ def build(variant: str = "normal") -> Artifacts:
         raise BuildError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     for tool in ("make", "gcc", "ld", "objcopy"):
         require_tool(tool)
-    _make(ROOT / "guests")
-    _make(ROOT / "firmware", *(() if variant == "normal" else (f"VARIANT={variant}",)))
+    lock_path = ROOT / "firmware" / ".build.lock"
+    # Two lab runs (or pytest -n 2 workers) may build at once: one make at a time.
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _make(ROOT / "guests")
+        _make(ROOT / "firmware", *(() if variant == "normal" else (f"VARIANT={variant}",)))
     return artifacts(variant)

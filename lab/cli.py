@@ -67,7 +67,8 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict | None]:
     """Returns (exit status, report). Exit 0 only if nothing failed and nothing erred."""
-    console = console or Console(stderr=False)
+    # With --tap, stdout carries TAP only; the table goes to stderr.
+    console = console or Console(stderr=opts.tap)
     if opts.witness not in WITNESSES:
         raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
     qemu = qemu_binary(opts.qemu)

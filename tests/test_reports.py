@@ -1,0 +1,72 @@
+"""Report formats (JUnit XML, TAP 13, JSON) and two lab runs side by side."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from lab import report
+from lab.judge import Check
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+def sample():
+    checks = [
+        Check("host.rdtsc.tsd1.cpl3", "tcg", "host", "rdtsc", {"tsd": "1", "cpl": "3"}, "#GP(0)", "#GP(0)", "pass", config="tcg/m/c"),
+        Check("host.rdtsc.tsd1.cpl2", "tcg", "host", "rdtsc", {"tsd": "1", "cpl": "2"}, "#GP(0)", "ok", "fail", "expected #GP(0), observed ok", config="tcg/m/c"),
+        Check("host.cpl-enter.cpl1.iretq", "tcg", "host", "cpl-enter", {}, "1", None, "error", "no observation", config="tcg/m/c"),
+        Check("host.rdtsc.tsd1.cpl3", "kvm", "host", "rdtsc", {}, "#GP(0)", "ok", "xfail", "kvm_pvm-rdtsc-tsd-cpl3: ...", config="kvm/m/c"),
+        Check("guest-svm.cpuid-hv-bit", "kvm", "guest-svm", "cpuid-hv-bit", {}, "1", None, "skip", "no SVM", config="kvm/m/c"),
+    ]
+    runs = [{"config": "tcg/m/c", "log": "/runs/1/serial.log"}, {"config": "kvm/m/c", "log": "/runs/2/serial.log"}]
+    return report.build("0", {"qemu": "7.2"}, runs, checks)
+
+
+def test_junit_counts_and_elements(tmp_path):
+    path = tmp_path / "j.xml"
+    report.write_junit(sample(), path)
+    suite = ET.parse(path).getroot()
+    assert suite.tag == "testsuite"
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("5", "1", "1", "2")
+    cases = suite.findall("testcase")
+    assert cases[1].find("failure").get("message") == "expected #GP(0), observed ok"
+    assert "/runs/1/serial.log" in cases[1].find("failure").text  # where to look
+    assert cases[2].find("error") is not None and cases[3].find("skipped") is not None
+
+
+def test_tap13(tmp_path):
+    lines = report.tap(sample()).splitlines()
+    assert lines[:2] == ["TAP version 13", "1..5"]
+    assert lines[2].startswith("ok 1 - ")
+    assert lines[3].startswith("not ok 2 - ") and lines[4] == "  ---"
+    assert any(line.startswith("ok 4 - ") and "# TODO xfail" in line for line in lines)
+    assert any(line.startswith("ok 5 - ") and "# SKIP no SVM" in line for line in lines)
+
+
+def test_summary_counts_every_status():
+    assert sample()["summary"] == {"pass": 1, "fail": 1, "xfail": 1, "xpass": 0, "skip": 1, "error": 1}
+
+
+@pytest.mark.tcg
+def test_two_lab_runs_at_once_do_not_collide(tmp_path, artifacts):
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "invoke", "lab.run", "--accel", "all", "--json", str(tmp_path / f"r{i}.json"),
+                          "--junit", str(tmp_path / f"j{i}.xml"), "--tap"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+        assert out.startswith("TAP version 13")  # stdout is pure TAP; the table is on stderr
+        assert "ring-lab" in err
+    r0, r1 = (json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2))
+    assert {r["run_dir"] for r in r0["runs"]}.isdisjoint({r["run_dir"] for r in r1["runs"]})
+    assert r0["summary"] == r1["summary"]
+    for i in range(2):
+        ET.parse(tmp_path / f"j{i}.xml")
