@@ -61,7 +61,8 @@ static NORETURN void unexpected(struct exc_frame *f)
     rec_str("probe_name", (const char *)current_probe.name);
     rec_u64("probe_id", current_probe.id);
     rec_end();
-    lab_finish(LAB_EXIT_UNEXPECTED);
+    /* No end record: the run did not complete (docs/records.md). */
+    lab_exit(LAB_EXIT_UNEXPECTED);
 }
 
 void exc_dispatch(struct exc_frame *f)
@@ -69,6 +70,10 @@ void exc_dispatch(struct exc_frame *f)
     u64 v = f->vector;
 
     exc_depth++;
+    if (exc_depth > 4) {   /* faults while handling faults: get out, loudly */
+        serial_write("\r\n@@NESTED-EXCEPTIONS\r\n", 23);
+        lab_exit(LAB_EXIT_PANIC);
+    }
     if (v < 256 && hooks[v] && hooks[v](f)) {
         exc_depth--;
         return;

@@ -59,12 +59,9 @@ static void do_mov_cr4(void *a)
 static void do_rdtsc(void *a) { struct exc_result r; TRY_INSN(r, "rdtsc"); ((struct insn_arg *)a)->r = r; }
 static void do_rdtscp(void *a) { struct exc_result r; TRY_INSN(r, "rdtscp"); ((struct insn_arg *)a)->r = r; }
 
-static char cpl_name(int cpl) { return (char)('0' + cpl); }
-
 /* ---- probes ---- */
 static void probe_cpl_enter_iretq(int cpl)
 {
-    char p[2] = { cpl_name(cpl), 0 };
     probe_set("cpl-enter", "iretq", cpl, 0);
     struct exc_result r = run_at_cpl(cpl, ring_nop, NULL);
     u64 cs = ring_state.entry_cs;
@@ -92,7 +89,6 @@ static void probe_cpl_enter_iretq(int cpl)
         rec_exc("obs", r);                       /* came back some other way */
     rec_hex("cs", rcs);
     rec_end();
-    (void)p;
 }
 
 static void probe_cpl_enter_sysret(void)
@@ -306,5 +302,25 @@ NORETURN void kmain(u32 magic, u32 mbi)
     lab_finish(LAB_EXIT_OK);
 }
 
-/* Real-mode RDTSC probe result (realmode.S); reported only if it ran. */
-__attribute__((weak)) void realmode_report(void) {}
+/* Real-mode RDTSC probe (realmode.S ran it at boot, with realmode=1). */
+extern u32 realmode_ran, realmode_faulted, realmode_vector, realmode_cr0;
+void realmode_report(void)
+{
+    if (!realmode_ran) {
+        rec_info_str("skipped", "rdtsc-real");
+        return;
+    }
+    probe_set("rdtsc", "real", 0, 1);
+    struct exc_result r = EXC_OK;
+    if (realmode_faulted) {
+        r.faulted = 1;
+        r.vector = realmode_vector;   /* real mode pushes no error code: shows as (0) */
+    }
+    rec_obs_begin(SCOPE, "rdtsc");
+    rec_u64("tsd", 1);
+    rec_u64("cpl", 0);
+    rec_str("mode", "real");
+    rec_exc("obs", r);
+    rec_hex("cr0", realmode_cr0);
+    rec_end();
+}

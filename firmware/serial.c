@@ -24,6 +24,9 @@ void serial_init(void)
     outb(COM1 + 3, 0x03);   /* 8N1 */
     outb(COM1 + 2, 0x07);   /* FIFO on, clear both */
     txlen = 0;
+    /* Firmware (SeaBIOS on -M pc: "Booting from ROM..") may have left a
+     * partial line: start record 0 at column 0. */
+    serial_write("\r\n", 2);
 }
 
 static void tx_chunks(const char *p, size_t n)

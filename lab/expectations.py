@@ -150,6 +150,9 @@ def host_plan(facts: Facts) -> list[Expectation]:
             for cpl in TSC_CPLS:
                 expected = tsc_read(insn, tsd, cpl, rdtscp_present=facts.rdtscp)
                 add(Expectation("host", insn, _p(tsd=tsd, cpl=cpl), expected, rule))
+    # The CR0.PE=0 clause: real mode runs at CPL0 and RDTSC never faults there, TSD or not.
+    add(Expectation("host", "rdtsc", _p(tsd=1, cpl=0, mode="real"), tsc_read("rdtsc", 1, 0, protected=False),
+                    f"{REF_RDTSC}; SDM Vol. 3A 20.1 (real-address mode)"))
     add(Expectation("host", "cpuid-vendor", _p(leaf=0), facts.vendor, REF_VENDOR))
     add(Expectation("host", "cpuid-hv-bit", {}, "1" if facts.hypervisor else "0", REF_HV_BIT))
     add(Expectation("host", "cpuid-hv-signature", {}, hv_signature(facts), REF_HV_SIG))

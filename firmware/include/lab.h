@@ -161,6 +161,11 @@ struct bootinfo {
     struct { u64 start, end; const char *string; } mods[8];
 };
 extern struct bootinfo bootinfo;
+const char *boot_image_name(void);   /* first word of the multiboot cmdline */
+/* Memory: boot.S identity-maps 0..4 GiB (VA == PA, 2 MiB pages, RW, U/S=1);
+ * nothing above 4 GiB is mapped. The kernel image + .bss + stacks end at
+ * __kernel_end (linker symbol, well below 16 MiB). */
+extern char __kernel_start[], __kernel_end[];
 /* Value of key=value in the kernel command line (points into a static copy,
  * NUL-terminated at the next space), or NULL. A bare "key" yields "". */
 const char *cmdline_get(const char *key);
