@@ -68,7 +68,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict | None]:
     """Returns (exit status, report). Exit 0 only if nothing failed and nothing erred."""
     # With --tap, stdout carries TAP only; the table goes to stderr.
-    console = console or Console(stderr=opts.tap)
+    console = console or console_mod.make_console(stderr=opts.tap)
     if opts.witness not in WITNESSES:
         raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
     qemu = qemu_binary(opts.qemu)

@@ -3,6 +3,8 @@ side by side, the reasons behind every non-pass, and how to reproduce each boot.
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -13,12 +15,6 @@ STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yel
          "xpass": "magenta", "skip": "dim"}
 MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "x", "xpass": "X", "skip": "-"}
 SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-soft": "guest (soft)"}
-
-
-def _is_tty() -> bool:
-    import sys
-
-    return sys.stdout.isatty()
 
 
 def _row_key(check: dict) -> str:
@@ -37,8 +33,14 @@ def _cell(check: dict) -> Text:
     return text
 
 
+def make_console(stderr: bool = False) -> Console:
+    """A terminal's own width; 160 columns when writing to a file or a pipe (CI logs)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
 def render(report: dict, console: Console | None = None) -> None:
-    console = console or Console(width=None if _is_tty() else 160)
+    console = console or make_console()
     h = report["host"]
     kvm = h["kvm_module"] or "none"
     kvm_note = "" if h["kvm_usable"] else f" (unusable: {h['kvm_reason']})"

@@ -83,17 +83,15 @@ def judge_one(
         expected=exp.expected, observed=serial, status="pass", rule=exp.rule, config=config,
         details=details or {},
     )
+    dev = deviations.find(facts, exp)
+    if exp.skip or (dev is not None and dev.observed is None):
+        check.status = "skip"
+        check.reason = exp.skip or f"{dev.name}: {dev.reason}"
+        return check
     if serial is not None:
         check.witnesses["serial"] = serial
     if gdb is not None:
         check.witnesses["gdb"] = gdb
-    if exp.skip:
-        check.status, check.reason = "skip", exp.skip
-        return check
-    dev = deviations.find(facts, exp)
-    if dev is not None and dev.observed is None:
-        check.status, check.reason = "skip", f"{dev.name}: {dev.reason}"
-        return check
     if serial is None:
         check.status, check.reason = "error", missing_reason
         return check
