@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .build import ROOT, build
+from .console import make_console
 from .hostinfo import kvm_status, qemu_binary
 from .qemu import build_command
 from .runner import make_config, run_one
@@ -53,7 +54,7 @@ def floor_boot(cfg) -> None:
 
 
 def main(rounds: int = 5, json_path: str | None = "bench.json", naive_rounds: int = 1) -> int:
-    console = Console()
+    console = make_console()
     qemu = qemu_binary()
     kvm = kvm_status()
     art = build()
@@ -121,7 +122,7 @@ def _fmt(s: dict) -> str:
 
 
 def _print(console: Console, r: dict) -> None:
-    t = Table(title=f"ring-lab bench (seconds, median [min-max], {r['rounds']} rounds)")
+    t = Table(title=f"ring-lab bench (seconds, median \\[min-max], {r['rounds']} rounds)")
     for col in ("accel", "floor", "lab serial", "lab+GDB", "pc serial", "naive", "lab/floor", "GDB adds",
                 "naive/lab", "pc/microvm"):
         t.add_column(col)
@@ -133,7 +134,8 @@ def _print(console: Console, r: dict) -> None:
     console.print(f"full invoke lab.run --accel all: {_fmt(r['full_run_s'])}")
     for accel, a in r["accels"].items():
         for k, v in sorted(a["guest_costs_cycles"].items()):
-            console.print(f"  {accel} {k} = {v} TSC cycles")
+            if k.endswith("_cycles"):
+                console.print(f"  {accel} {k} = {v} TSC cycles")
     for v in r["verdicts"]:
         console.print(f"  {'met' if v['met'] else 'MISSED':6} {v['target']}: {v['value']}",
                       style="green" if v["met"] else "bold red")
