@@ -8,6 +8,7 @@
  * The host observes and relays; it judges nothing. */
 #include "svm.h"
 #include "hv_guest.h"
+#include "soft.h"
 
 #define SCOPE      "guest-svm"
 #define ASID       1             /* ASID 0 is the host's: VMRUN fails with it (15.5.1) */
@@ -323,11 +324,8 @@ void hv_main(const struct bootinfo *bi)
     const char *why;
 
     hv_config_parse(&cfg);
-    if (!strcmp(cfg.mode, "soft")) {   /* the software host is a later issue */
-        rec_begin("info");
-        rec_str("hv", "soft-unimplemented");
-        rec_str("hv.mode", cfg.mode);
-        rec_end();
+    if (!strcmp(cfg.mode, "soft")) {   /* software trap-and-emulate host (soft.c) */
+        soft_main(bi, &cfg, NULL);
         return;
     }
     why = !strcmp(cfg.mode, "none") ? "host-mode-none"
@@ -336,7 +334,10 @@ void hv_main(const struct bootinfo *bi)
     if (!why)
         hv_guest_load(bi, &img, &why);
     if (why) {
-        info_none(&cfg, why);
+        if (!strcmp(cfg.mode, "auto") && (!strcmp(why, "no-svm") || !strcmp(why, "svm-disabled")))
+            soft_main(bi, &cfg, why);   /* auto without SVM: the soft host (soft.c) */
+        else
+            info_none(&cfg, why);
         return;
     }
 

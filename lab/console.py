@@ -55,10 +55,16 @@ def render(report: dict, console: Console | None = None) -> None:
     for c in report["checks"]:
         rows.setdefault(_row_key(c), {})[(c["config"], c["scope"])] = c
 
+    # Short column titles (the accelerator) when each accelerator has one configuration.
+    configs = list(dict.fromkeys(cfg for cfg, _ in columns))
+    short = {cfg: cfg.split("/")[0] for cfg in configs}
+    if len(set(short.values())) < len(configs):
+        short = {cfg: cfg for cfg in configs}
+    console.print("columns: " + "; ".join(f"{short[c]} = {c}" for c in configs), highlight=False)
     table = Table(show_lines=False, header_style="bold", pad_edge=False)
     table.add_column("check", no_wrap=True)
     for cfg, scope in columns:
-        table.add_column(f"{cfg}\n{SCOPE_TITLE.get(scope, scope)}")
+        table.add_column(f"{short[cfg]}\n{SCOPE_TITLE.get(scope, scope)}")
     for key, cells in rows.items():
         table.add_row(key, *[_cell(cells[col]) if col in cells else Text("") for col in columns])
     console.print(table)

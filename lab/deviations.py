@@ -42,6 +42,11 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "with the host's CR4)",
     ),
     Deviation(
+        "kvm_pvm-rdtsc-tsd-cpl3", "kvm", KVM_PVM, "guest-soft", "rdtsc", {"tsd": "1", "cpl": "3"}, "ok",
+        "kvm_pvm does not enforce CR4.TSD at CPL3: the guest's user-mode RDTSC never traps, so the "
+        "software host cannot apply the guest's virtual TSD",
+    ),
+    Deviation(
         "kvm_pvm-syscall-cpl3", "kvm", KVM_PVM, "host", "cpl-return", {"from_cpl": "3", "via": "syscall"}, "3",
         "kvm_pvm: SYSCALL from CPL3 jumps to LSTAR but stays at CPL3 (CS reads 0x33)",
     ),

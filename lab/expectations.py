@@ -35,6 +35,15 @@ REF_GUEST_TSD = (
 )
 REF_GUEST_SIG = "APM Vol. 2 15.9/15.13: the host intercepts CPUID and answers leaf 0x40000000 itself"
 REF_GUEST_END = "the guest ran all its probes and ended through its DONE report (docs/records.md)"
+REF_SOFT_CPL = (
+    "Popek & Goldberg 1974: MOV from CS is sensitive but not privileged, so a deprivileged "
+    "kernel (ring compression 0->1) reads its real CPL1; SDM Vol. 3A 5.5"
+)
+REF_SOFT_TRAP = "SDM Vol. 3A 5.9 / 6.15: privileged and IOPL-sensitive instructions #GP at CPL1; the host emulates them"
+REF_SOFT_CPUID = (
+    "CPUID faulting (Intel SDM Vol. 4 MSR 0xCE[31], MSR 0x140[0]) makes CPL>0 CPUID #GP so the host can "
+    "answer; KVM emulates it, QEMU 7.2 TCG does not (the guest then sees the virtual CPU's own answer)"
+)
 REF_INTERCEPT = "APM Vol. 2 15.9-15.13, App. C: an intercepted instruction causes #VMEXIT with its exit code"
 
 HOST_RINGS = (1, 2, 3)
@@ -78,10 +87,16 @@ class Facts:
 
     @property
     def guest_mode(self) -> str:
-        """Which host runs the guest: the SVM host when the CPU has SVM (or it is forced)."""
+        """Which host runs the guest: SVM when the CPU has it, else the software host."""
         if self.host_mode == "auto":
-            return "svm" if self.svm else "none"
+            return "svm" if self.svm else "soft"
         return self.host_mode
+
+    @property
+    def cpuid_faulting(self) -> bool:
+        """Whether the virtual CPU offers CPUID faulting (MSR 0xCE[31], MSR 0x140[0]): KVM
+        emulates it for every guest; QEMU 7.2's TCG does not implement it."""
+        return self.accel == "kvm"
 
 
 @dataclass(frozen=True)
@@ -188,5 +203,34 @@ def guest_svm_plan(facts: Facts) -> list[Expectation]:
     return rows
 
 
+def guest_soft_plan(facts: Facts) -> list[Expectation]:
+    skip = None
+    if facts.guest_mode != "soft":
+        skip = (f"the {facts.guest_mode.upper()} host runs the guest (--host-mode soft forces the software host)"
+                if facts.guest_mode == "svm" else f"host mode {facts.guest_mode}: no guest")
+    s = "guest-soft"
+    faulting = facts.cpuid_faulting
+    hv_bit = "1" if faulting else ("1" if facts.hypervisor else "0")
+    sig = facts.hv_signature if faulting else hv_signature(facts)
+    rows = [
+        Expectation(s, "cpl-enter", _p(cpl=0, via="soft"), "1", REF_SOFT_CPL, skip),
+        Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
+        Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "1", f"{REF_SOFT_CPL}; {REF_EXC_RETURN}", skip),
+        Expectation(s, "cpuid-vendor", _p(leaf=0), facts.vendor, REF_VENDOR, skip),
+        Expectation(s, "cpuid-hv-bit", {}, hv_bit, f"{REF_HV_BIT}; {REF_SOFT_CPUID}", skip),
+        Expectation(s, "cpuid-hv-signature", {}, sig, REF_SOFT_CPUID, skip),
+        Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; the host keeps CR4.TSD=1 and "
+                    "reflects the #GP into the guest's handler", skip),
+        Expectation(s, "rdtsc", _p(tsd=0, cpl=3), "ok", f"{REF_RDTSC}; emulated with the guest's virtual TSD=0", skip),
+        Expectation(s, "rdtsc", _p(tsd=1, cpl=0), "ok", f"{REF_RDTSC}; emulated: virtual CPL0", skip),
+        Expectation(s, "rdtsc-intercepted", _p(cpl=0, intercept=int(facts.guest_rdtsc_intercept)),
+                    "host-value" if facts.guest_rdtsc_intercept else "native", REF_SOFT_TRAP, skip),
+        Expectation(s, "guest-end", {}, "done", REF_GUEST_END, skip),
+    ]
+    for reason in ("rdtsc", "out", "hlt", "mov-cr") + (("cpuid",) if faulting else ()):
+        rows.append(Expectation(s, "trap", _p(reason=reason), AT_LEAST_ONCE, REF_SOFT_TRAP, skip))
+    return rows
+
+
 def plan(facts: Facts) -> list[Expectation]:
-    return host_plan(facts) + guest_svm_plan(facts)
+    return host_plan(facts) + guest_svm_plan(facts) + guest_soft_plan(facts)

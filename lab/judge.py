@@ -171,7 +171,7 @@ def _guest_end(t: Transcript) -> list[Observation]:
 
 def _informational(probe: str) -> bool:
     """Records reported for the reader (e.g. extra exit reasons, costs), not judged."""
-    return probe in ("vmexit", "cost")
+    return probe in ("vmexit", "trap", "cost")
 
 
 def _integrity(facts: Facts, t: Transcript, boot_exit: str, detail: str, config: str) -> Check:
