@@ -12,7 +12,7 @@ from . import build as build_mod
 from . import console as console_mod
 from . import report as report_mod
 from .config import ACCELS, ConfigError
-from .hostinfo import KvmStatus, ToolMissing, kvm_status, qemu_binary
+from .hostinfo import KvmStatus, ToolMissing, kvm_status, qemu_binary, require_tool
 from .judge import Check
 from .runner import WITNESSES, full_report, make_config, new_run_root, run_matrix
 
@@ -72,6 +72,8 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     if opts.witness not in WITNESSES:
         raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
     qemu = qemu_binary(opts.qemu)
+    if opts.witness != "serial":
+        require_tool("gdb")
     kvm = kvm_status()
     accels, skipped = select_accels(opts.accel, kvm)
     art = build_mod.build(opts.variant)

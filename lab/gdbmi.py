@@ -7,13 +7,14 @@ numeric token and a call returns as soon as GDB's result record for that token
 short polls; there is no fixed sleep anywhere.
 
 GDB runs in its own process group and is always torn down by the context manager
-(detach if a target is attached, `-gdb-exit`, then SIGTERM, then SIGKILL to the group).
+(interrupt and detach if a target is attached, `-gdb-exit`, then SIGTERM, then SIGKILL to
+the group).
 Every line sent and received goes to a transcript file with timestamps.
 
 Usage:
     with Gdb(transcript=run_dir / "gdb.mi.log", accel="tcg") as gdb:
         gdb.connect("127.0.0.1:1234", symbols="firmware/build/host.elf64")
-        gdb.breakpoint("exc_dispatch")
+        gdb.breakpoint("*exc_dispatch")   # hardware under KVM, software under TCG
         gdb.cont()
         stop = gdb.wait_stopped(5.0)
         cs = gdb.read_register("cs")
@@ -40,13 +41,12 @@ __all__ = [
     "GdbTimeout",
     "MiResult",
     "HW_BREAKPOINT_SLOTS",
+    "TARGET_CLOSED",
     "mi_quote",
 ]
 
 # x86 has four debug address registers (DR0-DR3); QEMU's KVM gdbstub offers exactly those.
 HW_BREAKPOINT_SLOTS = 4
-# Result classes that end a command (GDB/MI "result-class").
-_FINAL = {"done", "running", "connected", "error", "exit"}
 # Synthetic stop reason when the remote end goes away (QEMU exited, e.g. isa-debug-exit).
 TARGET_CLOSED = "target-closed"
 
@@ -161,6 +161,8 @@ class Gdb:
         self.proc: subprocess.Popen | None = None
         self.connected = False
         self.target_closed = False
+        self.running = False  # the target runs (between *running and *stopped)
+        self._unresponsive = False  # a command timed out: GDB is not listening
 
     # -- lifecycle ---------------------------------------------------------------------
     def __enter__(self) -> "Gdb":
@@ -195,7 +197,8 @@ class Gdb:
         self.mi("-gdb-set mi-async on")
         self.mi("-gdb-set confirm off")
         self.mi("-gdb-set pagination off")
-        self.mi("-gdb-set breakpoint always-inserted on")
+        if self.accel != "kvm":
+            self.mi("-gdb-set breakpoint always-inserted on")
 
     def close(self, timeout: float = 1.0) -> None:
         """Always leaves no GDB process behind. Never raises."""
@@ -203,11 +206,17 @@ class Gdb:
         if proc is None:
             return
         try:
-            if proc.poll() is None:
-                try:
-                    if self.connected and not self.target_closed:
-                        # Detach, not kill: QEMU belongs to the caller and may still be needed.
+            if proc.poll() is None and not self._unresponsive:
+                if self.connected and not self.target_closed:
+                    # Detach, not kill: QEMU belongs to the caller and may still be needed.
+                    # GDB detaches only from a stopped target.
+                    try:
+                        if self.running:
+                            self.interrupt(timeout)
                         self.mi("-target-detach", timeout=timeout)
+                    except (GdbError, GdbTimeout, OSError):
+                        pass
+                try:
                     self.mi("-gdb-exit", timeout=timeout)
                 except (GdbError, GdbTimeout, OSError):
                     pass
@@ -263,30 +272,45 @@ class Gdb:
         self._io.write(line, read_response=False, timeout_sec=self.timeout)
 
     def _read_some(self, deadline: float) -> bool:
-        """Wait up to one poll (never past deadline) for output; queue parsed records."""
+        """Wait up to one poll (never past deadline) for output; queue parsed records.
+        False when nothing came (or GDB's output has ended)."""
         wait = max(0.0, min(self.poll, deadline - time.monotonic()))
         fds = [f for f in (self._out, self._err) if not f.eof]
-        if not fds:
+        if self._out.eof or not fds:
             return False
         ready, _, _ = select.select(fds, [], [], wait)
-        if not ready:
-            return False
-        for rec in self._io.get_gdb_response(timeout_sec=0, raise_error_on_timeout=False):
-            self._note(rec)
-            self._pending.append(rec)
-        return True
+        if self._err in ready:
+            self._err.read()  # IoManager selects stdout only; stderr goes to the transcript
+        if self._out in ready:
+            for rec in self._io.get_gdb_response(timeout_sec=0, raise_error_on_timeout=False):
+                self._note(rec)
+                self._pending.append(rec)
+        return bool(ready)
 
     def _note(self, rec: dict) -> None:
         """Track async state: stops and the remote end going away."""
         kind, msg = rec.get("type"), rec.get("message")
-        if kind == "notify" and msg == "stopped":
-            self._stops.append(rec.get("payload") or {})
+        if kind == "notify" and msg == "running":
+            self.running = True
+        elif kind == "notify" and msg == "stopped":
+            self.running = False
+            payload = rec.get("payload") or {}
+            if str(payload.get("reason", "")).startswith("exited"):
+                # QEMU's gdbstub may report its exit as a process exit (W packet).
+                self._target_gone()
+            else:
+                if payload.get("disp") == "del":  # a temporary breakpoint is gone: its slot is free
+                    self._hw_slots.pop(str(payload.get("bkptno")), None)
+                self._stops.append(payload)
         elif kind == "notify" and msg == "thread-group-exited" or (
             kind == "log" and "Remote connection closed" in (rec.get("payload") or "")
         ):
-            if self.connected and not self.target_closed:
-                self.target_closed = True
-                self._stops.append({"reason": TARGET_CLOSED})
+            self._target_gone()
+
+    def _target_gone(self) -> None:
+        if self.connected and not self.target_closed:
+            self.target_closed = True
+            self._stops.append({"reason": TARGET_CLOSED})
 
     def _check_alive(self, command: str) -> None:
         if self._out.eof:
@@ -311,6 +335,7 @@ class Gdb:
                     return MiResult(rec["message"], payload, records)
                 records.append(rec)
             if time.monotonic() >= deadline:
+                self._unresponsive = True  # teardown goes straight to signals
                 raise GdbTimeout(command, timeout, list(self._tail))
             if not self._read_some(deadline):
                 self._check_alive(command)
@@ -334,15 +359,19 @@ class Gdb:
         return self._stops.popleft()
 
     # -- helpers -----------------------------------------------------------------------
-    def connect(self, target: str, symbols: str | Path | None = None, timeout: float | None = None) -> None:
-        """Attach to a gdbstub: `127.0.0.1:PORT` or a unix socket path.
-
-        QEMU sends the 64-bit register set even while the CPU runs 32-bit code, so the
-        architecture must be x86-64 before connecting (or GDB rejects the 'g' reply).
-        """
+    def load_symbols(self, path: str | Path) -> None:
+        """The ELF64 symbol file. The architecture is set first: QEMU sends the 64-bit
+        register set even while the CPU runs 32-bit code, and GDB rejects that 'g' reply
+        for an i386 target."""
         self.mi("-gdb-set architecture i386:x86-64")
+        self.mi(f"-file-exec-and-symbols {mi_quote(str(path))}")
+
+    def connect(self, target: str, symbols: str | Path | None = None, timeout: float | None = None) -> None:
+        """Attach to a gdbstub: `127.0.0.1:PORT` or a unix socket path."""
         if symbols:
-            self.mi(f"-file-exec-and-symbols {mi_quote(str(symbols))}")
+            self.load_symbols(symbols)
+        else:
+            self.mi("-gdb-set architecture i386:x86-64")
         if self.accel == "kvm":
             # Let GDB refuse a fifth hardware breakpoint at insert time, not at resume.
             self.mi(f"-gdb-set remote hardware-breakpoint-limit {HW_BREAKPOINT_SLOTS}")
@@ -355,10 +384,12 @@ class Gdb:
         cmd = f"add-symbol-file {path}" + (f" -o {address:#x}" if address else "")
         self.console(cmd)
 
-    def _insert(self, location: str, hardware: bool, condition: str | None) -> str:
+    def _insert(self, location: str, hardware: bool, condition: str | None, temporary: bool) -> str:
         if hardware and len(self._hw_slots) >= HW_BREAKPOINT_SLOTS:
             raise GdbError(f"hbreak {location}", f"all {HW_BREAKPOINT_SLOTS} hardware breakpoint slots are in use")
         args = "-h " if hardware else ""
+        if temporary:
+            args += "-t "
         if condition:
             args += f"-c {mi_quote(condition)} "
         res = self.mi(f"-break-insert {args}{mi_quote(location)}")
@@ -367,22 +398,22 @@ class Gdb:
             self._hw_slots[number] = location
         return number
 
-    def hbreak(self, location: str, condition: str | None = None) -> str:
-        """Hardware breakpoint; returns its number."""
-        return self._insert(location, True, condition)
+    def hbreak(self, location: str, condition: str | None = None, temporary: bool = False) -> str:
+        """Hardware breakpoint; returns its number. `temporary`: GDB deletes it at its first hit."""
+        return self._insert(location, True, condition, temporary)
 
-    def break_(self, location: str, condition: str | None = None) -> str:
+    def break_(self, location: str, condition: str | None = None, temporary: bool = False) -> str:
         """Software breakpoint; returns its number."""
-        return self._insert(location, False, condition)
+        return self._insert(location, False, condition, temporary)
 
-    def breakpoint(self, location: str, condition: str | None = None) -> str:
+    def breakpoint(self, location: str, condition: str | None = None, temporary: bool = False) -> str:
         """The kind that works under this accelerator.
 
         KVM: hardware only (software breakpoints never fire under kvm_pvm, and KVM's int3
         patching would rewrite guest memory). TCG: software; QEMU's TCG gdbstub checks them at
         translation time without touching memory, and there is no slot limit.
         """
-        return self._insert(location, self.accel == "kvm", condition)
+        return self._insert(location, self.accel == "kvm", condition, temporary)
 
     @property
     def hw_slots_free(self) -> int:

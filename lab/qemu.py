@@ -224,12 +224,15 @@ class Machine(contextlib.AbstractContextManager):
     def _internal_error(self) -> bool:
         """KVM internal errors stop the VM without ending QEMU: notice them at once."""
         assert self.qmp is not None
-        for event in self.qmp.get_events(wait=False):
-            if event.get("event") == "STOP":
-                status = self.qmp.cmd("query-status")
-                if status.get("status") == "internal-error":
-                    return True
-        self.qmp.clear_events()
+        try:
+            for event in self.qmp.get_events(wait=False):
+                if event.get("event") == "STOP":
+                    status = self.qmp.cmd("query-status")
+                    if status.get("status") == "internal-error":
+                        return True
+            self.qmp.clear_events()
+        except Exception:  # noqa: BLE001 - QMP resets once QEMU exits: not an internal error
+            return False
         return False
 
     def wait_for_end(self, timeout_s: float | None = None, poll_s: float = 0.05) -> tuple[str, str]:

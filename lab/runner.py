@@ -55,6 +55,7 @@ class RunOutcome:
             "firmware": {k: v for k, v in info.items() if not k.startswith(("cmdline", "cost."))},
             "costs": {k: int(v) for k, v in info.items() if k.startswith("cost.") and v.isdigit()},
             "gdb_transcript": str(self.gdb_transcript) if self.gdb_transcript else None,
+            "gdb_error": self.extras.get("gdb_error"),
         }
 
 
@@ -100,32 +101,29 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
     """Boot once, judge, and write the run folder's report. Never raises for a bad boot:
     the outcome then carries `error` checks and the reason."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    gdb_port = free_tcp_port() if witness in ("gdb", "both") else None
-    gdb_readings: dict[str, str] = {}
     outcome = RunOutcome(cfg, run_dir, [])
-    witness_box: list = []
-
-    def start_witness(machine: Machine, qom: dict) -> None:
+    gdb_port = free_tcp_port() if witness in ("gdb", "both") else None
+    gdb = None
+    if gdb_port:
         from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
 
-        guest_svm = bool(qom.get("svm")) and cfg.host_mode in ("auto", "svm")
-        scopes = ("host", "guest-svm") if guest_svm and cfg.guest_symbols else ("host",)
-        gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, machine.gdb_addr, cfg.accel, scopes=scopes)
-        witness_box.append(gdb)
+        gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, f"127.0.0.1:{gdb_port}", cfg.accel)
         outcome.gdb_transcript = gdb.transcript
-        gdb.start()
-
     try:
+        if gdb is not None:
+            gdb.prepare()  # GDB starts and reads the symbols while QEMU starts
         with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel) as machine:
-            start = (lambda qom: start_witness(machine, qom)) if gdb_port else None
-            try:
-                boot = machine.run(start=start)
-            finally:
-                for gdb in witness_box:
-                    gdb_readings = {r.check_id: r.value for r in gdb.finish(timeout=5)}
+            start = (lambda qom: _start_witness(gdb, machine, cfg, qom)) if gdb else None
+            boot = machine.run(start=start)
     except BootError as exc:
         outcome.error = str(exc)
         return _error_outcome(outcome, kvm, str(exc))
+    finally:
+        # Never raises; ends GDB in every case. Readings it could not take are `unreached`.
+        readings = gdb.finish(timeout=5) if gdb is not None else []
+    gdb_readings = {r.check_id: r.value for r in readings}
+    if gdb is not None and gdb.error:
+        outcome.extras["gdb_error"] = gdb.error
     outcome.boot = boot
     outcome.transcript = parse_stream(boot.serial)
     outcome.facts = Facts.from_qemu(
@@ -137,6 +135,19 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         config=cfg.label, boot_exit=boot.exit, boot_detail=boot.exit_detail,
     )
     return outcome
+
+
+def _start_witness(gdb, machine: Machine, cfg: RunConfig, qom: dict) -> None:
+    """Let the CPU go under GDB, planning for the scopes this CPU will run. If GDB cannot
+    attach, the boot still runs (QMP `cont`) and every witnessed check becomes an error."""
+    from .gdbmi import GdbError, GdbTimeout
+
+    guest_svm = bool(qom.get("svm")) and cfg.host_mode in ("auto", "svm") and cfg.guest_symbols
+    try:
+        gdb.start(scopes=("host", "guest-svm") if guest_svm else ("host",))
+    except (GdbError, GdbTimeout) as exc:
+        gdb.error = f"GDB could not attach: {exc}"
+        machine.resume()
 
 
 def _error_outcome(outcome: RunOutcome, kvm: KvmStatus, why: str) -> RunOutcome:

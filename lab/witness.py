@@ -7,23 +7,23 @@ judge; it never decides pass or fail.
 
     plan = witness_plan("tcg", ["host", "guest-svm"])
     w = GdbWitness(run_dir, host_elf, guest_elf, "127.0.0.1:1234", "tcg", plan=plan)
-    w.start()              # attach to the paused QEMU, set breakpoints, continue
-    ...                    # the runner reads the serial console meanwhile
-    readings = w.finish(timeout=10)   # list[Reading], after QEMU exited
+    w.start()                      # attach to the paused QEMU, set breakpoints, continue
+    ...                            # the runner reads the serial console meanwhile
+    readings = w.finish(timeout=10)    # list[Reading], once QEMU has exited
 
-Where it looks (names from firmware/README.md; details in docs/gdb.md):
-- `exc_dispatch` (CPL0, every exception; the frame pointer is in RDI): vector, error code,
-  saved RIP and CS, CR4, the bytes at the saved RIP. A #UD at `ring_return_ud2` is the way
-  back from ring code: the frame's CS is the ring's CPL (how CPL1-3 are witnessed under
-  KVM, where breakpoints on CPL>0 code never stop) and $cs there is the CPL after the return.
-- `probe_set` (CPL0): a probe boundary. When a probe ends with no exception seen, its
-  instruction completed: `ok`.
-- `ring_entry`, `ring_entry_sysret`, `syscall_entry` (TCG only): $cs at the first
-  instruction in the ring / after SYSCALL.
-- `cpuid_*_done` (CPL0): EBX/ECX/EDX right after CPUID.
-- guest code (TCG only, guest symbols): $cs and EFER while the SVM guest runs.
+Where it looks (symbols: firmware/README.md "GDB witness points"; details: docs/gdb.md):
+- `exc_dispatch` (CPL0; every exception; RDI = the frame): vector, error code, saved RIP
+  and CS, CR4, the bytes at the saved RIP. A #UD at `ring_return_ud2` is the way back from
+  ring n: the frame's CS is ring n's CS, $cs is the CPL after the return, and a probe whose
+  ring trip ends without an exception completed (`ok`).
+- `ring_entry`, `ring_entry_sysret`, `syscall_entry` (TCG): $cs at the first instruction
+  in the ring / after SYSCALL. Dropped once the CPL probes are over (fewer stops).
+- `cpuid_*_done` (CPL0, once each): EBX/ECX/EDX right after CPUID.
+- `guest_start` (TCG, guest symbols, once): $cs and EFER while the SVM guest runs.
 
-KVM gives 4 hardware breakpoints, on CPL0 code only; the plan for KVM uses exactly those.
+Under KVM only hardware breakpoints on CPL0 code work, and under kvm_pvm a breakpoint kept
+across many exception round trips can stop exiting to GDB (the guest then takes a #DB and
+the run is spoiled): the KVM plan is four one-shot hardware breakpoints.
 """
 from __future__ import annotations
 
@@ -34,15 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .expectations import HOST_RINGS, PRIV_INSNS, TSC_CPLS
+from .expectations import HOST_RINGS, PRIV_INSNS
 from .gdb import x86
 from .gdbmi import HW_BREAKPOINT_SLOTS, TARGET_CLOSED, Gdb, GdbError, GdbTimeout
 from .ids import check_id
 
 UNREACHED = "unreached"  # the judge turns it into `error`
 
-# Instruction bytes of each probed instruction: a fault counts for the probe only if it
-# happened at that instruction (otherwise the reading says where it happened instead).
+# Bytes of each probed instruction: a fault counts for the probe only at that instruction;
+# elsewhere the reading says so (`#GP(0)@0f0b`) and cannot agree with the serial record.
 PROBE_INSN_BYTES = {
     "rdtsc": bytes.fromhex("0f31"),
     "rdtscp": bytes.fromhex("0f01f9"),
@@ -50,9 +50,9 @@ PROBE_INSN_BYTES = {
     "cli": bytes.fromhex("fa"),
     "mov-cr4": bytes.fromhex("0f22e0"),  # mov %rax, %cr4
 }
-# current_probe.name (15 chars at most) -> record probe name.
+# current_probe.name holds 15 characters: the firmware shortens this one.
 _PROBE_NAMES = {"cpuid-hv-sig": "cpuid-hv-signature"}
-# current_probe -> check params, in record order (firmware/kmain.c; docs/records.md).
+# current_probe -> the record's params, in record order (docs/records.md).
 _PARAMS: dict[str, Callable[[dict], dict[str, object]]] = {
     "cpl-enter": lambda cp: {"cpl": cp["cpl"], "via": cp["param"]},
     "cpl-return": lambda cp: {"from_cpl": cp["cpl"], "via": cp["param"]},
@@ -63,8 +63,9 @@ _PARAMS: dict[str, Callable[[dict], dict[str, object]]] = {
     "cpuid-hv-bit": lambda cp: {},
     "cpuid-hv-signature": lambda cp: {},
 }
-# Probes whose outcome is "which exception, or ok".
-_OUTCOME_PROBES = ("priv-insn", "rdtsc", "rdtscp")
+# Probes whose observation is "the exception, or ok".
+OUTCOME_PROBES = ("priv-insn", "rdtsc", "rdtscp")
+CPL_PROBES = ("cpl-enter", "cpl-return")
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,11 @@ class Reading:
 class Watch:
     """One breakpoint: where, what to read there, and which checks it should produce."""
 
-    location: str  # a symbol; the breakpoint goes on its exact address
-    reader: str  # exception | boundary | ring-entry | syscall-entry | cpuid-vendor | ...
+    location: str  # a symbol; the breakpoint goes on its exact address (`*symbol`)
+    reader: str  # exception | ring-entry | syscall-entry | cpuid-vendor | cpuid-hv-bit | ...
     expects: tuple[str, ...] = ()  # check ids; any left without a reading -> `unreached`
+    once: bool = False  # one-shot (GDB deletes it at its first hit)
+    during: tuple[str, ...] = ()  # only while these probes run: deleted at the first stop in another
     guest: bool = False  # the symbol comes from the guest's ELF
 
 
@@ -91,62 +94,52 @@ class WitnessPlan:
     watches: tuple[Watch, ...]
 
     @property
-    def hardware(self) -> bool:
-        """KVM: software breakpoints never fire under kvm_pvm; only the 4 debug registers."""
-        return self.accel == "kvm"
-
-    @property
     def check_ids(self) -> list[str]:
         return [cid for w in self.watches for cid in w.expects]
 
 
-def _host_ids() -> dict[str, list[str]]:
-    h = "host"
-    return {
-        "enter-iretq": [check_id(h, "cpl-enter", {"cpl": c, "via": "iretq"}) for c in HOST_RINGS],
-        "enter-sysret": [check_id(h, "cpl-enter", {"cpl": 3, "via": "sysret"})],
-        "return-ud2": [check_id(h, "cpl-return", {"from_cpl": c, "via": "ud2"}) for c in HOST_RINGS],
-        "return-syscall": [check_id(h, "cpl-return", {"from_cpl": c, "via": "syscall"}) for c in HOST_RINGS],
-        "outcomes": [check_id(h, "priv-insn", {"insn": i, "cpl": c}) for c in HOST_RINGS for i in PRIV_INSNS]
-        + [check_id(h, insn, {"tsd": t, "cpl": c}) for insn in ("rdtsc", "rdtscp") for t in (0, 1) for c in TSC_CPLS],
-    }
+def _cid(probe: str, **params: object) -> str:
+    return check_id("host", probe, params)
 
 
 def witness_plan(accel: str, scopes: Iterable[str] = ("host",)) -> WitnessPlan:
     """Where the witness stops the CPU for this accelerator and these check scopes.
 
-    TCG: software breakpoints (QEMU checks them at translation time, memory is untouched,
-    no slot limit), also on CPL>0 code and in the running SVM guest.
-    KVM: the four hardware breakpoints, all on CPL0 code; CPL1-3 are read from the
-    exception frame; no SVM guest exists under this KVM, so guest scopes get no watches.
+    TCG: software breakpoints (QEMU checks them at translation time: memory is untouched and
+    there is no slot limit), also on CPL>0 code and in the running SVM guest.
+    KVM: four one-shot hardware breakpoints on CPL0 code; CPL3 is read from the exception
+    frame; there is no SVM guest under this KVM, so guest scopes get no watches.
     """
     scopes = tuple(scopes)
-    ids = _host_ids()
     watches: list[Watch] = []
-    if "host" in scopes:
-        if accel == "kvm":
-            watches += [
-                Watch("exc_dispatch", "exception", tuple(ids["return-ud2"] + ids["enter-iretq"] + ids["enter-sysret"])),
-                Watch("probe_set", "boundary", tuple(ids["outcomes"])),
-                Watch("cpuid_vendor_done", "cpuid-vendor", (check_id("host", "cpuid-vendor", {"leaf": 0}),)),
-                Watch("cpuid_hvsig_done", "cpuid-hv-signature", (check_id("host", "cpuid-hv-signature", {}),)),
-            ]
-        else:
-            watches += [
-                Watch("exc_dispatch", "exception", tuple(ids["return-ud2"])),
-                Watch("probe_set", "boundary", tuple(ids["outcomes"])),
-                Watch("ring_entry", "ring-entry", tuple(ids["enter-iretq"])),
-                Watch("ring_entry_sysret", "ring-entry", tuple(ids["enter-sysret"])),
-                Watch("syscall_entry", "syscall-entry", tuple(ids["return-syscall"])),
-                Watch("cpuid_vendor_done", "cpuid-vendor", (check_id("host", "cpuid-vendor", {"leaf": 0}),)),
-                Watch("cpuid_hvbit_done", "cpuid-hv-bit", (check_id("host", "cpuid-hv-bit", {}),)),
-                Watch("cpuid_hvsig_done", "cpuid-hv-signature", (check_id("host", "cpuid-hv-signature", {}),)),
-            ]
+    cpuid = [
+        Watch("cpuid_vendor_done", "cpuid-vendor", (_cid("cpuid-vendor", leaf=0),), once=True),
+        Watch("cpuid_hvbit_done", "cpuid-hv-bit", (_cid("cpuid-hv-bit"),), once=True),
+        Watch("cpuid_hvsig_done", "cpuid-hv-signature", (_cid("cpuid-hv-signature"),), once=True),
+    ]
+    if "host" in scopes and accel == "kvm":
+        # The first exception is the return from the first probe's CPL3 trip (firmware order).
+        first = (_cid("cpl-enter", cpl=3, via="iretq"), _cid("cpl-return", from_cpl=3, via="ud2"))
+        watches += [Watch("exc_dispatch", "exception", first, once=True), *cpuid]
+    elif "host" in scopes:
+        outcomes = [_cid("priv-insn", insn=i, cpl=c) for c in HOST_RINGS for i in PRIV_INSNS]
+        outcomes += [_cid(insn, tsd=t, cpl=c) for insn in ("rdtsc", "rdtscp") for t in (0, 1) for c in HOST_RINGS]
+        returns = [_cid("cpl-return", from_cpl=c, via="ud2") for c in HOST_RINGS]
+        watches += [
+            Watch("exc_dispatch", "exception", tuple(returns + outcomes)),
+            Watch("ring_entry", "ring-entry", tuple(_cid("cpl-enter", cpl=c, via="iretq") for c in HOST_RINGS),
+                  during=CPL_PROBES),
+            Watch("ring_entry_sysret", "ring-entry", (_cid("cpl-enter", cpl=3, via="sysret"),), during=CPL_PROBES),
+            Watch("syscall_entry", "syscall-entry",
+                  tuple(_cid("cpl-return", from_cpl=c, via="syscall") for c in HOST_RINGS), during=CPL_PROBES),
+            *cpuid,
+        ]
     if "guest-svm" in scopes and accel == "tcg":
         watches.append(Watch("guest_start", "guest-entry",
-                             (check_id("guest-svm", "cpl-enter", {"cpl": 0, "via": "vmrun"}),), guest=True))
+                             (check_id("guest-svm", "cpl-enter", {"cpl": 0, "via": "vmrun"}),),
+                             once=True, guest=True))
     if accel == "kvm" and len(watches) > HW_BREAKPOINT_SLOTS:
-        raise ValueError(f"KVM plan needs {len(watches)} hardware breakpoints; there are {HW_BREAKPOINT_SLOTS}")
+        raise ValueError(f"the KVM plan needs {len(watches)} hardware breakpoints; x86 has {HW_BREAKPOINT_SLOTS}")
     return WitnessPlan(accel, scopes, tuple(watches))
 
 
@@ -157,15 +150,8 @@ def probe_check_id(cp: dict, scope: str = "host") -> str | None:
     return check_id(scope, name, params(cp)) if params else None
 
 
-@dataclass
-class _Fault:
-    probe: dict  # current_probe when it happened
-    value: str
-    detail: dict
-
-
 class GdbWitness:
-    """Runs one GDB session against one paused QEMU, in a background thread."""
+    """One GDB session against one paused QEMU; stops are served in a background thread."""
 
     def __init__(
         self,
@@ -185,35 +171,54 @@ class GdbWitness:
         self.guest_elf = Path(guest_elf) if guest_elf else None
         self.gdb_addr = gdb_addr
         self.accel = accel
+        self._fixed_plan = plan is not None
         self.plan = plan or witness_plan(accel, scopes)
         self.transcript = self.run_dir / "gdb.mi.log"
         self.error: str | None = None  # why the session ended early, if it did
         self.stops = 0
         self.seconds = 0.0  # attach to the end of the session
         self._gdb = Gdb(self.transcript, accel=accel, gdb=gdb, timeout=command_timeout)
-        self._by_number: dict[str, Watch] = {}
+        self._numbers: dict[str, Watch] = {}
         self._missing: dict[str, str] = {}  # location -> why it has no breakpoint
         self._readings: dict[str, Reading] = {}
-        self._faults: dict[int, _Fault] = {}  # probe id -> first fault seen in it
+        self._faulted: set[int] = set()  # current_probe ids that took an exception
         self._symbols: dict[str, int] = {}
+        self._cp: dict | None = None  # current_probe, read at most once per stop
         self._thread: threading.Thread | None = None
         self._quit = threading.Event()
+        self._prepared = False
         self._t0 = 0.0
 
     # -- runner API ----------------------------------------------------------------------
-    def start(self) -> None:
-        """Attach, set the plan's breakpoints and let the CPU run. Raises GdbError or
-        GdbTimeout if GDB cannot attach (GDB is then already gone)."""
+    def prepare(self) -> None:
+        """Start GDB and load the symbols (~0.05 s). Optional: call it before starting QEMU
+        so this overlaps QEMU's own start; start() does it otherwise."""
+        if self._prepared:
+            return
         self._t0 = time.monotonic()
         try:
             self._gdb.start()
-            self._gdb.connect(self.gdb_addr, self.host_elf)
-            if self.guest_elf and any(w.guest for w in self.plan.watches):
+            self._gdb.load_symbols(self.host_elf)
+            if self.guest_elf:
                 self._gdb.add_symbols(self.guest_elf)  # linked at its load address
             for name in ("ring_return_ud2", "syscall_entry_ud2", "current_probe"):
                 addr = self._gdb.symbol_address(name)
                 if addr is not None:
                     self._symbols[name] = addr
+        except BaseException:
+            self._gdb.close()
+            raise
+        self._prepared = True
+
+    def start(self, scopes: Iterable[str] | None = None) -> None:
+        """Attach to the paused QEMU, set the plan's breakpoints and let the CPU run.
+        `scopes` re-plans for scopes known only now (e.g. from QEMU's CPU facts).
+        Raises GdbError or GdbTimeout if GDB cannot attach (GDB is then already gone)."""
+        if scopes is not None and not self._fixed_plan:
+            self.plan = witness_plan(self.accel, scopes)
+        self.prepare()
+        try:
+            self._gdb.connect(self.gdb_addr)
             for watch in self.plan.watches:
                 self._arm(watch)
             self._gdb.cont()
@@ -224,9 +229,9 @@ class GdbWitness:
         self._thread.start()
 
     def finish(self, timeout: float = 10.0) -> list[Reading]:
-        """Wait for the session to end (QEMU exits: the remote end closes), at most
-        `timeout` seconds; then end GDB (detaching if QEMU still runs) and return the
-        readings, with `unreached` for every planned check no stop produced."""
+        """Wait up to `timeout` s for the session to end (QEMU exits, the remote end
+        closes); then end GDB (detaching if QEMU still runs) and return the readings, with
+        `unreached` for every planned check that no stop produced."""
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -257,12 +262,12 @@ class GdbWitness:
             self._missing[watch.location] = "no guest symbols given"
             return
         try:
-            number = self._gdb.breakpoint(f"*{watch.location}")
+            number = self._gdb.breakpoint(f"*{watch.location}", temporary=watch.once)
         except GdbError as exc:
             # A missing symbol is a lab bug: its checks become `unreached` with the reason.
             self._missing[watch.location] = exc.message
             return
-        self._by_number[number] = watch
+        self._numbers[number] = watch
 
     def _serve(self) -> None:
         gdb = self._gdb
@@ -271,40 +276,56 @@ class GdbWitness:
                 try:
                     stop = gdb.wait_stopped(0.25)
                 except GdbTimeout:
-                    continue  # still running; look at the quit flag
-                if stop.get("reason") == TARGET_CLOSED:
+                    continue  # still running; look at the quit flag again
+                reason = stop.get("reason")
+                if reason == TARGET_CLOSED:
                     break
                 self.stops += 1
-                watch = self._by_number.get(str(stop.get("bkptno")))
-                if stop.get("reason") != "breakpoint-hit" or watch is None:
-                    # Not ours (e.g. a signal): note it and let the CPU go on.
-                    self.error = f"unexpected stop: {stop.get('reason')} {stop.get('signal-name', '')}".strip()
+                self._cp = None
+                watch = self._numbers.get(str(stop.get("bkptno")))
+                if reason == "signal-received" and stop.get("signal-name") == "SIGABRT":
+                    # QEMU reports a KVM internal error this way: the CPU cannot go on.
+                    self.error = "QEMU stopped the CPU (SIGABRT: KVM internal error?)"
+                    break
+                if reason != "breakpoint-hit" or watch is None:
+                    self.error = f"unexpected stop: {reason} {stop.get('signal-name', '')}".strip()
                 else:
                     getattr(self, "_read_" + watch.reader.replace("-", "_"))(watch)
+                    self._retire()
                 gdb.cont()
-        except Exception as exc:  # noqa: BLE001 - any failure ends the witness, not the run
+        except Exception as exc:  # noqa: BLE001 - a failing witness must not stop the run
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
-            # A probe cut short (e.g. the firmware stopped): its fault still counts.
-            for fault in list(self._faults.values()):
-                self._close_probe(fault.probe)
             self.seconds = time.monotonic() - self._t0
             gdb.close()  # detaches if QEMU still runs, so the boot goes on without us
+
+    def _retire(self) -> None:
+        """Delete `during` watches once a probe outside their window is running."""
+        if self._cp is None or not self._cp["valid"]:
+            return
+        name = self._cp["name"]
+        done = [n for n, w in self._numbers.items() if w.during and name not in w.during]
+        if done:
+            self._gdb.delete(*done)
+            for n in done:
+                del self._numbers[n]
 
     def _put(self, cid: str | None, value: str, detail: dict) -> None:
         if cid is None:
             return
-        if cid in self._readings:  # first reading wins; keep count of repeats
+        if cid in self._readings:  # the first reading wins; a different later one is kept beside it
             prev = self._readings[cid]
-            prev.detail["seen"] = prev.detail.get("seen", 1) + 1
+            if value != prev.value:
+                prev.detail.setdefault("other_readings", []).append(f"{value} ({detail.get('source', '?')})")
             return
         self._readings[cid] = Reading(cid, value, detail)
 
     def _current_probe(self) -> dict:
-        addr = self._symbols.get("current_probe")
-        if addr is None:
-            return {"valid": False, "id": 0, "cpl": 0, "tsd": 0, "name": "", "param": ""}
-        return x86.decode_current_probe(self._gdb.read_memory(addr, x86.CURRENT_PROBE_SIZE))
+        if self._cp is None:
+            addr = self._symbols.get("current_probe")
+            raw = self._gdb.read_memory(addr, x86.CURRENT_PROBE_SIZE) if addr is not None else bytes(48)
+            self._cp = x86.decode_current_probe(raw)
+        return self._cp
 
     # -- readers: one per watch kind -------------------------------------------------------
     def _read_exception(self, watch: Watch) -> None:
@@ -321,78 +342,72 @@ class GdbWitness:
             "probe": f"{cp['name']} {cp['param']}".strip(),
         }
         if vector == 6 and rip == self._symbols.get("ring_return_ud2"):
-            # Back from ring code: frame CS = the ring's CS, $cs = CPL after the return.
-            if cp["name"] == "cpl-enter":
-                self._put(probe_check_id(cp), str(frame["cs"] & 3), {**detail, "source": "exception frame"})
-                if cp["param"] == "iretq":
-                    ret = {"from_cpl": cp["cpl"], "via": "ud2"}
-                    self._put(check_id("host", "cpl-return", ret), str(regs["cs"] & 3), detail)
-            return
-        if vector == 6 and rip == self._symbols.get("syscall_entry_ud2"):
-            # SYSCALL reached LSTAR but not CPL0 (kvm_pvm from CPL3): the frame shows the CPL.
-            self._put(probe_check_id(cp), str(frame["cs"] & 3), {**detail, "source": "exception frame at LSTAR"})
-            return
-        insn = gdb.read_memory(rip, 4)
-        detail["insn"] = insn.hex(" ")
-        value = x86.exception_value(vector, frame["error_code"])
-        expected = PROBE_INSN_BYTES.get(cp["param"] if cp["name"] == "priv-insn" else cp["name"])
-        if expected is not None and not insn.startswith(expected):
-            value = f"{value}@{insn[:len(expected)].hex()}"  # a fault, but not at the probed instruction
-        if cp["id"] not in self._faults:
-            self._faults[cp["id"]] = _Fault(cp, value, detail)
-
-    def _read_boundary(self, watch: Watch) -> None:
-        """probe_set entry: current_probe still holds the probe that just ended."""
-        cp = self._current_probe()
-        if cp["valid"]:
-            self._close_probe(cp)
-
-    def _close_probe(self, cp: dict) -> None:
-        name = _PROBE_NAMES.get(cp["name"], cp["name"])
-        if name not in _OUTCOME_PROBES:
-            return
-        fault = self._faults.pop(cp["id"], None)
-        if fault:
-            self._put(probe_check_id(cp), fault.value, fault.detail)
+            self._ring_return(cp, frame, regs, detail)
+        elif vector == 6 and rip == self._symbols.get("syscall_entry_ud2"):
+            # SYSCALL reached LSTAR without reaching CPL0 (kvm_pvm from CPL3): the frame's CS.
+            self._put(probe_check_id(cp), str(frame["cs"] & 3), {**detail, "source": "frame at syscall_entry_ud2"})
         else:
-            self._put(probe_check_id(cp), "ok", {"probe": f"{cp['name']} {cp['param']}".strip(),
-                                                 "note": "no exception between probe_set calls"})
+            self._fault(cp, frame, detail)
+
+    def _ring_return(self, cp: dict, frame: dict, regs: dict, detail: dict) -> None:
+        """Back from ring n: the frame's CS is ring n's, $cs is the CPL after the return."""
+        name = _PROBE_NAMES.get(cp["name"], cp["name"])
+        if name == "cpl-enter":
+            # Under TCG `ring_entry` read it first; under KVM this is the only way to see CPL3.
+            self._put(probe_check_id(cp), str(frame["cs"] & 3), {**detail, "source": "exception frame"})
+            if cp["param"] == "iretq":
+                cid = check_id("host", "cpl-return", {"from_cpl": cp["cpl"], "via": "ud2"})
+                self._put(cid, str(regs["cs"] & 3), {**detail, "source": "$cs at exc_dispatch"})
+        elif name in OUTCOME_PROBES and cp["id"] not in self._faulted:
+            self._put(probe_check_id(cp), "ok", {**detail, "note": "ring trip ended with no exception"})
+
+    def _fault(self, cp: dict, frame: dict, detail: dict) -> None:
+        insn = self._gdb.read_memory(frame["rip"], 4)
+        detail["insn"] = insn.hex(" ")
+        value = x86.exception_value(frame["vector"], frame["error_code"])
+        name = _PROBE_NAMES.get(cp["name"], cp["name"])
+        probed = PROBE_INSN_BYTES.get(cp["param"] if name == "priv-insn" else name)
+        if probed is not None and not insn.startswith(probed):
+            value = f"{value}@{insn[:len(probed)].hex()}"  # not at the probed instruction
+        if name in OUTCOME_PROBES and cp["id"] not in self._faulted:
+            self._faulted.add(cp["id"])
+            self._put(probe_check_id(cp), value, detail)
+
+    def _regs_detail(self, watch: Watch, *names: str) -> tuple[dict[str, int], dict]:
+        regs = self._gdb.read_registers(*names)
+        return regs, {"cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}", "source": watch.location}
 
     def _read_ring_entry(self, watch: Watch) -> None:
-        regs = self._gdb.read_registers("cs", "rip")
+        regs, detail = self._regs_detail(watch, "cs", "rip")
         cp = self._current_probe()
         if cp["name"] == "cpl-enter":
-            self._put(probe_check_id(cp), str(regs["cs"] & 3),
-                      {"cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}", "source": watch.location})
+            self._put(probe_check_id(cp), str(regs["cs"] & 3), detail)
 
     def _read_syscall_entry(self, watch: Watch) -> None:
-        regs = self._gdb.read_registers("cs", "rip")
+        regs, detail = self._regs_detail(watch, "cs", "rip")
         cp = self._current_probe()
         if cp["name"] == "cpl-return" and cp["param"] == "syscall":
-            self._put(probe_check_id(cp), str(regs["cs"] & 3),
-                      {"cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}", "source": watch.location})
+            self._put(probe_check_id(cp), str(regs["cs"] & 3), detail)
 
-    def _read_cpuid(self, cid: str, order: tuple[str, ...], watch: Watch) -> None:
+    def _read_cpuid(self, watch: Watch, order: tuple[str, ...]) -> None:
         regs = self._gdb.read_registers("rax", *order)
         raw = b"".join((regs[r] & 0xFFFFFFFF).to_bytes(4, "little") for r in order)
-        self._put(cid, raw.decode("latin-1"), {"eax": f"{regs['rax'] & 0xFFFFFFFF:#x}", "source": watch.location})
+        self._put(watch.expects[0], raw.decode("latin-1"),
+                  {"eax": f"{regs['rax'] & 0xFFFFFFFF:#x}", "source": watch.location})
 
     def _read_cpuid_vendor(self, watch: Watch) -> None:
-        self._read_cpuid(watch.expects[0], ("rbx", "rdx", "rcx"), watch)  # leaf 0: EBX, EDX, ECX
+        self._read_cpuid(watch, ("rbx", "rdx", "rcx"))  # leaf 0: EBX, EDX, ECX
 
     def _read_cpuid_hv_signature(self, watch: Watch) -> None:
-        self._read_cpuid(watch.expects[0], ("rbx", "rcx", "rdx"), watch)  # 0x40000000: EBX, ECX, EDX
+        self._read_cpuid(watch, ("rbx", "rcx", "rdx"))  # 0x40000000: EBX, ECX, EDX
 
     def _read_cpuid_hv_bit(self, watch: Watch) -> None:
-        ecx = self._gdb.read_register("rcx")
-        self._put(watch.expects[0], str(ecx >> 31 & 1), {"ecx": f"{ecx & 0xFFFFFFFF:#x}", "source": watch.location})
+        ecx = self._gdb.read_register("rcx") & 0xFFFFFFFF
+        self._put(watch.expects[0], str(ecx >> 31 & 1), {"ecx": f"{ecx:#x}", "source": watch.location})
 
     def _read_guest_entry(self, watch: Watch) -> None:
-        regs = self._gdb.read_registers("cs", "rip", "efer")
-        self._put(watch.expects[0], str(regs["cs"] & 3), {
-            "cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}",
-            "efer.svme": regs["efer"] >> 12 & 1, "source": watch.location,
-        })
+        regs, detail = self._regs_detail(watch, "cs", "rip", "efer")
+        self._put(watch.expects[0], str(regs["cs"] & 3), {**detail, "efer.svme": regs["efer"] >> 12 & 1})
 
     # -- output --------------------------------------------------------------------------
     def _write(self, readings: list[Reading]) -> None:

@@ -25,8 +25,8 @@ except ImportError:  # imported for its tables by tests
 
 # The guest's fixed physical window (guests/include/lab_guest_abi.h: LABG_WINDOW_*).
 GUEST_WINDOW = (0x01000000, 0x01000000 + 0x00200000)
-# Host symbols that hold the VMCB, tried in order (firmware/svm.c).
-VMCB_SYMBOLS = ("hv_vmcb", "vmcb", "guest_vmcb")
+# Host symbols that hold (or point to) the VMCB, tried in order (firmware/svm.c).
+VMCB_SYMBOLS = ("svm_vmcb",)
 
 # Named probe points: symbol -> what the witness reads there (docs/gdb.md).
 PROBE_POINTS = (
@@ -40,6 +40,9 @@ PROBE_POINTS = (
     ("cpuid_hvbit_done", "right after CPUID leaf 1: ecx bit 31"),
     ("cpuid_hvsig_done", "right after CPUID 0x40000000: ebx/ecx/edx = signature"),
     ("current_probe", "struct current_probe: which probe runs now"),
+    ("svm_vmrun_insn", "the host's VMRUN"),
+    ("svm_vmexit_return", "first host instruction after #VMEXIT: lab-vmcb shows the exit"),
+    ("guest_start", "the guest's first instruction (guest symbols)"),
 )
 
 

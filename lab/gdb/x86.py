@@ -172,6 +172,16 @@ def exit_name(code: int) -> str:
     return _EXIT_NAMES.get(code, f"UNKNOWN_{code:#x}")
 
 
+def exit_detail(code: int, info1: int) -> str:
+    """What the exit info says, for the exits the lab's guest takes."""
+    if code == 0x7B:  # IOIO: APM Vol. 2 15.10.2, Figure 15-2
+        size = {0x10: 8, 0x20: 16, 0x40: 32}.get(info1 & 0x70, 0)
+        return f"port={info1 >> 16:#x} {'in' if info1 & 1 else 'out'} {size}-bit"
+    if 0x40 <= code < 0x60 and (code - 0x40) in EXC_WITH_ERROR_CODE:
+        return f"error_code={info1:#x}"
+    return ""
+
+
 def decode_vmcb(raw: bytes) -> dict[str, int]:
     if len(raw) < 0x600:
         raise ValueError(f"a VMCB is 4 KiB; got {len(raw)} bytes")
@@ -193,9 +203,12 @@ def vmcb_intercepts(v: dict[str, int]) -> list[str]:
 
 def format_vmcb(v: dict[str, int], address: int | None = None) -> str:
     code = v["exit_code"]
+    blank = not (v["asid"] or v["intercept_misc2"] or v["rip"])  # VMRUN needs ASID != 0 and its intercept
     lines = [
-        f"VMCB{f' at {address:#x}' if address is not None else ''}",
-        f"  exit        {code:#x} {exit_name(code)}  info1={v['exit_info1']:#x} info2={v['exit_info2']:#x}"
+        f"VMCB{f' at {address:#x}' if address is not None else ''}"
+        + ("  (not set up yet: ASID 0, no intercepts, RIP 0)" if blank else ""),
+        f"  exit        {code:#x} {exit_name(code)} {exit_detail(code, v['exit_info1'])}".rstrip()
+        + f"  info1={v['exit_info1']:#x} info2={v['exit_info2']:#x}"
         f"  int_info={v['exit_int_info']:#x} next_rip={v['next_rip']:#x}",
         f"  intercepts  {' '.join(vmcb_intercepts(v)) or '(none)'}",
         f"  asid={v['asid']} tlb_control={v['tlb_control']} np_enable={v['np_enable']:#x} n_cr3={v['n_cr3']:#x}"
