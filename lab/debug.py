@@ -106,6 +106,10 @@ def stop_qemu(s: DebugSession, proc: subprocess.Popen) -> None:
             os.rmdir(os.path.dirname(s.gdb_addr))
 
 
+def _exit_on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise SystemExit(128 + signum)
+
+
 def debug_session(accel: str = "tcg", scope: str = "host", break_symbol: str | None = None,
                   print_only: bool = False, qemu: str | None = None, cpu: str = "",
                   machine: str = "microvm", gdb: str = "gdb", unix_socket: bool = False) -> int:
@@ -125,8 +129,12 @@ def debug_session(accel: str = "tcg", scope: str = "host", break_symbol: str | N
     if accel == "kvm":
         print("KVM: hardware breakpoints (4) on CPL0 code only; under kvm_pvm see docs/gdb.md")
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to GDB now
+    # A closed terminal (SIGHUP) or SIGTERM must still end QEMU: turn them into an exit.
+    old_term = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return subprocess.call(s.gdb_cmd)
     finally:
         signal.signal(signal.SIGINT, old)
+        for sig, handler in old_term.items():
+            signal.signal(sig, handler)
         stop_qemu(s, qemu_proc)  # GDB's quit only detaches: QEMU must not outlive the session

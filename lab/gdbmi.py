@@ -200,6 +200,11 @@ class Gdb:
         if self.accel != "kvm":
             self.mi("-gdb-set breakpoint always-inserted on")
 
+    def mark_unresponsive(self) -> None:
+        """GDB stopped answering (hung, or stuck behind a stopped target): close() then
+        goes straight to signals instead of waiting on polite commands."""
+        self._unresponsive = True
+
     def close(self, timeout: float = 1.0) -> None:
         """Always leaves no GDB process behind. Never raises."""
         proc = self.proc
@@ -224,7 +229,8 @@ class Gdb:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
                     pass
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            # A hung (or stopped) GDB would not act on SIGTERM: kill it outright.
+            for sig in (signal.SIGKILL,) if self._unresponsive else (signal.SIGTERM, signal.SIGKILL):
                 if proc.poll() is not None:
                     break
                 try:

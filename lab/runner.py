@@ -104,6 +104,7 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
     outcome = RunOutcome(cfg, run_dir, [])
     gdb_port = free_tcp_port() if witness in ("gdb", "both") else None
     gdb = None
+    boot = None
     if gdb_port:
         from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
 
@@ -120,7 +121,10 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         return _error_outcome(outcome, kvm, str(exc))
     finally:
         # Never raises; ends GDB in every case. Readings it could not take are `unreached`.
-        readings = gdb.finish(timeout=5) if gdb is not None else []
+        # QEMU has exited after a clean boot, so GDB ends at once; after a failed boot it
+        # may be stuck at a breakpoint, and the verdict must not wait for it.
+        wait = 5.0 if boot is not None and boot.exit == "ok" else 0.5
+        readings = gdb.finish(timeout=wait) if gdb is not None else []
     gdb_readings = {r.check_id: r.value for r in readings}
     if gdb is not None and gdb.error:
         outcome.extras["gdb_error"] = gdb.error

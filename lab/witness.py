@@ -237,7 +237,11 @@ class GdbWitness:
             if self._thread.is_alive():
                 self.error = self.error or f"QEMU still running {timeout:g} s after finish() was called"
                 self._quit.set()
-                self._thread.join(self._gdb.timeout + 2)
+                # A hung GDB keeps its thread in a read: give it a moment, then close()
+                # below kills GDB, which ends the read.
+                self._thread.join(0.5)
+                if self._thread.is_alive():
+                    self._gdb.mark_unresponsive()
         self._gdb.close()
         readings = self.readings()
         self._write(readings)

@@ -194,3 +194,78 @@ def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, artifacts, sig):
 def _qemu_of(pid: int) -> list[str]:
     ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     return [line for line in ps.splitlines() if f"ringlab-{pid}-" in line]
+
+
+def _gdb_pids(owner: int) -> list[int]:
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    out = []
+    for row in ps.splitlines()[1:]:
+        pid, ppid, args = row.split(None, 2)
+        if int(ppid) == owner and os.path.basename(args.split()[0]) == "gdb":
+            out.append(int(pid))
+    return out
+
+
+def _witnessed_boot_with(tmp_path, art, qemu, kvm, action, timeout=4.0):
+    """Boot with the GDB witness while `action(gdb_pid)` runs once GDB is attached."""
+    cfg = make_config("tcg", art, qemu=qemu, kvm=kvm, timeout_s=timeout)
+    log = tmp_path / "w" / "serial.log"
+
+    def watcher():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pids = _gdb_pids(os.getpid())
+            if pids and log.exists() and b"@@LAB 0" in log.read_bytes():
+                action(pids[0])
+                return
+            time.sleep(0.005)
+
+    threading.Thread(target=watcher, daemon=True).start()
+    t0 = time.monotonic()
+    out = run_one(cfg, tmp_path / "w", kvm, witness="both")
+    return out, time.monotonic() - t0
+
+
+@pytest.mark.tcg
+@pytest.mark.gdb
+def test_gdb_killed_mid_run_is_an_error_not_a_hang(tmp_path, artifacts, qemu, kvm):
+    out, took = _witnessed_boot_with(tmp_path, artifacts, qemu, kvm, lambda pid: os.kill(pid, signal.SIGKILL))
+    assert took < 4.0 + 2
+    witnessed = [c for c in out.checks if "gdb" in c.witnesses]
+    assert any(c.status == "error" and "GDB" in c.reason for c in witnessed) or out.extras.get("gdb_error")
+    assert not [c for c in out.checks if c.status == "pass" and c.witnesses.get("gdb") == "unreached"]
+
+
+@pytest.mark.tcg
+@pytest.mark.gdb
+def test_gdb_hung_mid_run_is_an_error_not_a_hang(tmp_path, artifacts, qemu, kvm):
+    out, took = _witnessed_boot_with(tmp_path, artifacts, qemu, kvm, lambda pid: os.kill(pid, signal.SIGSTOP))
+    assert took < 4.0 + 2
+    assert [c for c in out.checks if c.status == "error"]
+
+
+@pytest.mark.tcg
+@pytest.mark.gdb
+def test_gdbstub_port_taken_is_a_clear_error(tmp_path, artifacts, qemu, kvm, monkeypatch):
+    import socket
+
+    import lab.runner
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(lab.runner, "free_tcp_port", lambda: taken.getsockname()[1])
+        cfg = make_config("tcg", artifacts, qemu=qemu, kvm=kvm, timeout_s=5)
+        t0 = time.monotonic()
+        out = run_one(cfg, tmp_path / "p", kvm, witness="both")
+    assert time.monotonic() - t0 < 5
+    # QEMU's own stderr says which socket it could not open.
+    assert out.boot is None and "-gdb tcp:127.0.0.1" in out.error and "already in use" in out.error
+    assert [c.status for c in out.checks] == ["error"]
+
+
+def test_gdb_missing_names_the_install_command(tmp_path):
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:/nonexistent")
+    env["LAB_QEMU"] = qemu_binary()
+    proc = invoke("lab.run", "--accel", "tcg", env=env)
+    assert proc.returncode == 2 and "apt-get install" in proc.stderr and "Traceback" not in proc.stderr
