@@ -37,6 +37,8 @@ ring_call:
     pushq %r9                       /* CS */
     lea ring_entry(%rip), %rax
     pushq %rax                      /* RIP */
+    .globl ring_iretq               /* named for debugging: the IRETQ into ring n */
+ring_iretq:
     iretq
 1:  /* SYSRETQ: CS=STAR[63:48]+16|3, SS=STAR[63:48]+8|3, RIP=RCX, RFLAGS=R11.
      * RSP is not switched by SYSRET: load the ring-3 stack first (IF=0). */

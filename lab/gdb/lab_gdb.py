@@ -31,6 +31,7 @@ VMCB_SYMBOLS = ("svm_vmcb",)
 # Named probe points: symbol -> what the witness reads there (docs/gdb.md).
 PROBE_POINTS = (
     ("exc_dispatch", "every exception (CPL0): frame in RDI -> vector, error code, saved RIP/CS"),
+    ("ring_iretq", "the IRETQ from CPL0 into ring n: stepi across it"),
     ("ring_entry", "first instruction at CPL1/2/3 after IRETQ: $cs"),
     ("ring_entry_sysret", "first instruction at CPL3 after SYSRETQ: $cs"),
     ("ring_return_ud2", "the ud2 that takes ring code back to CPL0 (#UD)"),
