@@ -285,3 +285,12 @@ int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r)
         return 0;
     }
 }
+
+void hv_info_none(const struct hv_config *c, const char *why)
+{
+    rec_begin("info");
+    rec_str("hv", "none");
+    rec_str("reason", why);
+    rec_str("hv.mode", c->mode);
+    rec_end();
+}

@@ -28,6 +28,8 @@ struct hv_config {
 #define HV_DEFAULT_SIGNATURE "LabRingMinus"
 
 void hv_config_parse(struct hv_config *c);
+/* `info hv=none reason=<why> hv.mode=<mode>`: no guest runs, and why. */
+void hv_info_none(const struct hv_config *c, const char *why);
 
 struct hv_guest_image {
     u64 load, entry, cr3, stack_top, image_size, mem_size;

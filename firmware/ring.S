@@ -163,56 +163,29 @@ rec_render_resume:
 /* ---- CPUID probes: global labels right after `cpuid`, where ebx/ecx/edx
  * still hold the result (GDB witness breaks there). ---- */
 
-/* void cpuid_vendor_probe(u32 out[4]): leaf 0 -> eax, ebx, ecx, edx */
-    .globl cpuid_vendor_probe
-cpuid_vendor_probe:
+/* void <name>_probe(u32 out[4]): CPUID leaf `leaf` -> out = eax, ebx, ecx, edx.
+ * <name>_done is the instruction right after CPUID. */
+.macro CPUID_PROBE name, leaf
+    .globl \name\()_probe
+\name\()_probe:
     pushq %rbx
     mov %rdi, %r8
-    xor %eax, %eax
+    mov $\leaf, %eax
     xor %ecx, %ecx
     cpuid
-    .globl cpuid_vendor_done
-cpuid_vendor_done:
+    .globl \name\()_done
+\name\()_done:
     mov %eax, 0(%r8)
     mov %ebx, 4(%r8)
     mov %ecx, 8(%r8)
     mov %edx, 12(%r8)
     popq %rbx
     ret
+.endm
 
-/* void cpuid_hvbit_probe(u32 out[4]): leaf 1 */
-    .globl cpuid_hvbit_probe
-cpuid_hvbit_probe:
-    pushq %rbx
-    mov %rdi, %r8
-    mov $1, %eax
-    xor %ecx, %ecx
-    cpuid
-    .globl cpuid_hvbit_done
-cpuid_hvbit_done:
-    mov %eax, 0(%r8)
-    mov %ebx, 4(%r8)
-    mov %ecx, 8(%r8)
-    mov %edx, 12(%r8)
-    popq %rbx
-    ret
-
-/* void cpuid_hvsig_probe(u32 out[4]): leaf 0x40000000 */
-    .globl cpuid_hvsig_probe
-cpuid_hvsig_probe:
-    pushq %rbx
-    mov %rdi, %r8
-    mov $0x40000000, %eax
-    xor %ecx, %ecx
-    cpuid
-    .globl cpuid_hvsig_done
-cpuid_hvsig_done:
-    mov %eax, 0(%r8)
-    mov %ebx, 4(%r8)
-    mov %ecx, 8(%r8)
-    mov %edx, 12(%r8)
-    popq %rbx
-    ret
+    CPUID_PROBE cpuid_vendor, 0             /* vendor */
+    CPUID_PROBE cpuid_hvbit, 1              /* ECX[31]: hypervisor present */
+    CPUID_PROBE cpuid_hvsig, 0x40000000     /* hypervisor signature */
 
     .data
     .balign 8

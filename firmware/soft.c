@@ -225,15 +225,6 @@ static void report_traps(struct soft_vcpu *v)
     }
 }
 
-static void info_none(const struct hv_config *c, const char *why)
-{
-    rec_begin("info");
-    rec_str("hv", "none");
-    rec_str("reason", why);
-    rec_str("hv.mode", c->mode);
-    rec_end();
-}
-
 void soft_main(const struct bootinfo *bi, struct hv_config *cfg, const char *why_soft)
 {
     static struct hv_config scfg;       /* what this host really intercepts */
@@ -250,7 +241,7 @@ void soft_main(const struct bootinfo *bi, struct hv_config *cfg, const char *why
     struct exc_result lr = run_at_cpl(3, load_ring, &la);
     why = lr.faulted ? "guest-load-fault" : la.rc ? la.why : check_guest_paging(img.cr3);
     if (why) {
-        info_none(cfg, why);
+        hv_info_none(cfg, why);
         return;
     }
     faulting = cpuid_faulting_probe(&offered);

@@ -287,15 +287,6 @@ static void svm_npt_init(void)
     npt_pd[LABG_WINDOW_BASE >> 21] = LABG_WINDOW_BASE | 0x87;  /* P RW US PS */
 }
 
-static void info_none(const struct hv_config *c, const char *why)
-{
-    rec_begin("info");
-    rec_str("hv", "none");
-    rec_str("reason", why);
-    rec_str("hv.mode", c->mode);
-    rec_end();
-}
-
 static void report_exits(void)
 {
     for (unsigned i = 0; i < NSTATS; i++) {
@@ -337,7 +328,7 @@ void hv_main(const struct bootinfo *bi)
         if (!strcmp(cfg.mode, "auto") && (!strcmp(why, "no-svm") || !strcmp(why, "svm-disabled")))
             soft_main(bi, &cfg, why);   /* auto without SVM: the soft host (soft.c) */
         else
-            info_none(&cfg, why);
+            hv_info_none(&cfg, why);
         return;
     }
 
