@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +121,6 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ACCELS = ("tcg", "kvm")
@@ -47,7 +47,6 @@ class RunConfig:
     hv_signature: str = DEFAULT_SIGNATURE
     host_mode: str = "auto"
     guest_symbols: Path | None = None
-    extra_qemu_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELS:

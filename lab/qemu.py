@@ -112,7 +112,6 @@ def build_command(
     if paused:
         cmd += ["-S"]
     cmd += ["-kernel", str(cfg.kernel), *initrd_arg(cfg), "-append", cfg.cmdline()]
-    cmd += list(cfg.extra_qemu_args)
     return cmd
 
 

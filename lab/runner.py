@@ -179,7 +179,7 @@ def run_matrix(cfgs: list[RunConfig], run_root: Path, *, kvm: KvmStatus | None =
     dirs = [run_root / f"{i}-{_slug(c.label)}" for i, c in enumerate(cfgs)]
     cancel = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = [pool.submit(run_one, c, d, kvm, witness, cancel) for c, d in zip(cfgs, dirs)]
+        futures = [pool.submit(run_one, c, d, kvm, witness, cancel) for c, d in zip(cfgs, dirs, strict=True)]
         try:
             return [f.result() for f in futures]
         except BaseException:
