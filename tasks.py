@@ -105,9 +105,17 @@ def debug(c, accel="tcg", scope="host", break_=None, print_only=False, cpu="", m
     from lab.build import build as do_build
     from lab.debug import debug_session
 
-    do_build()
-    sys.exit(debug_session(accel=accel, scope=scope, break_symbol=break_, print_only=print_only,
-                           cpu=cpu, machine=machine))
+    from lab.cli import USER_ERRORS
+
+    if scope not in ("host", "guest"):
+        raise _fail(f"--scope {scope!r}: choose host or guest")
+    try:
+        do_build()
+        status = debug_session(accel=accel, scope=scope, break_symbol=break_, print_only=print_only,
+                               cpu=cpu, machine=machine)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    sys.exit(status)
 
 
 @task(help={"args": "extra pytest arguments, e.g. '-k parser' or '-n 2'"})

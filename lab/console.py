@@ -101,6 +101,8 @@ def _cost_lines(costs: dict[str, int]) -> list[str]:
         native = costs.get(f"cost.{op}.native_cycles")
         paths = [(k.split(".")[2][: -len("_cycles")], v) for k, v in costs.items()
                  if k.startswith(f"cost.{op}.") and k.endswith("_cycles") and not k.endswith("native_cycles")]
+        if native is None:
+            continue
         for path, cycles in paths:
             ratio = f" (x{cycles / native:.0f})" if native else ""
             out.append(f"{op.upper()} cost: native {native} TSC cycles, through {path} {cycles}{ratio}")

@@ -210,8 +210,16 @@ class Machine(contextlib.AbstractContextManager):
         return facts
 
     def resume(self) -> None:
-        assert self.qmp is not None
-        self.qmp.cmd("cont")
+        assert self.qmp is not None and self.proc is not None
+        try:
+            self.qmp.cmd("cont")
+        except Exception as exc:  # noqa: BLE001
+            # A fast firmware can reach isa-debug-exit before QMP's reply arrives: QEMU then
+            # closes the socket. Only a QEMU that is still running has really failed.
+            try:
+                self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                raise BootError(f"QMP cont failed: {exc}\n{self.stderr_text()}") from None
 
     # -- run -----------------------------------------------------------------------------
     def stderr_text(self) -> str:
