@@ -14,12 +14,7 @@
  * (through ring_resume) once the ring code came back to CPL0. */
     .globl ring_call
 ring_call:
-    pushq %rbx
-    pushq %rbp
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+    PUSH_CALLEE_SAVED
     mov %rsp, ring_kctx_rsp(%rip)
     mov %rsi, %r12                  /* fn  (callee-saved: survives into the ring) */
     mov %rdx, %r13                  /* arg */
@@ -110,12 +105,7 @@ ring_back_cpl0:                     /* kernel context restored, CPL0 */
     mov %cs, %rax
     mov %rax, ring_state+RS_RESUME_CS(%rip)
     movq $0, ring_state+RS_ACTIVE(%rip)
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbp
-    popq %rbx
+    POP_CALLEE_SAVED
     ret
 
 /* void rec_render_cpl3(void): run rec_render_ring3() at CPL3 (native speed
@@ -124,12 +114,7 @@ ring_back_cpl0:                     /* kernel context restored, CPL0 */
  * exc_dispatch, so this plumbing never shows at the GDB witness points. */
     .globl rec_render_cpl3
 rec_render_cpl3:
-    pushq %rbx
-    pushq %rbp
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+    PUSH_CALLEE_SAVED
     mov %rsp, render_kctx_rsp(%rip)
     pushq $(SEL_UDATA | 3)
     lea render_stack_top(%rip), %rax
@@ -152,12 +137,7 @@ rec_render_resume:
     mov %eax, %ss
     mov %eax, %ds
     mov %eax, %es
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbp
-    popq %rbx
+    POP_CALLEE_SAVED
     ret
 
 /* ---- CPUID probes: global labels right after `cpuid`, where ebx/ecx/edx

@@ -36,12 +36,7 @@
 /* void soft_enter(struct soft_vcpu *v) */
     .globl soft_enter
 soft_enter:
-    pushq %rbx
-    pushq %rbp
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+    PUSH_CALLEE_SAVED
     mov %rsp, soft_host_rsp(%rip)
     mov %rdi, %rax
     pushq V_SS(%rax)
@@ -80,12 +75,7 @@ soft_exit_tramp:
     mov $SEL_KDATA, %eax
     mov %eax, %ds
     mov %eax, %es
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbp
-    popq %rbx
+    POP_CALLEE_SAVED
     ret
 
     .data

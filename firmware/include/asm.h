@@ -25,4 +25,25 @@
 #define RING_VIA_UD         1
 #define RING_VIA_SYSCALL    2
 #define RING_VIA_SYSCALL_UD 3
+/* SysV callee-saved registers, saved around a switch into ring code or a guest
+ * and restored when the kernel context resumes (the pop order mirrors the push). */
+#ifdef __ASSEMBLER__
+.macro PUSH_CALLEE_SAVED
+    pushq %rbx
+    pushq %rbp
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+.endm
+.macro POP_CALLEE_SAVED
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbp
+    popq %rbx
+.endm
+#endif
+
 #endif
