@@ -46,7 +46,10 @@ def lab_processes() -> list[str]:
     me = str(os.getpid())
     found = []
     for row in out.splitlines()[1:]:
-        _pid, ppid, _pgid, args = row.split(None, 3)
+        fields = row.split(None, 3)
+        if len(fields) < 4:  # a process with an empty command line
+            continue
+        _pid, ppid, _pgid, args = fields
         prog = os.path.basename(args.split()[0])
         mine = ppid == me or f"ringlab-{me}-" in args
         if mine and (prog.startswith("qemu-system") or prog == "gdb"):

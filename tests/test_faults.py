@@ -200,7 +200,10 @@ def _gdb_pids(owner: int) -> list[int]:
     ps = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     out = []
     for row in ps.splitlines()[1:]:
-        pid, ppid, args = row.split(None, 2)
+        fields = row.split(None, 2)
+        if len(fields) < 3:  # a process with an empty command line (e.g. a zombie just reaped)
+            continue
+        pid, ppid, args = fields
         if int(ppid) == owner and os.path.basename(args.split()[0]) == "gdb":
             out.append(int(pid))
     return out
