@@ -141,9 +141,81 @@ def soak(c, n=100, accel="all", witness="both", json=None):
     sys.exit(soak_main(n=int(n), accel=accel, witness=witness, json_path=json))
 
 
+@task(
+    help={
+        "accel": "all (default: tcg and kvm; a KVM that is not usable is a named skip) | tcg | kvm",
+        "models": "comma-separated globs over QEMU's CPU model names (default *), e.g. 'EPYC*,qemu64'",
+        "tweaks": "all (default) | none | some of: vendor,rdtscp,hypervisor,svm,svm-on,kvm,kvm-intel,"
+                  "tcg-cpuid,lm,no-lm,syscall,umip,pmu",
+        "witness": "serial | gdb | both (default both)",
+        "workers": "pytest-xdist workers: a number or auto (default 2; 1 = no xdist)",
+        "out": "sweep folder (default runs/sweep-<time>); must be new or empty",
+        "versions": "also QEMU's versioned model names (Skylake-Client-v1, ...)",
+        "qemu": "QEMU binary (default: $LAB_QEMU or qemu-system-x86_64)",
+        "variant": "kernel build: normal or lie (negative control)",
+        "timeout": "seconds a boot may take before it is an error (default 15)",
+        "splits": "pytest-split: number of shards N (with --group)",
+        "group": "pytest-split: which shard K to run, 1..N",
+    }
+)
+def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2", out=None, versions=False,
+          qemu=None, variant="normal", timeout=15.0, splits=None, group=None):
+    """Every CPU model QEMU lists on every usable accelerator, plus tweaks: one pytest test per
+    configuration (xdist, pytest-split), then one merged matrix (table, JSON, JUnit, HTML)."""
+    from lab.cli import USER_ERRORS
+    from lab.sweep import SweepOptions, sweep_main
+    from rich.console import Console
+
+    try:
+        opts = SweepOptions(accel=accel, models=models, tweaks=tweaks, witness=witness, workers=str(workers),
+                            out=out, versions=versions, qemu=qemu, variant=variant, timeout=_number(timeout),
+                            splits=_int_or_none(splits, "splits"), group=_int_or_none(group, "group"))
+        status = sweep_main(opts, Console(), sys.executable)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    if status:
+        raise Exit(code=status)
+
+
+@task(help={"dir": "a sweep folder (repeatable: one per worker machine or shard)",
+            "out": "where matrix.json, matrix.junit.xml and matrix.html go (default: the first --dir)"},
+      iterable=["dir"])
+def merge(c, dir=None, out=None):  # noqa: A002 - the option is --dir
+    """Merge sweep folders (workers, shards) into one model x engine matrix: table, JSON, JUnit, HTML."""
+    from lab.cli import USER_ERRORS
+    from lab.sweep import check_merge_input, merge_main
+    from rich.console import Console
+
+    try:
+        folders, target = check_merge_input(list(dir or ()), out)
+        status = merge_main(folders, target, Console())
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    if status:
+        raise Exit(code=status)
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise _fail(f"--timeout {value!r}: a number of seconds") from None
+
+
+def _int_or_none(value, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise _fail(f"--{name} {value!r}: a whole number") from None
+
+
 lab = Collection("lab")
 lab.add_task(run)
 lab.add_task(debug)
+lab.add_task(sweep)
+lab.add_task(merge)
 ns = Collection()
 ns.add_collection(lab)
 for t in (setup, build, test, bench, soak):

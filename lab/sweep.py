@@ -1,0 +1,656 @@
+"""The sweep: every CPU model QEMU lists, on every usable accelerator, plus property tweaks
+that flip each fact the rules depend on; one lab boot per configuration, merged into one
+model x engine matrix.
+
+This module plans the configurations (from QEMU's own model list), runs one of them (the
+lab's own runner, as `invoke lab.run` does) into a sweep folder as a JSON report, and
+merges the folders of any number of pytest workers or shards. Distribution is pytest's:
+`tests/sweep/` parametrizes one test per configuration, so pytest-xdist and pytest-split
+spread it; `invoke lab.sweep` is only the front door to that run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__, deviations
+from . import build as build_mod
+from . import report as report_mod
+from .build import Artifacts
+from .config import ConfigError
+from .hostinfo import KvmStatus, kvm_status
+from .judge import STATUSES, Check
+from .runner import full_report, host_dict, make_config, run_one
+
+ENGINES = ("tcg", "kvm")
+SWEEP_KEY = "sweep"  # the per-configuration report's extra section (docs/records.md contract + this)
+MERGED_NAMES = ("matrix.json", "matrix.junit.xml", "matrix.html")
+_VERSIONED = re.compile(r"-v\d+$")
+
+# The long-mode rule: the host kernel is 64-bit and enters IA-32e mode, which needs
+# CPUID 0x80000001 EDX[29] (SDM Vol. 3A 9.8.5; APM Vol. 2 14.6.1). QEMU names it `lm`.
+NO_LM = ("no long mode (QOM `lm`=false: CPUID 0x80000001 EDX[29]=0, SDM Vol. 3A 9.8.5); "
+         "the host kernel is 64-bit")
+# KVM refuses some models unless IA32_ARCH_CAPABILITIES (MSR 0x10a) is left out: QEMU aborts
+# with this line. The documented fix (README "Sweep") is the property `-arch-capabilities`.
+MSR_10A = "failed to set MSR 0x10a"
+ARCH_CAP_FIX = ",-arch-capabilities"
+
+
+@dataclass(frozen=True)
+class Tweak:
+    """A model with properties changed so one fact the rules depend on flips."""
+
+    name: str
+    fact: str  # which QOM fact it flips, and so which rule it exercises
+    cpu: str
+    accels: tuple[str, ...] = ENGINES
+
+    @property
+    def model(self) -> str:
+        return self.cpu.split(",")[0]
+
+
+TWEAKS: tuple[Tweak, ...] = (
+    Tweak("vendor", "vendor: leaf 0 string (and the vendor-dependent out-of-range CPUID rule)", "qemu64,vendor=GenuineIntel"),
+    Tweak("rdtscp", "rdtscp: RDTSCP #UD or not", "qemu64,+rdtscp"),
+    Tweak("hypervisor", "hypervisor: CPUID.1:ECX[31]", "qemu64,-hypervisor"),
+    Tweak("svm", "svm: which host runs the guest (SVM or the software host)", "qemu64,-svm", ("tcg",)),
+    Tweak("svm-on", "svm: asked for where the accelerator may not offer it (QOM then says false)", "qemu64,+svm", ("kvm",)),
+    Tweak("kvm", "kvm: KVM's leaves at 0x40000000 hidden", "qemu64,kvm=off", ("kvm",)),
+    Tweak("kvm-intel", "kvm + vendor: KVM's out-of-range CPUID rule for an Intel vendor", "qemu64,vendor=GenuineIntel,kvm=off", ("kvm",)),
+    Tweak("tcg-cpuid", "tcg-cpuid: TCG's leaves at 0x40000000 hidden", "qemu64,tcg-cpuid=off", ("tcg",)),
+    Tweak("lm", "lm: long mode given to a 32-bit model", "qemu32,+lm,+syscall"),
+    Tweak("no-lm", "lm: long mode taken away (a pre-boot skip)", "qemu64,-lm"),
+    Tweak("syscall", "syscall: SYSCALL/SYSRET absent", "qemu64,-syscall"),
+    Tweak("umip", "umip: CR4.UMIP offered", "qemu64,+umip"),
+    Tweak("pmu", "pmu: performance counters offered", "qemu64,pmu=on"),
+)
+TWEAK_NAMES = tuple(t.name for t in TWEAKS)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One configuration of the sweep: one pytest test, one boot (two with a retry)."""
+
+    accel: str
+    cpu: str  # the -cpu string: a model, or a model with a tweak's properties
+    tweak: str = ""
+    long_mode: bool = True  # QOM `lm` for this -cpu on this accelerator, asked before any boot
+    unavailable: tuple[str, ...] = ()  # QEMU's `unavailable-features` for the model here
+    skip: str = ""  # why it cannot run at all (e.g. KVM not usable)
+
+    @property
+    def id(self) -> str:
+        return f"{self.accel}-{self.cpu}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.accel}__{re.sub(r'[^A-Za-z0-9_.+-]+', '_', self.cpu)}"
+
+
+# -- what QEMU offers -----------------------------------------------------------------------
+class _Qmp(contextlib.AbstractContextManager):
+    """A QEMU with no machine (`-M none`) for questions about CPU models, on one accelerator."""
+
+    def __init__(self, qemu: str, accel: str):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.dir = tempfile.mkdtemp(prefix=f"ringlab-{os.getpid()}-")
+        path = os.path.join(self.dir, "qmp.sock")
+        self.proc = subprocess.Popen(
+            [qemu, "-M", "none", "-accel", accel, "-nodefaults", "-no-user-config", "-display", "none",
+             "-qmp", f"unix:{path},server=on,wait=off", "-S"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 10
+        self.qmp = QEMUMonitorProtocol(path)
+        while True:
+            try:
+                self.qmp.connect(negotiate=True)
+                break
+            except Exception as exc:  # noqa: BLE001 - the socket appears a moment after start
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+                    self.close()
+                    raise ConfigError(f"QEMU ({accel}) could not list its CPU models: {err or exc}") from None
+                time.sleep(0.005)
+
+    def cmd(self, name: str, args: dict | None = None) -> dict:
+        return self.qmp.cmd_raw(name, args)
+
+    def close(self) -> None:
+        from .qemu import kill_group
+
+        with contextlib.suppress(Exception):
+            self.qmp.cmd("quit")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        kill_group(self.proc)
+        with contextlib.suppress(Exception):
+            self.qmp.close()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.dir, "qmp.sock"))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def cpu_props(cpu: str) -> tuple[str, dict]:
+    """`-cpu` syntax as QMP model properties: `qemu32,+lm,vendor=X,kvm=off` ->
+    ("qemu32", {"lm": True, "vendor": "X", "kvm": False})."""
+    name, *words = cpu.split(",")
+    props: dict[str, object] = {}
+    for w in words:
+        if w[:1] in "+-":
+            props[w[1:]] = w[0] == "+"
+        else:
+            k, _, v = w.partition("=")
+            props[k] = {"on": True, "off": False, "true": True, "false": False}.get(v, v)
+    return name, props
+
+
+def catalog(qemu: str, accel: str, cpus: list[str] | None = None) -> tuple[list[dict], dict[str, bool]]:
+    """QEMU's model list for `accel` (`query-cpu-definitions`) and, for each of `cpus`, QOM
+    `lm` as QEMU expands that model with its properties (`query-cpu-model-expansion`)."""
+    with _Qmp(qemu, accel) as q:
+        defs = q.cmd("query-cpu-definitions")["return"]
+        names = [d["name"] for d in defs]
+        long_mode = {}
+        for cpu in cpus if cpus is not None else names:
+            name, props = cpu_props(cpu)
+            reply = q.cmd("query-cpu-model-expansion", {"type": "full", "model": {"name": name, "props": props}})
+            if "error" in reply:
+                raise ConfigError(f"QEMU ({accel}) refuses -cpu {cpu}: {reply['error'].get('desc')}")
+            long_mode[cpu] = bool(reply["return"]["model"]["props"].get("lm", False))
+    return defs, long_mode
+
+
+def parse_tweaks(text: str) -> list[Tweak]:
+    if text in ("all", ""):
+        return list(TWEAKS)
+    if text == "none":
+        return []
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [n for n in names if n not in TWEAK_NAMES]
+    if unknown:
+        raise ConfigError(f"--tweaks {','.join(unknown)}: choose all, none or some of {', '.join(TWEAK_NAMES)}")
+    return [t for t in TWEAKS if t.name in names]
+
+
+def parse_accels(text: str) -> list[str]:
+    if text in ("all", ""):
+        return list(ENGINES)
+    accels = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in accels if a not in ENGINES]
+    if bad or not accels:
+        raise ConfigError(f"--accel {text!r}: choose all, tcg, kvm or tcg,kvm")
+    return accels
+
+
+def _matches(name: str, globs: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def plan(qemu: str, kvm: KvmStatus, *, accels: str = "all", models: str = "*", tweaks: str = "all",
+         versions: bool = False) -> list[SweepConfig]:
+    """Every configuration to run, in a fixed order (xdist workers must collect the same list).
+    `models`: comma-separated globs over QEMU's model names (a tweak is in when its model is);
+    versioned names (`EPYC-v2`) only with `versions`, since each unversioned name is QEMU's
+    alias of one of them."""
+    globs = [g.strip() for g in models.split(",") if g.strip()] or ["*"]
+    chosen_tweaks = parse_tweaks(tweaks)
+    out: list[SweepConfig] = []
+    for accel in parse_accels(accels):
+        if accel == "kvm" and not kvm.usable:
+            out.append(SweepConfig(accel, "*", skip=f"KVM not usable: {kvm.reason}"))
+            continue
+        with _Qmp(qemu, accel) as q:
+            defs = q.cmd("query-cpu-definitions")["return"]
+        unavailable = {d["name"]: tuple(d.get("unavailable-features") or ()) for d in defs}
+        names = sorted((d["name"] for d in defs if versions or not _VERSIONED.search(d["name"])), key=str.lower)
+        names = [n for n in names if _matches(n, globs)]
+        tw = [t for t in chosen_tweaks if accel in t.accels and _matches(t.model, globs) and t.model in unavailable]
+        cpus = names + [t.cpu for t in tw]
+        if not cpus:
+            continue
+        _, long_mode = catalog(qemu, accel, cpus)
+        out += [SweepConfig(accel, n, "", long_mode[n], unavailable[n]) for n in names]
+        out += [SweepConfig(accel, t.cpu, t.name, long_mode[t.cpu], unavailable[t.model]) for t in tw]
+    return out
+
+
+# -- one configuration ------------------------------------------------------------------------
+def _qemu_words(text: str) -> str:
+    """QEMU's own complaint (its `qemu-system-...:` lines) from an error text."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("qemu-system")]
+    return " | ".join(lines) if lines else text.strip().splitlines()[-1] if text.strip() else ""
+
+
+def _skip_report(cfg: SweepConfig, qemu: str, kvm: KvmStatus, reason: str, repro: str = "") -> dict:
+    label = f"{cfg.accel}/microvm/{cfg.cpu}"
+    check = Check("run.cpu", cfg.accel, "host", "run", {}, None, None, "skip", reason, config=label)
+    run = {"accel": cfg.accel, "machine": "microvm", "cpu": cfg.cpu, "config": label, "command": [],
+           "repro": repro, "exit": "skipped", "exit_detail": reason}
+    return report_mod.build(__version__, host_dict(qemu, kvm), [run], [check])
+
+
+def run_config(cfg: SweepConfig, *, art: Artifacts, qemu: str, kvm: KvmStatus, out_dir: Path,
+               witness: str = "both", timeout_s: float = 15.0) -> dict:
+    """Run one configuration with the lab's runner, write `<accel>__<cpu>.json` into the
+    sweep folder, and return that report. Skips are decided before any boot where QEMU's
+    description says the host kernel cannot run; a KVM refusal over MSR 0x10a is retried
+    once with `-arch-capabilities`, and the retry is named in the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta: dict = {"accel": cfg.accel, "cpu": cfg.cpu, "tweak": cfg.tweak, "retry": None, "skip": None,
+                  "unavailable_features": list(cfg.unavailable)}
+    if cfg.skip or not cfg.long_mode:
+        reason = cfg.skip or NO_LM
+        meta["skip"] = reason
+        rep = _skip_report(cfg, qemu, kvm, reason)
+    else:
+        cpu = cfg.cpu
+        outcome = _boot(cfg, cpu, art, qemu, kvm, out_dir / "runs" / cfg.slug, witness, timeout_s)
+        text = _failure_text(outcome)
+        if cfg.accel == "kvm" and MSR_10A in text and ARCH_CAP_FIX not in cpu:
+            cpu += ARCH_CAP_FIX
+            meta["retry"] = {"cpu": cpu, "why": _qemu_words(text)}
+            outcome = _boot(cfg, cpu, art, qemu, kvm, out_dir / "runs" / f"{cfg.slug}-retry", witness, timeout_s)
+            text = _failure_text(outcome)
+        if outcome.boot is None and cfg.unavailable and _qemu_words(text):
+            # QEMU listed the model as unusable on this accelerator and refused to start it.
+            reason = f"QEMU refuses this model on {cfg.accel} (unavailable: {', '.join(cfg.unavailable)}): {_qemu_words(text)}"
+            meta["skip"] = reason
+            rep = _skip_report(cfg, qemu, kvm, reason)
+        else:
+            rep = full_report([outcome], qemu, kvm, [])
+    rep[SWEEP_KEY] = meta
+    report_mod.write_json(rep, out_dir / f"{cfg.slug}.json")
+    return rep
+
+
+def _boot(cfg: SweepConfig, cpu: str, art: Artifacts, qemu: str, kvm: KvmStatus, run_dir: Path,
+          witness: str, timeout_s: float):
+    rc = make_config(cfg.accel, art, qemu=qemu, kvm=kvm, cpu=cpu, timeout_s=timeout_s)
+    return run_one(rc, run_dir, kvm, witness)
+
+
+def _failure_text(outcome) -> str:
+    return outcome.error + (outcome.boot.stderr if outcome.boot else "")
+
+
+def bad_checks(rep: dict) -> list[dict]:
+    return [c for c in rep["checks"] if c["status"] in ("fail", "error")]
+
+
+# -- merging ------------------------------------------------------------------------------------
+def _deviations_seen(rep: dict) -> list[str]:
+    """Names of the known deviations (lab/deviations.py) behind this report's xfail, xpass and
+    skip checks, matched as the judge matches them."""
+    module = rep["host"].get("kvm_module")
+    names = set()
+    for c in rep["checks"]:
+        if c["status"] not in ("xfail", "xpass", "skip"):
+            continue
+        for d in deviations.DEVIATIONS:
+            if (d.accel == c["accel"] and d.kvm_module == (module if c["accel"] == "kvm" else None)
+                    and d.scope == c["scope"] and d.probe == c["probe"]
+                    and all(c["params"].get(k) == v for k, v in d.params.items())):
+                names.add(d.name)
+    return sorted(names)
+
+
+def _cell(rep: dict, path: Path) -> dict:
+    meta = rep[SWEEP_KEY]
+    counts = dict.fromkeys(STATUSES, 0)
+    for c in rep["checks"]:
+        counts[c["status"]] += 1
+    if counts["error"]:
+        status = "error"
+    elif counts["fail"]:
+        status = "fail"
+    elif meta.get("skip"):
+        status = "skip"
+    elif counts["xfail"] or counts["xpass"]:
+        status = "xfail"
+    else:
+        status = "pass"
+    run = rep["runs"][0] if rep["runs"] else {}
+    return {
+        "status": status,
+        "counts": counts,
+        "deviations": _deviations_seen(rep),
+        "cpu": run.get("cpu", meta["cpu"]),
+        "tweak": meta.get("tweak", ""),
+        "retry": meta.get("retry"),
+        "skip": meta.get("skip"),
+        "repro": run.get("repro", ""),
+        "run_dir": run.get("run_dir", ""),
+        "report": str(path),
+        "nonpass": [{k: c[k] for k in ("id", "status", "expected", "observed", "reason")}
+                    for c in rep["checks"] if c["status"] != "pass"],
+    }
+
+
+def report_files(folders: list[Path]) -> list[Path]:
+    """The per-configuration reports in sweep folders (not the merged outputs, not run folders)."""
+    files: dict[Path, None] = {}
+    for folder in folders:
+        for p in sorted(Path(folder).glob("*__*.json")):
+            files[p.resolve()] = None
+    return list(files)
+
+
+def merge(folders: list[Path]) -> dict:
+    """All workers' and shards' reports -> one matrix: model x engine -> counts, status, the
+    deviations seen, the non-pass checks and how to reproduce."""
+    cells: dict[str, dict[str, dict]] = {}
+    tweak_rows: dict[str, str] = {}
+    hosts: list[dict] = []
+    for path in report_files(folders):
+        rep = json.loads(path.read_text())
+        if SWEEP_KEY not in rep:
+            continue
+        meta = rep[SWEEP_KEY]
+        if meta["cpu"] == "*":  # a whole engine skipped (KVM not usable)
+            row_keys = None
+        else:
+            row_keys = [meta["cpu"]]
+        cell = _cell(rep, path)
+        if rep["host"] not in hosts:
+            hosts.append(rep["host"])
+        if meta.get("tweak"):
+            tweak_rows[meta["cpu"]] = meta["tweak"]
+        for row in row_keys or ["*"]:
+            if meta["accel"] in cells.get(row, {}):
+                raise ConfigError(f"two reports for {meta['accel']} {row}: {cells[row][meta['accel']]['report']} and {path}")
+            cells.setdefault(row, {})[meta["accel"]] = cell
+    engines = [e for e in ENGINES if any(e in r for r in cells.values())]
+    # An engine skipped as a whole fills every row of its column with that skip.
+    for engine in engines:
+        whole = cells.get("*", {}).get(engine)
+        if whole:
+            for row in cells:
+                cells[row].setdefault(engine, whole)
+    if len(cells) > 1:
+        cells.pop("*", None)
+    rows = sorted(cells, key=lambda r: (r in tweak_rows, r.lower()))
+    summary = {"configs": sum(len(c) for c in cells.values()), "by_status": dict.fromkeys(STATUSES, 0),
+               "checks": dict.fromkeys(STATUSES, 0)}
+    dev_seen: dict[str, int] = {}
+    for row in rows:
+        for cell in cells[row].values():
+            summary["by_status"][cell["status"]] += 1
+            for k, v in cell["counts"].items():
+                summary["checks"][k] += v
+            for d in cell["deviations"]:
+                dev_seen[d] = dev_seen.get(d, 0) + 1
+    reasons = {d.name: d.reason for d in deviations.DEVIATIONS}
+    return {
+        "lab_version": __version__,
+        "hosts": hosts,
+        "engines": engines,
+        "rows": [{"model": r, "tweak": tweak_rows.get(r, "")} for r in rows],
+        "cells": cells,
+        "deviations": {d: {"configs": n, "reason": reasons.get(d, "")} for d, n in sorted(dev_seen.items())},
+        "summary": summary,
+    }
+
+
+def matrix_view(merged: dict) -> dict:
+    """What must not depend on how the sweep was spread: per cell its status, counts,
+    deviations and non-pass checks (not paths, walls or the order files were written)."""
+    return {
+        row: {e: (c["status"], c["counts"], c["deviations"], sorted((n["id"], n["status"]) for n in c["nonpass"]))
+              for e, c in cells.items()}
+        for row, cells in merged["cells"].items()
+    }
+
+
+def exit_status(merged: dict) -> int:
+    s = merged["summary"]["by_status"]
+    return 1 if s["fail"] or s["error"] or not merged["cells"] else 0
+
+
+# -- outputs ------------------------------------------------------------------------------------
+STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yellow", "skip": "dim"}
+MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "x", "skip": "-"}
+
+
+def cell_text(cell: dict) -> str:
+    """Compact counts: `✓45 x3 -23` (pass, xfail, skip), fails and errors first when present."""
+    n = cell["counts"]
+    if cell["status"] == "skip" and not n["pass"]:
+        return "- skip"
+    parts = [f"✗{n['fail']}" if n["fail"] else "", f"!{n['error']}" if n["error"] else "", f"✓{n['pass']}",
+             f"x{n['xfail']}" if n["xfail"] else "", f"X{n['xpass']}" if n["xpass"] else "",
+             f"-{n['skip']}" if n["skip"] else ""]
+    return " ".join(p for p in parts if p) + (" ʳ" if cell.get("retry") else "")
+
+
+def render(merged: dict, console: Console) -> None:
+    """The matrix for a terminal: one row per model, one column per engine, then every
+    non-pass configuration named with its reason (skips grouped by reason)."""
+    engines = merged["engines"]
+    table = Table(header_style="bold", pad_edge=False, title="sweep: model x engine (checks per status)")
+    table.add_column("model", no_wrap=True, overflow="fold")
+    for e in engines:
+        table.add_column(e, no_wrap=True)
+    for row in merged["rows"]:
+        cells = merged["cells"][row["model"]]
+        table.add_row(row["model"], *[Text(cell_text(cells[e]), style=STYLE[cells[e]["status"]]) if e in cells
+                                      else Text("") for e in engines])
+    console.print(table)
+    console.print("legend: ✓ pass  x xfail (known deviation)  X xpass  - skip  ✗ fail  ! error  ʳ retried",
+                  highlight=False)
+    skips: dict[str, list[str]] = {}
+    for row in merged["rows"]:
+        for e, cell in merged["cells"][row["model"]].items():
+            label = f"{e} {row['model']}"
+            if cell["retry"]:
+                console.print(f"retried {label} as -cpu {cell['retry']['cpu']}: {cell['retry']['why']}", highlight=False)
+            if cell["skip"]:
+                skips.setdefault(cell["skip"], []).append(label)
+            elif cell["status"] in ("fail", "error"):
+                console.print(Text(f"{cell['status']} {label}: {cell['report']}", style=STYLE[cell["status"]]))
+                for n in cell["nonpass"]:
+                    if n["status"] in ("fail", "error"):
+                        console.print(f"  {n['status']} {n['id']}: {n['reason']}", highlight=False, soft_wrap=False)
+                console.print(f"  reproduce: {cell['repro']}", highlight=False, soft_wrap=True)
+    for reason, labels in skips.items():
+        console.print(f"skip ({len(labels)}) {reason}: {', '.join(labels)}", style="dim", highlight=False)
+    for name, d in merged["deviations"].items():
+        console.print(f"deviation {name} ({d['configs']} configurations): {d['reason']}", style="yellow",
+                      highlight=False)
+    s = merged["summary"]
+    line = "  ".join(f"{k}={v}" for k, v in s["by_status"].items() if k != "xpass")
+    bad = s["by_status"]["fail"] + s["by_status"]["error"]
+    console.print(f"[{'bold red' if bad else 'bold green'}]configurations={s['configs']}  {line}[/]")
+
+
+def write_junit(merged: dict, path: Path) -> None:
+    """One testcase per configuration (classname = engine, name = model)."""
+    by = merged["summary"]["by_status"]
+    suite = ET.Element("testsuite", name="ring-lab-sweep", tests=str(merged["summary"]["configs"]),
+                       failures=str(by["fail"]), errors=str(by["error"]), skipped=str(by["skip"]))
+    for row in merged["rows"]:
+        for engine, cell in merged["cells"][row["model"]].items():
+            case = ET.SubElement(suite, "testcase", classname=f"ringlab.sweep.{engine}", name=row["model"])
+            bad = "\n".join(f"{n['status']} {n['id']}: {n['reason']}" for n in cell["nonpass"]
+                            if n["status"] in ("fail", "error"))
+            if cell["status"] in ("fail", "error"):
+                tag = "failure" if cell["status"] == "fail" else "error"
+                ET.SubElement(case, tag, message=f"{cell_text(cell)}").text = f"{bad}\nreproduce: {cell['repro']}"
+            elif cell["status"] == "skip":
+                ET.SubElement(case, "skipped", message=cell["skip"] or "skip")
+            if cell["deviations"] or cell["retry"]:
+                extra = [f"deviations: {', '.join(cell['deviations'])}"] if cell["deviations"] else []
+                extra += [f"retried as -cpu {cell['retry']['cpu']}: {cell['retry']['why']}"] if cell["retry"] else []
+                ET.SubElement(case, "system-out").text = "\n".join(extra)
+    ET.indent(suite)
+    report_mod._atomic_write(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
+
+
+def write_outputs(merged: dict, out_dir: Path) -> list[Path]:
+    from .sweep_html import write_html
+
+    paths = [out_dir / n for n in MERGED_NAMES]
+    report_mod.write_json(merged, paths[0])
+    write_junit(merged, paths[1])
+    write_html(merged, paths[2])
+    return paths
+
+
+# -- the front door: one pytest run ------------------------------------------------------------
+SWEEP_TESTS = "tests/sweep"
+DURATIONS = "tests/sweep/durations.json"
+
+
+@dataclass
+class SweepOptions:
+    accel: str = "all"
+    models: str = "*"
+    tweaks: str = "all"
+    witness: str = "both"
+    workers: str = "2"
+    out: str | None = None
+    versions: bool = False
+    qemu: str | None = None
+    variant: str = "normal"
+    timeout: float = 15.0
+    splits: int | None = None
+    group: int | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+def pytest_command(opts: SweepOptions, out: Path, python: str) -> list[str]:
+    cmd = [python, "-m", "pytest", SWEEP_TESTS, "-q", "-p", "no:cacheprovider",
+           f"--sweep-dir={out}", f"--sweep-accel={opts.accel}", f"--sweep-models={opts.models}",
+           f"--sweep-tweaks={opts.tweaks}", f"--sweep-witness={opts.witness}", f"--sweep-variant={opts.variant}",
+           f"--sweep-timeout={opts.timeout}"]
+    if opts.versions:
+        cmd.append("--sweep-versions")
+    if opts.qemu:
+        cmd.append(f"--sweep-qemu={opts.qemu}")
+    if opts.workers not in ("0", "1"):
+        cmd += ["-n", opts.workers]
+    if opts.splits:
+        cmd += [f"--splits={opts.splits}", f"--group={opts.group}", f"--durations-path={DURATIONS}"]
+    return cmd + opts.extra
+
+
+def describe(opts: SweepOptions) -> str:
+    return shlex.join([f"{k}={v}" for k, v in asdict(opts).items() if v not in (None, [], False)])
+
+
+def _check_out(out: Path) -> None:
+    """The sweep folder: new or empty of reports, its parent existing and writable."""
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a folder")
+        if report_files([out]):
+            raise ConfigError(f"--out {out}: already holds a sweep's reports; name a new folder")
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"--out {out}: not writable")
+    elif not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    elif not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"--out {out}: cannot create it in {out.parent} (not writable)")
+
+
+def validate(opts: SweepOptions, kvm: KvmStatus) -> tuple[Path, list[SweepConfig]]:
+    """Every option checked before any boot: one ConfigError (or ToolMissing) names the problem."""
+    from .build import ROOT, VARIANTS
+    from .hostinfo import qemu_binary, require_tool
+    from .runner import WITNESSES
+
+    if opts.witness not in WITNESSES:
+        raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
+    if opts.variant not in VARIANTS:
+        raise ConfigError(f"--variant {opts.variant!r}: choose one of {', '.join(VARIANTS)}")
+    if not (opts.workers == "auto" or opts.workers.isdigit()):
+        raise ConfigError(f"--workers {opts.workers!r}: a number of pytest-xdist workers, or auto")
+    if opts.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    if (opts.splits is None) != (opts.group is None) or (opts.splits and not 1 <= opts.group <= opts.splits):
+        raise ConfigError("--splits N and --group K go together, with 1 <= K <= N")
+    parse_tweaks(opts.tweaks)
+    accels = parse_accels(opts.accel)
+    if accels == ["kvm"] and not kvm.usable:
+        raise ConfigError(f"KVM is not usable: {kvm.reason}")
+    qemu = qemu_binary(opts.qemu)
+    if opts.witness != "serial":
+        require_tool("gdb")
+    out = Path(opts.out) if opts.out else ROOT / "runs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    _check_out(out)
+    cfgs = plan(qemu, kvm, accels=opts.accel, models=opts.models, tweaks=opts.tweaks, versions=opts.versions)
+    if not [c for c in cfgs if c.cpu != "*"]:
+        raise ConfigError(f"--models {opts.models!r} matches no CPU model QEMU lists")
+    return out, cfgs
+
+
+def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
+    """`invoke lab.sweep`: one pytest run over the configurations, then the merged matrix."""
+    from .build import ROOT
+
+    kvm = kvm_status()
+    out, cfgs = validate(opts, kvm)
+    build_mod.build(opts.variant)  # a build failure is one clear error, not one per test
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = pytest_command(opts, out, python)
+    console.print(f"sweep: {len(cfgs)} configurations into {out}", highlight=False)
+    console.print(f"pytest: {shlex.join(cmd)}", highlight=False, soft_wrap=True)
+    t0 = time.monotonic()
+    rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
+    wall = time.monotonic() - t0
+    if not report_files([out]):
+        console.print(f"[red]the pytest run wrote no report (pytest exit {rc})[/]")
+        return rc or 1
+    status = merge_main([out], out, console)
+    console.print(f"sweep wall time: {wall:.1f} s (pytest exit {rc})", highlight=False)
+    return status or rc
+
+
+def merge_main(folders: list[Path], out: Path, console: Console) -> int:
+    merged = merge(folders)
+    render(merged, console)
+    for p in write_outputs(merged, out):
+        console.print(f"merged: {p}", highlight=False)
+    return exit_status(merged)
+
+
+def check_merge_input(folders: list[str], out: str | None) -> tuple[list[Path], Path]:
+    if not folders:
+        raise ConfigError("lab.merge needs at least one --dir FOLDER (a sweep folder)")
+    paths = [Path(f) for f in folders]
+    for p in paths:
+        if not p.is_dir():
+            raise ConfigError(f"--dir {p}: not a folder")
+        if not report_files([p]):
+            raise ConfigError(f"--dir {p}: holds no sweep reports (<accel>__<cpu>.json)")
+    target = Path(out) if out else paths[0]
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {target}: exists and is not a folder")
+    if not target.exists() and not target.parent.is_dir():
+        raise ConfigError(f"--out {target}: the folder {target.parent} does not exist")
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        raise ConfigError(f"--out {target}: not writable")
+    return paths, target
