@@ -71,17 +71,21 @@ def build(c, variant="normal"):
         "kernel_arg": "extra key=value for the kernel command line (repeatable), e.g. fault=hang",
         "variant": "kernel build: normal or lie (negative control)",
         "timeout": "seconds a boot may take before it is an error",
+        "view": "auto | table | scope | wide: side by side (made for 100 columns), one scope at a time, "
+                "or every column unfolded (default auto: table if it fits the terminal, else scope)",
     },
     iterable=["kernel_arg"],
 )
 def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=False, qemu=None,
-        witness="both", hv_signature=None, host_mode="auto", kernel_arg=None, variant="normal", timeout=15.0):
+        witness="both", hv_signature=None, host_mode="auto", kernel_arg=None, variant="normal", timeout=15.0,
+        view="auto"):
     """Boot the lab kernel under each accelerator and judge what it saw."""
     from lab.cli import USER_ERRORS, RunOptions, run_lab
 
     opts = RunOptions(accel=accel, cpu=cpu, machine=machine, json=json, junit=junit, tap=tap, qemu=qemu,
                       witness=witness, hv_signature=hv_signature, host_mode=host_mode,
-                      kernel_args=tuple(kernel_arg or ()), variant=variant, timeout=float(timeout))
+                      kernel_args=tuple(kernel_arg or ()), variant=variant, timeout=float(timeout),
+                      view=view)
     try:
         status, _ = run_lab(opts)
     except USER_ERRORS as exc:

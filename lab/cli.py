@@ -35,6 +35,7 @@ class RunOptions:
     timeout: float = 15.0
     runs_dir: str | None = None
     quiet: bool = False
+    view: str = "auto"
 
 
 def select_accels(choice: str, kvm: KvmStatus) -> tuple[list[str], list[tuple[str, str]]]:
@@ -72,6 +73,8 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     console = console or console_mod.make_console(stderr=opts.tap)
     if opts.witness not in WITNESSES:
         raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
+    if opts.view not in console_mod.VIEWS:
+        raise ConfigError(f"--view {opts.view!r}: choose one of {', '.join(console_mod.VIEWS)}")
     qemu = qemu_binary(opts.qemu)
     if opts.witness != "serial":
         require_tool("gdb")
@@ -106,13 +109,7 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     if opts.junit:
         report_mod.write_junit(rep, Path(opts.junit))
     if not opts.quiet:
-        console_mod.render(rep, console)
-        for o in outcomes:
-            if o.boot is None or o.boot.exit != "ok":
-                tail = console_mod.last_lines(o.boot.serial) if o.boot else []
-                console.print(f"[red]{o.cfg.label}: run folder {o.run_dir}[/]")
-                for line in tail:
-                    console.print(f"  | {line}", highlight=False)
+        console_mod.render(rep, console, view=opts.view)  # a dead boot: its cause and last serial line
         console.print(f"report: {run_root / 'report.json'}")
     if opts.tap:
         print(report_mod.tap(rep), end="")

@@ -1,10 +1,24 @@
-"""What a person at a terminal sees: a header, one table with the configurations and scopes
-side by side, the reasons behind every non-pass, and how to reproduce each boot."""
+"""What a person at a terminal sees: a header, the checks (configurations and scopes side by
+side, or one scope at a time), the reasons behind every non-pass, and how to reproduce each
+boot. Everything comes from the report dict (lab/report.py); nothing here judges.
+
+Views (`--view`): `table` puts the configurations and scopes side by side, probes grouped,
+and folds a column with nothing observed in it (all skips, or a boot that never reported)
+into one line that says why; it is made for 100 columns. `scope` shows one configuration
+and scope at a time, with the expected value next to the observed one. `wide` is every
+column, nothing folded, at its natural width whatever the terminal's. `auto` (default) is
+`table` when it fits the width, else `scope`. A value is never cut: a view that does not
+fit wraps (folds) a cell instead.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -15,82 +29,271 @@ STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yel
          "xpass": "magenta", "skip": "dim"}
 MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "x", "xpass": "X", "skip": "-"}
 SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-soft": "guest (soft)"}
+VIEWS = ("auto", "table", "scope", "wide")
+DESIGN_WIDTH = 100  # the width the table view is made for, and the default when piped
+RUN_GROUP = "run"  # the boot itself: listed last
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A terminal's own width; COLUMNS when set (also when piped: CI logs); else 100."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=console_width(stream))
+
+
+def console_width(stream) -> int | None:
+    cols = os.environ.get("COLUMNS", "").strip()
+    if cols.isdigit() and int(cols) > 0:
+        return int(cols)
+    return None if stream.isatty() else DESIGN_WIDTH
+
+
+# -- the model: columns (configuration, scope) and grouped rows ----------------------------
+@dataclass
+class Column:
+    config: str
+    scope: str
+    checks: dict[str, dict] = field(default_factory=dict)  # row key -> check
+
+    @property
+    def folded(self) -> bool:
+        """Nothing observed in it: every check a skip, or an error without a value."""
+        body = [c for k, c in self.checks.items() if k != "run.integrity"] or list(self.checks.values())
+        return all(c["status"] == "skip" or (c["status"] == "error" and c["observed"] is None) for c in body)
 
 
 def _row_key(check: dict) -> str:
     # The id without its scope: the same probe lines up across host and guest columns.
-    return check["id"].split(".", 1)[1] if check["scope"] != "host" or check["probe"] != "run" else "run.integrity"
+    return check["id"].split(".", 1)[1] if check["scope"] != "host" or check["probe"] != "run" else check["id"]
 
 
-def _cell(check: dict) -> Text:
+def _columns(report: dict) -> list[Column]:
+    cols: dict[tuple[str, str], Column] = {}
+    for c in report["checks"]:
+        key = (c["config"], c["scope"])
+        cols.setdefault(key, Column(*key)).checks[_row_key(c)] = c
+    return list(cols.values())
+
+
+def _groups(report: dict) -> list[tuple[str, list[str]]]:
+    """(probe, row keys) in order of first appearance; the boot's own rows last."""
+    groups: dict[str, list[str]] = {}
+    for c in report["checks"]:
+        keys = groups.setdefault(c["probe"], [])
+        if _row_key(c) not in keys:
+            keys.append(_row_key(c))
+    run = groups.pop(RUN_GROUP, None)
+    return list(groups.items()) + ([(RUN_GROUP, run)] if run else [])
+
+
+def _short_names(columns: list[Column]) -> dict[str, str]:
+    """The accelerator as a column title when each accelerator has one configuration."""
+    configs = list(dict.fromkeys(c.config for c in columns))
+    short = {cfg: cfg.split("/")[0] for cfg in configs}
+    return short if len(set(short.values())) == len(configs) else {cfg: cfg for cfg in configs}
+
+
+# -- cells ---------------------------------------------------------------------------------
+def cell(check: dict, *, want: bool = False) -> Text:
+    """Mark and value. `ᵍ` only where GDB read the same value as the serial record; where the
+    witnesses disagree (or GDB never got there) both values are shown."""
     st = check["status"]
-    observed = check["observed"] if check["observed"] is not None else "—"
-    text = Text(f"{MARK[st]} {observed}", style=STYLE[st])
-    if st in ("fail", "error") and check["expected"] is not None:
+    w = check.get("witnesses") or {}
+    serial, gdb = w.get("serial", check["observed"]), w.get("gdb")
+    if st == "skip":
+        return Text(MARK[st], style=STYLE[st])
+    if gdb is not None and gdb != serial:
+        text = Text(f"{MARK[st]} serial={_value(serial)} gdb={_value(gdb)}", style=STYLE[st])
+    else:
+        text = Text(f"{MARK[st]} {_value(check['observed'])}", style=STYLE[st])
+        if gdb is not None:
+            text.append(" ᵍ", style="cyan")
+    if want and st in ("fail", "error") and check["expected"] is not None:
         text.append(f" (want {check['expected']})", style="red")
-    if "gdb" in check["witnesses"]:
-        text.append(" ᵍ", style="cyan")
     return text
 
 
-def make_console(stderr: bool = False) -> Console:
-    """A terminal's own width; 160 columns when writing to a file or a pipe (CI logs)."""
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+def _value(v: str | None) -> str:
+    return "—" if v is None else v
 
 
-def render(report: dict, console: Console | None = None) -> None:
+# -- views ---------------------------------------------------------------------------------
+def _table(columns: list[Column], groups, short: dict[str, str], *, wide: bool) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
+                  collapse_padding=True)
+    table.add_column("check", overflow="fold")
+    for col in columns:
+        table.add_column(f"{short[col.config]}\n{SCOPE_TITLE.get(col.scope, col.scope)}", overflow="fold")
+    for group, keys in groups:
+        present = [k for k in keys if any(k in col.checks for col in columns)]
+        if not present:
+            continue
+        if wide:
+            for k in present:
+                table.add_row(k, *[cell(col.checks[k], want=True) if k in col.checks else "" for col in columns])
+            continue
+        if present != [group]:
+            table.add_row(Text(group, style="bold"), *[""] * len(columns))
+        for k in present:
+            label = k if k == group else "  " + k[len(group) + 1:]
+            table.add_row(label, *[cell(col.checks[k]) if k in col.checks else "" for col in columns])
+    return table
+
+
+def _scope_tables(columns: list[Column], groups) -> list[tuple[Column, Table]]:
+    out = []
+    for col in columns:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
+                      collapse_padding=True)
+        for name in ("check", "observed", "expected"):
+            table.add_column(name, overflow="fold")
+        for group, keys in groups:
+            present = [k for k in keys if k in col.checks]
+            if not present:
+                continue
+            if present != [group]:
+                table.add_row(Text(group, style="bold"), "", "")
+            for k in present:
+                c = col.checks[k]
+                label = k if k == group else "  " + k[len(group) + 1:]
+                table.add_row(label, cell(c), "" if c["status"] == "skip" else _value(c["expected"]))
+        out.append((col, table))
+    return out
+
+
+def _natural_width(console: Console, renderable) -> int:
+    """The width it takes with nothing wrapped."""
+    return console.measure(renderable, options=console.options.update_width(10_000)).maximum
+
+
+def _fits(console: Console, renderable) -> bool:
+    return _natural_width(console, renderable) <= console.width
+
+
+def _fold_lines(folded: list[Column], short: dict[str, str]) -> list[tuple[str, Text]]:
+    """One line per configuration and reason for the folded columns."""
+    merged: dict[tuple[str, str, str], list[Column]] = {}
+    counts: dict[tuple[str, str, str], int] = {}
+    for col in folded:
+        for k, c in col.checks.items():
+            if k == "run.integrity":
+                continue  # the boot line says how the boot ended
+            key = (col.config, c["status"], c["reason"])
+            if col not in merged.setdefault(key, []):
+                merged[key].append(col)
+            counts[key] = counts.get(key, 0) + 1
+    lines = []
+    for (config, status, reason), cols in merged.items():
+        scopes = " + ".join(SCOPE_TITLE.get(c.scope, c.scope) for c in cols)
+        n = counts[(config, status, reason)]
+        plural = "columns" if len(cols) > 1 else "column"
+        lines.append((f"  {status}", Text(f"{short[config]} {scopes} ({plural} not shown), {n} "
+                                          f"check{'s' if n > 1 else ''}: {reason}", style=STYLE[status])))
+    return lines
+
+
+def render(report: dict, console: Console | None = None, view: str = "auto") -> None:
+    if view not in VIEWS:
+        raise ValueError(f"view {view!r}: choose one of {', '.join(VIEWS)}")
     console = console or make_console()
     h = report["host"]
     kvm = h["kvm_module"] or "none"
     kvm_note = "" if h["kvm_usable"] else f" (unusable: {h['kvm_reason']})"
-    console.print(f"[bold]ring-lab {report['lab_version']}[/]  QEMU {h['qemu']}  KVM module: {kvm}{kvm_note}")
+    console.print(f"[bold]ring-lab {report['lab_version']}[/]  QEMU {h['qemu']}  KVM module: {kvm}{kvm_note}"
+                  f"  witness: {report.get('witness', 'both')}", highlight=False)
 
-    columns: list[tuple[str, str]] = []  # (config, scope)
-    for c in report["checks"]:
-        key = (c["config"], c["scope"])
-        if key not in columns:
-            columns.append(key)
-    rows: dict[str, dict[tuple[str, str], dict]] = {}
-    for c in report["checks"]:
-        rows.setdefault(_row_key(c), {})[(c["config"], c["scope"])] = c
-
-    # Short column titles (the accelerator) when each accelerator has one configuration.
-    configs = list(dict.fromkeys(cfg for cfg, _ in columns))
-    short = {cfg: cfg.split("/")[0] for cfg in configs}
-    if len(set(short.values())) < len(configs):
-        short = {cfg: cfg for cfg in configs}
+    columns = _columns(report)
+    groups = _groups(report)
+    short = _short_names(columns)
+    configs = list(dict.fromkeys(c.config for c in columns))
     console.print("columns: " + "; ".join(f"{short[c]} = {c}" for c in configs), highlight=False)
-    table = Table(show_lines=False, header_style="bold", pad_edge=False)
-    table.add_column("check", no_wrap=True)
-    for cfg, scope in columns:
-        table.add_column(f"{short[cfg]}\n{SCOPE_TITLE.get(scope, scope)}")
-    for key, cells in rows.items():
-        table.add_row(key, *[_cell(cells[col]) if col in cells else Text("") for col in columns])
-    console.print(table)
 
-    notes = [c for c in report["checks"] if c["status"] != "pass"]
-    if notes:
-        console.print("[bold]Why not pass[/]")
-        seen: set[tuple[str, str]] = set()
-        for c in notes:
-            if c["status"] == "skip" and (c["config"], c["reason"]) in seen:
-                continue  # one line for a whole skipped column
-            seen.add((c["config"], c["reason"]))
-            console.print(Text(f"  {c['status']:5} {c['config']} {c['id']}: {c['reason']}", style=STYLE[c["status"]]))
+    folded = [] if view == "wide" else [c for c in columns if c.folded]
+    shown = [c for c in columns if c not in folded]
+    if view == "wide":
+        table = _table(shown, groups, short, wide=True)
+        # Its natural width even past the terminal's (for `less -S` or a wide window).
+        width, console.width = console.width, max(console.width, _natural_width(console, table))
+        try:
+            console.print(table, crop=False)
+        finally:
+            console.width = width
+    elif shown:
+        table = _table(shown, groups, short, wide=False)
+        if view == "table" or (view == "auto" and _fits(console, table)):
+            console.print(table)
+        else:
+            for col, t in _scope_tables(shown, groups):
+                console.print(Text(f"{short[col.config]} {SCOPE_TITLE.get(col.scope, col.scope)}", style="bold"))
+                console.print(t)
+    _print_notes(console, _fold_lines(folded, short))
 
-    for r in report["runs"]:
-        console.print(f"[bold]{r['config']}[/] exit={r['exit']} wall={r['wall_s']} s  log: {r['log']}")
-        if r["exit"] != "ok":
-            console.print(f"  [red]{r['exit_detail']}[/]")
-        for line in _cost_lines(r.get("costs", {})):
-            console.print(f"  {line}")
-        if r["repro"]:
-            console.print(f"  reproduce: {r['repro']}", soft_wrap=True, highlight=False)
+    _why_not_pass(report, console, skip_columns=folded, short=short)
+    _boots(report, console)
     s = report["summary"]
     line = "  ".join(f"{k}={v}" for k, v in s.items())
     bad = s["fail"] + s["error"]
     console.print(f"[{'bold red' if bad else 'bold green'}]{line}[/]")
+
+
+def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column], short: dict[str, str]) -> None:
+    """One line per (configuration, status, reason), naming one sample check and how many
+    more share it. A dead boot's `run.integrity` is on its boot line instead."""
+    hidden = {id(c) for col in skip_columns for k, c in col.checks.items() if k != "run.integrity"}
+    dead = {r["config"] for r in report["runs"] if r.get("exit") != "ok"}
+    entries: dict[tuple[str, str, str], list[dict]] = {}
+    for c in report["checks"]:
+        if c["status"] == "pass" or id(c) in hidden:
+            continue
+        if c["id"] == "run.integrity" and c["config"] in dead:
+            continue
+        entries.setdefault((c["config"], c["status"], c["reason"]), []).append(c)
+    if not entries:
+        return
+    sampled = any(len(v) > 1 for v in entries.values())
+    console.print("[bold]Why not pass[/]" + (" (one sample check per configuration and reason; "
+                                             "+N: more checks with the same reason)" if sampled else ""))
+    notes = []
+    for (config, status, reason), checks in entries.items():
+        more = f" +{len(checks) - 1}" if len(checks) > 1 else ""
+        name = short.get(config, config)
+        notes.append((f"  {status}", Text(f"{name} {checks[0]['id']}{more}: {reason}", style=STYLE[status])))
+    _print_notes(console, notes)
+
+
+def _print_notes(console: Console, notes: list[tuple[str, Text]]) -> None:
+    """Lines that wrap under their own text (a hanging indent), never cut."""
+    if not notes:
+        return
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for key, text in notes:
+        grid.add_row(Text(key, style=text.style), text)
+    console.print(grid)
+
+
+def _boots(report: dict, console: Console) -> None:
+    for r in report["runs"]:
+        console.print(f"[bold]{r['config']}[/] exit={r['exit']} wall={r['wall_s']} s", highlight=False)
+        if r["exit"] != "ok":  # a dead boot: the cause and the last thing it said
+            console.print(Text(f"  cause: {r['exit_detail']}", style="red"))
+            last = last_serial_line(r)
+            console.print(Text(f"  last serial line: {last if last is not None else '(none)'}"), soft_wrap=True)
+        console.print(Text(f"  log: {r['log']}"), soft_wrap=True)
+        for line in _cost_lines(r.get("costs", {})):
+            console.print(f"  {line}")
+        if r["repro"]:
+            console.print(f"  reproduce: {r['repro']}", soft_wrap=True, highlight=False)
+
+
+def last_serial_line(run: dict) -> str | None:
+    """The boot's last non-empty console line (from its serial.log), printable."""
+    try:
+        data = Path(run["log"]).read_bytes()
+    except (OSError, KeyError, TypeError):
+        return None
+    lines = [line for line in data.decode("latin-1").splitlines() if line.strip()]
+    return show(lines[-1])[:200] if lines else None
 
 
 def _cost_lines(costs: dict[str, int]) -> list[str]:
@@ -108,8 +311,3 @@ def _cost_lines(costs: dict[str, int]) -> list[str]:
             out.append(f"{op.upper()} cost: native {native} TSC cycles, through {path} {cycles}{ratio}")
     return out
 
-
-def last_lines(serial: bytes, n: int = 5) -> list[str]:
-    """The end of a console capture, printable, for error messages."""
-    text = serial.decode("latin-1")
-    return [show(line)[:200] for line in text.splitlines()[-n:]]

@@ -1,0 +1,275 @@
+"""The console report: fed report dicts (no boot), rendered at 80, 100 and 120 columns."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from lab import console as con
+from lab.cli import RunOptions, run_lab
+from lab.config import ConfigError
+from lab.expectations import AT_LEAST_ONCE, Facts, plan
+from lab.judge import Check, judge_one
+from lab.report import build
+
+WIDTHS = (80, 100, 120)
+TCG = "tcg/microvm/qemu64,+svm"
+KVM = "kvm/microvm/qemu64"
+
+
+def _facts(accel: str) -> Facts:
+    return Facts(accel=accel, kvm_module="kvm_pvm" if accel == "kvm" else None,
+                 vendor="AuthenticAMD" if accel == "tcg" else "GenuineIntel", rdtscp=False,
+                 svm=accel == "tcg", hypervisor=True)
+
+
+def _checks(accel: str, config: str, *, observe=None, gdb=None) -> list[Check]:
+    """Every planned check of a configuration, judged as the lab would: serial reports the
+    expected value unless `observe` says otherwise; GDB reads what `gdb` returns."""
+    facts = _facts(accel)
+    out = []
+    for exp in plan(facts):
+        serial = "3" if exp.expected == AT_LEAST_ONCE else exp.expected
+        if observe is not None:
+            serial = observe(exp, serial)
+        reading = gdb(exp, serial) if gdb is not None else serial if exp.scope == "host" else None
+        out.append(judge_one(exp, facts, serial, reading, config=config))
+    out.append(Check("run.integrity", accel, "host", "run", {}, "complete", "complete", "pass", config=config))
+    return out
+
+
+def _run(config: str, log, exit_: str = "ok", detail: str = "isa-debug-exit 0") -> dict:
+    accel = config.split("/")[0]
+    return {"accel": accel, "config": config, "exit": exit_, "exit_detail": detail, "wall_s": 0.1,
+            "log": str(log), "repro": f"qemu-system-x86_64 -accel {accel} -serial stdio", "costs": {}}
+
+
+def _report(checks: list[Check], runs: list[dict], **top) -> dict:
+    host = {"qemu": "7.2.0", "kvm_module": "kvm_pvm", "kvm_usable": True, "kvm_reason": ""}
+    return build("0.1.0", host, runs, checks) | top
+
+
+@pytest.fixture
+def full(tmp_path) -> dict:
+    """TCG (host + SVM guest) and KVM (host + software guest), as on this project's machines."""
+    return _report(_checks("tcg", TCG) + _checks("kvm", KVM),
+                   [_run(TCG, tmp_path / "t.log"), _run(KVM, tmp_path / "k.log")])
+
+
+def render(report: dict, width: int, view: str = "auto") -> str:
+    out = io.StringIO()
+    con.render(report, Console(file=out, width=width), view=view)
+    return out.getvalue()
+
+
+def values_intact(text: str, report: dict) -> list[str]:
+    """Observed values of non-skipped checks that do not appear whole in the output."""
+    missing = []
+    for c in report["checks"]:
+        if c["status"] != "skip" and c["observed"] is not None and c["observed"] not in text:
+            missing.append(f"{c['id']}={c['observed']}")
+    return missing + (["ellipsis"] if "…" in text else [])
+
+
+def _long_lines(text: str, width: int) -> list[str]:
+    # `reproduce:`, `log:` and `last serial line:` are single lines on purpose (copy-paste).
+    keep = ("  reproduce:", "  log:", "  last serial line:")
+    return [line for line in text.splitlines() if len(line) > width and not line.startswith(keep)]
+
+
+def test_checker_catches_a_cut_value(full):
+    """Negative control for values_intact: an ellipsized value is reported."""
+    text = render(full, 120).replace("AuthenticAMD", "AuthenticA…")
+    assert values_intact(text, full)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("view", ["auto", "scope"])
+def test_no_value_cut_and_lines_fit(full, width, view):
+    text = render(full, width, view)
+    assert values_intact(text, full) == []
+    assert _long_lines(text, width) == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_wide_view_is_every_column_at_its_natural_width(full, width):
+    text = render(full, width, "wide")
+    assert values_intact(text, full) == []
+    header = "\n".join(text.splitlines()[2:5])
+    assert header.count("guest (soft)") == 2 and header.count("guest (SVM)") == 2  # nothing folded
+    assert "cpl-enter.cpl1.iretq" in text  # full ids, one row each
+
+
+@pytest.mark.parametrize("width", (100, 120))
+def test_table_view_fits_100_columns(full, width):
+    text = render(full, width)
+    assert "observed" not in text.splitlines()[3]  # the side-by-side table, not the scope view
+    table_lines = text.split("not shown")[0].splitlines()[:-1]
+    assert max(len(line.rstrip()) for line in table_lines) <= 100
+
+
+def test_auto_falls_back_to_scope_view_when_the_table_does_not_fit(full):
+    wide_cell = next(c for c in full["checks"] if c["id"] == "host.cpuid-vendor.leaf0" and c["config"] == TCG)
+    wide_cell["observed"] = "AuthenticAMD-but-much-longer-than-any-vendor"
+    text = render(full, 80)
+    assert f"{TCG.split('/')[0]} host\n" in text and "expected" in text  # per-scope tables
+    assert values_intact(text, full) == []
+
+
+def test_all_skip_columns_fold_into_one_line_that_says_why(full):
+    text = render(full, 100)
+    header = " ".join(text.splitlines()[2:4])
+    assert header.count("guest (soft)") == 1 and header.count("guest (SVM)") == 1
+    soft = next(c for c in full["checks"] if c["config"] == TCG and c["scope"] == "guest-soft")
+    svm = next(c for c in full["checks"] if c["config"] == KVM and c["scope"] == "guest-svm")
+    lines = text.splitlines()
+    assert sum(soft["reason"].split(" (")[0] in line for line in lines) == 1
+    assert any("tcg guest (soft) (column not shown), 15 checks" in line for line in lines)
+    assert any("kvm guest (SVM) (column not shown)" in line and svm["reason"][:20] in line for line in lines)
+
+
+def test_a_column_with_one_observed_value_is_not_folded(tmp_path):
+    checks = _checks("tcg", TCG)
+    soft = next(c for c in checks if c.scope == "guest-soft")
+    soft.status, soft.observed, soft.reason = "fail", "1", "expected nothing"
+    text = render(_report(checks, [_run(TCG, tmp_path / "t.log")]), 120)
+    assert "guest (soft)" in " ".join(text.splitlines()[2:4])
+    assert "(column not shown)" not in text
+
+
+def test_probe_groups_keep_trap_cpuid_with_its_group_and_the_boot_last(full):
+    lines = [line.rstrip() for line in render(full, 100).splitlines()]
+    trap, run = lines.index("trap"), lines.index("run")
+    cpuid = next(i for i in range(trap, len(lines)) if lines[i].startswith("  cpuid"))
+    assert trap < cpuid < run
+    assert all(not lines[i].startswith(("  ", "run")) or i > trap for i in range(cpuid, run))
+    assert lines[run + 1].startswith("  integrity")
+
+
+def test_gdb_mark_only_where_gdb_agreed(tmp_path):
+    def gdb(exp, serial):
+        if exp.id == "host.cpl-enter.cpl3.iretq":
+            return "0"  # disagrees
+        if exp.id == "host.rdtsc.tsd1.cpl1":
+            return "unreached"
+        if exp.id == "host.rdtsc.tsd0.cpl0":
+            return None  # not witnessed
+        return serial if exp.scope == "host" else None
+
+    rep = _report(_checks("tcg", TCG, gdb=gdb), [_run(TCG, tmp_path / "t.log")])
+    lines = render(rep, 120).splitlines()
+
+    def row(label):
+        return next(line for line in lines if line.startswith(label))
+
+    assert "serial=3 gdb=0" in row("  cpl3.iretq") and "ᵍ" not in row("  cpl3.iretq").split("gdb=0")[1][:3]
+    assert "✗" in row("  cpl3.iretq")
+    assert "serial=#GP(0) gdb=unreached" in row("  tsd1.cpl1")
+    assert "ᵍ" not in row("  tsd0.cpl0")
+    assert "ᵍ" in row("  cpl1.iretq")
+
+
+def test_gdb_mark_control_a_disagreeing_cell_never_shows_the_mark():
+    c = {"status": "fail", "observed": "3", "expected": "3", "witnesses": {"serial": "3", "gdb": "0"}}
+    assert "ᵍ" not in con.cell(c).plain and "serial=3 gdb=0" in con.cell(c).plain
+    c["witnesses"]["gdb"] = "3"
+    assert con.cell(c).plain.endswith("ᵍ")
+
+
+@pytest.mark.parametrize("mode", ["serial", "gdb", "both"])
+def test_header_names_the_witness_mode(full, mode):
+    full["witness"] = mode
+    assert render(full, 100).splitlines()[0].endswith(f"witness: {mode}")
+
+
+def test_header_witness_mode_defaults_to_both(full):
+    full.pop("witness", None)
+    assert render(full, 100).splitlines()[0].endswith("witness: both")
+
+
+def test_one_dead_boot_one_explanation(tmp_path):
+    """A hung boot: every check without an observation collapses into one line with the
+    cause; the boot line gives the last serial line. At most 15 lines in all."""
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"\r\n@@LAB 0 hello proto=1 ck=d9\r\n@@LAB 1 info fault=hang ck=83\r\n\r\n")
+    why = "no observation: the probe did not report (boot timeout: no `end` record within 3.0 s)"
+    checks = _checks("tcg", TCG, observe=lambda exp, serial: None)
+    for c in checks:
+        if c.status == "error":
+            c.reason = why
+    integrity = checks[-1]
+    integrity.status, integrity.observed = "error", "timeout"
+    integrity.reason = "boot timeout: no `end` record within 3.0 s; output cut short"
+    rep = _report(checks, [_run(TCG, log, "timeout", "no `end` record within 3.0 s")])
+    for width in WIDTHS:
+        text = render(rep, width)
+        assert len(text.splitlines()) <= 15, text
+        assert text.count("no observation") == 1
+        assert "last serial line: @@LAB 1 info fault=hang ck=83" in text
+        assert "cause: no `end` record within 3.0 s" in text
+
+
+def test_dead_boot_control_a_live_boot_has_no_cause_line(full):
+    assert "cause:" not in render(full, 100) and "last serial line" not in render(full, 100)
+
+
+def test_why_not_pass_says_when_it_shows_one_sample(tmp_path):
+    checks = _checks("kvm", KVM)  # kvm_pvm: eight RDTSCP skips share one reason
+    text = render(_report(checks, [_run(KVM, tmp_path / "k.log")]), 120)
+    assert "one sample check per configuration and reason" in text
+    assert "kvm host.rdtscp.tsd0.cpl0 +7:" in text
+    assert "rdtscp.tsd1.cpl3:" not in text
+
+
+def test_why_not_pass_without_samples_says_nothing_about_them(tmp_path):
+    checks = _checks("tcg", TCG)
+    bad = next(c for c in checks if c.id == "host.cpuid-hv-bit")
+    bad.status, bad.observed, bad.reason = "fail", "0", "expected 1, observed 0"
+    folded_out = [c for c in checks if c.scope != "guest-soft"]
+    text = render(_report(folded_out, [_run(TCG, tmp_path / "t.log")]), 120)
+    assert "Why not pass\n" in text and "one sample" not in text
+    assert "fail tcg host.cpuid-hv-bit: expected 1, observed 0" in text
+
+
+def test_columns_env_is_honoured_when_piped(monkeypatch):
+    pipe = io.StringIO()  # not a tty
+    monkeypatch.setenv("COLUMNS", "123")
+    assert con.console_width(pipe) == 123
+    monkeypatch.delenv("COLUMNS")
+    assert con.console_width(pipe) == con.DESIGN_WIDTH
+
+
+def test_make_console_uses_columns_when_stdout_is_a_pipe():
+    code = "from lab.console import make_console; print(make_console().width)"
+    env = {"COLUMNS": "87", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "87"
+    env.pop("COLUMNS")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(con.DESIGN_WIDTH)
+
+
+def test_bad_view_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="--view 'nope'"):
+        run_lab(RunOptions(view="nope", runs_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError):
+        con.render({}, Console(file=io.StringIO()), view="nope")
+
+
+def test_invoke_bad_view_is_one_error_line_and_exit_2():
+    out = subprocess.run(["invoke", "lab.run", "--view", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: --view 'nope': choose one of auto, table, scope, wide"]
+
+
+def test_the_boot_row_stays_last_when_a_later_configuration_adds_a_group(tmp_path):
+    extra = Check("host.umip.cpl3", "kvm", "host", "umip", {"cpl": "3"}, "#GP(0)", "#GP(0)", "pass", config=KVM)
+    rep = _report(_checks("tcg", TCG) + _checks("kvm", KVM) + [extra],
+                  [_run(TCG, tmp_path / "t.log"), _run(KVM, tmp_path / "k.log")])
+    lines = [line.rstrip() for line in render(rep, 120).splitlines()]
+    assert lines.index("umip") < lines.index("run")
