@@ -327,7 +327,14 @@ NORETURN void lab_exit(int code)
     }
     serial_flush();
     outb(0x501, (u8)code);   /* isa-debug-exit: QEMU exits with (code<<1)|1 */
-    /* No isa-debug-exit device: stop here (IF=0). */
+    /* Still here: no isa-debug-exit (Bochs). Let the UART drain (LSR bit 6:
+     * THR and shift register empty) or COM1 loses the tail, then Bochs'
+     * shutdown port ends the emulator (docs/bochs.md). No device there on QEMU. */
+    while (!(inb(0x3f8 + 5) & 0x40))
+        __asm__ volatile("pause");
+    for (const char *s = "Shutdown"; *s; s++)
+        outb(0x8900, (u8)*s);
+    /* Neither device: stop here (IF=0). */
     for (;;)
         __asm__ volatile("cli; hlt");
 }
