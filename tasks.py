@@ -58,33 +58,38 @@ def build(c, variant="normal"):
 
 @task(
     help={
-        "accel": "auto | tcg | kvm | all (default: every usable accelerator)",
-        "cpu": "QEMU CPU model (default per accelerator: qemu64,+svm for TCG, qemu64 for KVM)",
-        "machine": "QEMU machine: microvm (default), pc or q35",
-        "json": "also write the JSON report here",
-        "junit": "write a JUnit XML report here",
-        "tap": "print a TAP 13 report on stdout",
-        "qemu": "QEMU binary (default: $LAB_QEMU or qemu-system-x86_64)",
-        "witness": "serial | gdb | both (default both: GDB confirms the serial verdicts)",
-        "hv_signature": "12-byte hypervisor signature the lab's host shows its guest",
-        "host_mode": "auto | svm | soft | none: how the host runs its guest",
-        "kernel_arg": "extra key=value for the kernel command line (repeatable), e.g. fault=hang",
-        "variant": "kernel build: normal or lie (negative control)",
-        "timeout": "seconds a boot may take before it is an error",
+        "accel": "auto|tcg|kvm|all (default: all, every usable accelerator; auto: KVM if usable, else TCG)",
+        "cpu": "MODEL[,+flag,-flag]: QEMU CPU model (default: qemu64,+svm for TCG, qemu64 for KVM; "
+               "list: qemu-system-x86_64 -cpu help)",
+        "machine": "microvm|pc|q35: QEMU machine (default: microvm)",
+        "json": "PATH: also write the JSON report here (default: only runs/<run>/report.json)",
+        "junit": "PATH: write a JUnit XML report here (default: none)",
+        "tap": "print a TAP 13 report on stdout (the table goes to stderr)",
+        "qemu": "PATH: QEMU binary (default: $LAB_QEMU, else qemu-system-x86_64 on PATH)",
+        "witness": "serial|gdb|both (default: both, GDB confirms the serial verdicts)",
+        "hv_signature": "TEXT: 12 ASCII bytes the lab's host shows its guest at CPUID 0x40000000 "
+                        "(default: LabRingMinus)",
+        "host_mode": "auto|svm|soft|none: how the host runs its guest (default: auto, SVM if the CPU has it, "
+                     "else the software host)",
+        "kernel_arg": "KEY=VALUE for the kernel command line, repeatable (default: none; keys: "
+                      "lab/config.py KERNEL_ARGS, e.g. fault=hang)",
+        "variant": "normal|lie: kernel build (default: normal; lie is a negative control)",
+        "timeout": "S: seconds a boot may take before it is an error (default: 15)",
         "view": "auto | table | scope | wide: side by side (made for 100 columns), one scope at a time, "
                 "or every column unfolded (default auto: table if it fits the terminal, else scope)",
     },
     iterable=["kernel_arg"],
+    auto_shortflags=False,  # -h is help, not --hv-signature
 )
 def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=False, qemu=None,
-        witness="both", hv_signature=None, host_mode="auto", kernel_arg=None, variant="normal", timeout=15.0,
+        witness="both", hv_signature=None, host_mode="auto", kernel_arg=None, variant="normal", timeout="15",
         view="auto"):
     """Boot the lab kernel under each accelerator and judge what it saw."""
     from lab.cli import USER_ERRORS, RunOptions, run_lab
 
     opts = RunOptions(accel=accel, cpu=cpu, machine=machine, json=json, junit=junit, tap=tap, qemu=qemu,
                       witness=witness, hv_signature=hv_signature, host_mode=host_mode,
-                      kernel_args=tuple(kernel_arg or ()), variant=variant, timeout=float(timeout),
+                      kernel_args=tuple(kernel_arg or ()), variant=variant, timeout=timeout,
                       view=view)
     try:
         status, _ = run_lab(opts)

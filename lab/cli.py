@@ -12,10 +12,12 @@ from rich.console import Console
 from . import build as build_mod
 from . import console as console_mod
 from . import report as report_mod
-from .config import ACCELS, ConfigError
-from .hostinfo import KvmStatus, ToolMissing, kvm_status, qemu_binary, require_tool
+from .config import (ACCELS, HOST_MODES, MACHINES, ConfigError, check_cpu_model, check_kernel_arg,
+                     check_signature, parse_timeout)
+from .hostinfo import KvmStatus, ToolMissing, cpu_models, kvm_status, qemu_binary, require_tool
 from .judge import Check
-from .runner import WITNESSES, full_report, make_config, new_run_root, run_matrix
+from .runner import (WITNESSES, full_report, keep_runs, make_config, new_run_root, not_run_check,
+                     preboot_all, run_matrix)
 
 
 @dataclass
@@ -32,7 +34,7 @@ class RunOptions:
     host_mode: str = "auto"
     kernel_args: tuple[str, ...] = ()
     variant: str = "normal"
-    timeout: float = 15.0
+    timeout: float | str = 15.0  # seconds; text from the command line is checked by validate()
     runs_dir: str | None = None
     quiet: bool = False
     view: str = "auto"
@@ -75,7 +77,7 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
     if opts.view not in console_mod.VIEWS:
         raise ConfigError(f"--view {opts.view!r}: choose one of {', '.join(console_mod.VIEWS)}")
-    qemu = qemu_binary(opts.qemu)
+    qemu, timeout = validate(opts)
     if opts.witness != "serial":
         require_tool("gdb")
     kvm = kvm_status()
@@ -84,15 +86,17 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     cfgs = [
         make_config(a, art, qemu=qemu, kvm=kvm, machine=opts.machine, cpu=opts.cpu,
                     hv_signature=opts.hv_signature, host_mode=opts.host_mode,
-                    kernel_args=opts.kernel_args, timeout_s=opts.timeout)
+                    kernel_args=opts.kernel_args, timeout_s=timeout)
         for a in accels
     ]
+    pres = preboot_all(cfgs)  # QEMU's description of each CPU model decides before any boot
+    booting = [p for p in pres if not p.skip]
     run_root = new_run_root(Path(opts.runs_dir) if opts.runs_dir else None)
     skipped_checks = [Check("run.accel", a, "host", "run", {}, None, None, "skip", why, config=a)
-                      for a, why in skipped]
+                      for a, why in skipped] + [not_run_check(p) for p in pres if p.skip]
     old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        outcomes = run_matrix(cfgs, run_root, kvm=kvm, witness=opts.witness)
+        outcomes = run_matrix([p.cfg for p in booting], run_root, kvm=kvm, witness=opts.witness)
     except _Terminated:
         console.print(f"[red]terminated: QEMU and GDB were stopped; run folder {run_root}[/]")
         return 143, None
@@ -105,9 +109,9 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     rep = full_report(outcomes, qemu, kvm, skipped_checks)
     report_mod.write_json(rep, run_root / "report.json")
     if opts.json:
-        report_mod.write_json(rep, Path(opts.json))
+        report_mod.write_json(rep, report_mod.check_target(opts.json, "--json"))
     if opts.junit:
-        report_mod.write_junit(rep, Path(opts.junit))
+        report_mod.write_junit(rep, report_mod.check_target(opts.junit, "--junit"))
     if not opts.quiet:
         console_mod.render(rep, console, view=opts.view)  # a dead boot: its cause and last serial line
         console.print(f"report: {run_root / 'report.json'}")
@@ -115,6 +119,28 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         print(report_mod.tap(rep), end="")
     s = rep["summary"]
     return (1 if s["fail"] or s["error"] else 0), rep
+
+
+def validate(opts: RunOptions) -> tuple[str, float]:
+    """Every path and value the user gave, before any work: raises ConfigError/ToolMissing
+    (one line each) and creates nothing. Returns the QEMU binary and the timeout."""
+    timeout = parse_timeout(opts.timeout)
+    for flag, path in (("--json", opts.json), ("--junit", opts.junit)):
+        if path:
+            report_mod.check_target(path, flag)
+    if opts.machine.split(",")[0] not in MACHINES:
+        raise ConfigError(f"--machine {opts.machine!r}: choose one of {', '.join(MACHINES)}")
+    if opts.host_mode not in HOST_MODES:
+        raise ConfigError(f"--host-mode {opts.host_mode!r}: choose one of {', '.join(HOST_MODES)}")
+    if opts.hv_signature is not None:
+        check_signature(opts.hv_signature)
+    for word in opts.kernel_args:
+        check_kernel_arg(word)
+    keep_runs()
+    qemu = qemu_binary(opts.qemu)
+    if opts.cpu:
+        check_cpu_model(opts.cpu, cpu_models(qemu), qemu)
+    return qemu, timeout
 
 
 def _main_thread() -> bool:

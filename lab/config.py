@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 ACCELS = ("tcg", "kvm")
-# TCG emulates AMD SVM, so its default CPU offers it; this KVM passes no SVM to its guests,
-# and `qemu64` is the model that boots under every KVM (FACTS: -cpu host/max need
-# -arch-capabilities under kvm_pvm).
+# TCG emulates AMD SVM, so its default CPU offers it; a KVM guest gets SVM only where the
+# host's KVM nests it, and `qemu64` is the model that boots under every KVM (docs/platform.md:
+# some KVMs abort `host`/`max` on MSR 0x10a unless `,-arch-capabilities`).
 DEFAULT_CPU = {"tcg": "qemu64,+svm", "kvm": "qemu64"}
 DEFAULT_MACHINE = "microvm"
 MACHINES = ("microvm", "pc", "q35")
@@ -17,6 +18,24 @@ HOST_MODES = ("auto", "svm", "soft", "none")
 DEFAULT_SIGNATURE = "LabRingMinus"
 # Fault injection for the lab's own robustness tests (firmware/faults.c).
 FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "kvm-internal")
+# Probes the firmware leaves out when asked with `skip=` (firmware/README.md).
+SKIP_WORDS = ("rdtscp", "syscall")
+_BOOL = ("0", "1")
+
+# The kernel command line keys `--kernel-arg` accepts: the one list of them (firmware/README.md
+# and docs/records.md describe what each does). key -> accepted values (None: a list of
+# SKIP_WORDS). `hv-signature` and `host-mode` have their own options.
+KERNEL_ARGS: dict[str, tuple[str, ...] | None] = {
+    "skip": None,
+    "realmode": _BOOL,
+    "fault": FAULT_KINDS,
+    "hv-intercept-cpuid": _BOOL,
+    "hv-intercept-rdtsc": _BOOL,
+    "hv-npt": _BOOL,
+    "hv-fault": ("unknown-exit",),
+    "soft-fault": ("no-emulate-rdtsc", "unknown-hlt"),
+}
+OWN_OPTION = {"hv-signature": "--hv-signature", "host-mode": "--host-mode"}
 
 _CPU_RE = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.+\-=]+)*$")
 _CMDLINE_VALUE_RE = re.compile(r"^[\x21-\x7e]*$")
@@ -60,20 +79,11 @@ class RunConfig:
             raise ConfigError(f"unknown machine {self.machine!r}: choose one of {', '.join(MACHINES)}")
         if self.host_mode not in HOST_MODES:
             raise ConfigError(f"--host-mode {self.host_mode!r}: choose one of {', '.join(HOST_MODES)}")
-        sig = self.hv_signature.encode("latin-1", "replace")
-        if len(sig) != 12 or not _CMDLINE_VALUE_RE.match(self.hv_signature):
-            raise ConfigError(
-                f"--hv-signature must be exactly 12 printable ASCII characters without spaces, "
-                f"got {self.hv_signature!r} ({len(sig)} bytes)"
-            )
+        check_signature(self.hv_signature)
         if self.timeout_s <= 0:
-            raise ConfigError("timeout must be positive")
+            raise ConfigError("--timeout must be a positive number of seconds")
         for word in self.kernel_args:
-            if not _CMDLINE_VALUE_RE.match(word) or "=" not in word:
-                raise ConfigError(f"kernel argument {word!r} must be key=value without spaces")
-            key, _, value = word.partition("=")
-            if key == "fault" and value not in FAULT_KINDS:
-                raise ConfigError(f"fault={value!r}: choose one of {', '.join(FAULT_KINDS)}")
+            check_kernel_arg(word, lab_owned_ok=True)
         for path in (self.kernel, self.symbols, *[m.path for m in self.modules]):
             if not Path(path).is_file():
                 raise ConfigError(f"{path} does not exist: build it first (invoke build)")
@@ -86,3 +96,56 @@ class RunConfig:
     def cmdline(self) -> str:
         words = [f"hv-signature={self.hv_signature}", f"host-mode={self.host_mode}", *self.kernel_args]
         return " ".join(words)
+
+
+def check_signature(sig: str) -> None:
+    """12 bytes for CPUID 0x40000000 EBX,ECX,EDX (4 bytes each); printable ASCII without
+    spaces, as the kernel command line carries it."""
+    raw = sig.encode("utf-8")
+    if len(raw) != 12 or not _CMDLINE_VALUE_RE.match(sig):
+        ascii_note = "" if sig.isascii() else ", not all ASCII"
+        raise ConfigError(
+            f"--hv-signature must be exactly 12 bytes of printable ASCII without spaces, "
+            f"got {sig!r} ({len(raw)} bytes in UTF-8{ascii_note})"
+        )
+
+
+def check_kernel_arg(word: str, *, lab_owned_ok: bool = False) -> None:
+    """One `key=value` word for the kernel command line, checked against KERNEL_ARGS."""
+    if not _CMDLINE_VALUE_RE.match(word) or "=" not in word:
+        raise ConfigError(f"--kernel-arg {word!r} must be key=value without spaces")
+    key, _, value = word.partition("=")
+    if key in OWN_OPTION and not lab_owned_ok:
+        raise ConfigError(f"--kernel-arg {key}=...: use {OWN_OPTION[key]} instead")
+    if key in OWN_OPTION:
+        return
+    if key not in KERNEL_ARGS:
+        raise ConfigError(f"--kernel-arg {word!r}: unknown key {key!r}; known keys: {', '.join(KERNEL_ARGS)}")
+    allowed = KERNEL_ARGS[key]
+    values = value.split(",") if allowed is None else [value]
+    for v in values:
+        if v not in (allowed or SKIP_WORDS):
+            raise ConfigError(f"{key}={v!r}: choose one of {', '.join(allowed or SKIP_WORDS)}")
+
+
+def parse_timeout(text: str | float) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--timeout {text!r}: give a number of seconds, e.g. 15") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"--timeout {text!r}: give a positive number of seconds, e.g. 15")
+    return value
+
+
+def check_cpu_model(cpu: str, models: frozenset[str], qemu: str) -> None:
+    """The model part of --cpu (before the first comma) must be one QEMU lists."""
+    if not _CPU_RE.match(cpu):
+        raise ConfigError(f"--cpu {cpu!r} is not a QEMU CPU model (e.g. qemu64,+svm)")
+    base = cpu.split(",")[0]
+    if base in models:
+        return
+    by_lower = {m.lower(): m for m in models}
+    close = difflib.get_close_matches(base.lower(), sorted(by_lower), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(by_lower[c] for c in close)}?" if close else ""
+    raise ConfigError(f"--cpu {cpu!r}: QEMU has no CPU model {base!r}{hint} (list: {qemu} -cpu help)")

@@ -21,11 +21,24 @@ class ToolMissing(RuntimeError):
 
 
 def qemu_binary(explicit: str | None = None) -> str:
-    """The QEMU binary: --qemu, else $LAB_QEMU, else qemu-system-x86_64 on PATH."""
-    name = explicit or os.environ.get("LAB_QEMU") or "qemu-system-x86_64"
-    path = shutil.which(name)
+    """The QEMU binary: --qemu, else $LAB_QEMU, else qemu-system-x86_64 on PATH. A path the
+    user typed is checked as a path: installing a package would not make it exist."""
+    given = explicit or os.environ.get("LAB_QEMU")
+    source = "--qemu" if explicit else "LAB_QEMU"
+    if given and os.sep in given:
+        if not os.path.exists(given):
+            raise ToolMissing(f"{source} {given}: no such file")
+        if os.path.isdir(given) or not os.access(given, os.X_OK):
+            raise ToolMissing(f"{source} {given}: not an executable file")
+        return os.path.abspath(given)
+    if given:
+        path = shutil.which(given)
+        if path is None:
+            raise ToolMissing(f"{source} {given!r}: no such program on PATH")
+        return path
+    path = shutil.which("qemu-system-x86_64")
     if path is None:
-        raise ToolMissing(f"QEMU not found ({name!r}). Install it: {INSTALL_HINT}")
+        raise ToolMissing(f"QEMU not found (qemu-system-x86_64). Install it: {INSTALL_HINT}")
     return path
 
 
@@ -41,6 +54,19 @@ def qemu_version(binary: str) -> str:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
     m = re.search(r"version (\S+)", out.stdout)
     return m.group(1) if m else "unknown"
+
+
+@functools.cache
+def cpu_models(binary: str) -> frozenset[str]:
+    """The CPU model names this QEMU knows (`-cpu help`), asked once per binary and run."""
+    try:
+        out = subprocess.run([binary, "-cpu", "help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ToolMissing(f"{binary} -cpu help failed: {exc}") from None
+    names = frozenset(m.group(1) for m in re.finditer(r"^x86\s+(\S+)", out.stdout, re.M))
+    if out.returncode != 0 or not names:
+        raise ToolMissing(f"{binary} is not an x86 QEMU: `-cpu help` listed no x86 CPU models")
+    return names
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,10 @@ EXIT_OK = 1
 
 # CPU properties asked of QEMU itself (QOM), so expectations follow the configured model
 # rather than this machine: vendor string, feature flags, hypervisor leaves.
-CPU_PROPERTIES = ("vendor", "rdtscp", "svm", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id")
+CPU_PROPERTIES = ("vendor", "rdtscp", "svm", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id", "lm", "syscall")
+# QEMU's abort when KVM refuses IA32_ARCH_CAPABILITIES (MSR 0x10a) for a model that sets it
+# (docs/platform.md); the model boots without that MSR.
+ARCH_CAPABILITIES_ABORT = "failed to set MSR 0x10a"
 
 
 class BootError(RuntimeError):
@@ -74,7 +77,7 @@ def initrd_arg(cfg: RunConfig) -> list[str]:
 def machine_arg(cfg: RunConfig) -> str:
     if cfg.machine == "microvm":
         # No PIT/PIC/RTC/option ROMs: the firmware needs only COM1 and isa-debug-exit, and
-        # each device left out shortens the boot (FACTS: microvm boots in ~0.03-0.05 s).
+        # each device left out shortens the boot (docs/platform.md: microvm boots in ~0.03-0.05 s).
         return "microvm,x-option-roms=off,pit=off,pic=off,rtc=off"
     return cfg.machine
 
@@ -117,6 +120,68 @@ def build_command(
 
 def repro_command(cfg: RunConfig) -> str:
     return shlex.join(build_command(cfg, serial=None, qmp=None, paused=False))
+
+
+def explain(stderr: str, cpu: str) -> str:
+    """The fix for a QEMU failure the lab recognises, or ""."""
+    if ARCH_CAPABILITIES_ABORT in stderr and "arch-capabilities" not in cpu:
+        return (f"this KVM refuses MSR 0x10a (IA32_ARCH_CAPABILITIES) that CPU model {cpu.split(',')[0]} sets: "
+                f"run it as --cpu {cpu},-arch-capabilities")
+    return ""
+
+
+def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object]:
+    """QEMU's description of the configured CPU (QOM properties), before any boot: QEMU
+    starts paused with no kernel, answers over QMP, and quits. Raises BootError with QEMU's
+    own message if it cannot start this configuration."""
+    with tempfile.TemporaryDirectory(prefix=f"ringlab-{os.getpid()}-cpu-") as d:
+        os.chmod(d, 0o700)
+        qmp_path = os.path.join(d, "qmp.sock")
+        cmd = [cfg.qemu, "-M", machine_arg(cfg), "-accel", cfg.accel, "-cpu", cfg.cpu, "-m", "128",
+               "-nodefaults", "-no-user-config", "-display", "none", "-S",
+               "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        with open(os.path.join(d, "stderr"), "w+b") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+            qmp = None
+            try:
+                deadline = time.monotonic() + timeout_s
+                qmp = _connect_qmp(qmp_path, proc, deadline)
+                path = qmp.cmd("query-cpus-fast")[0]["qom-path"]
+                facts = {}
+                for prop in CPU_PROPERTIES:
+                    reply = qmp.cmd_raw("qom-get", {"path": path, "property": prop})
+                    if "return" in reply:
+                        facts[prop] = reply["return"]
+                return facts
+            except BootError as exc:
+                err.seek(0)
+                text = err.read().decode(errors="replace")
+                lines = [ln for ln in text.splitlines() if ln.strip() and "warning:" not in ln]
+                raise BootError(explain(text, cfg.cpu) or "; ".join(lines[-2:]) or str(exc)) from None
+            finally:
+                if qmp is not None:
+                    with contextlib.suppress(Exception):
+                        qmp.cmd("quit")
+                    with contextlib.suppress(Exception):
+                        qmp.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=1)
+                kill_group(proc)
+
+
+def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> QEMUMonitorProtocol:
+    _wait_for_path(path, proc, deadline)
+    qmp = QEMUMonitorProtocol(path)
+    while True:  # the socket file exists from bind(); listen() follows a moment later
+        try:
+            qmp.connect(negotiate=True)
+            return qmp
+        except Exception as exc:  # noqa: BLE001
+            if time.monotonic() > deadline or proc.poll() is not None:
+                with contextlib.suppress(Exception):
+                    qmp.close()
+                raise BootError(f"QMP connection failed: {exc}") from None
+            time.sleep(0.005)
 
 
 def _wait_for_path(path: str, proc: subprocess.Popen, deadline: float) -> None:
@@ -183,7 +248,7 @@ class Machine(contextlib.AbstractContextManager):
             _wait_for_path(self.qmp_path, self.proc, deadline)
             _wait_for_path(self.serial_path, self.proc, deadline)
         except BootError as exc:
-            raise BootError(f"{exc}\n{self.stderr_text()}") from None
+            raise BootError(self._with_fix(f"{exc}\n{self.stderr_text()}")) from None
         self.qmp = QEMUMonitorProtocol(self.qmp_path)
         while True:  # the socket file exists from bind(); listen() follows a moment later
             try:
@@ -191,7 +256,7 @@ class Machine(contextlib.AbstractContextManager):
                 break
             except Exception as exc:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise BootError(f"QMP connection failed: {exc}\n{self.stderr_text()}") from None
+                    raise BootError(self._with_fix(f"QMP connection failed: {exc}\n{self.stderr_text()}")) from None
                 time.sleep(0.005)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.serial_path)
@@ -280,6 +345,9 @@ class Machine(contextlib.AbstractContextManager):
         rc = self.proc.returncode
         if rc == EXIT_OK:
             return "ok", "isa-debug-exit 0"
+        fix = explain(self.stderr_text(), self.cfg.cpu)
+        if fix:
+            return "crash", f"QEMU ended with status {rc}: {fix}"
         if rc is not None and rc < 0:
             return "killed", f"QEMU killed by signal {-rc}"
         if rc is not None and rc & 1 and rc > 1:
@@ -288,6 +356,10 @@ class Machine(contextlib.AbstractContextManager):
             # -no-reboot turns a triple fault (shutdown) into a clean QEMU exit.
             return "crash", "QEMU exited with status 0: triple fault or reset (-no-reboot)"
         return "crash", f"QEMU exited with status {rc}: {self._stderr_tail()}"
+
+    def _with_fix(self, message: str) -> str:
+        fix = explain(self.stderr_text(), self.cfg.cpu)
+        return f"{fix}\n{message}" if fix else message
 
     def _stderr_tail(self, needle: str | None = None) -> str:
         lines = [line for line in self.stderr_text().splitlines() if line.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -21,13 +22,52 @@ def build(lab_version: str, host: dict, runs: list[dict], checks: list[Check]) -
     }
 
 
+def check_target(path: str, flag: str) -> Path:
+    """A report path the user named, checked before any boot: its folder exists and takes a
+    new file, and the path itself is not a folder. Raises ConfigError; creates nothing."""
+    from .config import ConfigError
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; name a file in it, e.g. {target / 'report.json'}")
+    folder = target.parent
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise ConfigError(f"{flag} {path}: {folder} {what}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable")
+    try:  # the real test (root, read-only filesystems): create and remove a temp file there
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {folder} ({exc.strerror})") from None
+    return target
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write through a temp file in the target's own folder (a rename is atomic only within
+    one filesystem), readable like any file the user writes (0666 less the umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would race other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def write_json(report: dict, path: Path) -> None:

@@ -3,10 +3,12 @@ the boots run side by side, each into its own run folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
 import re
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,11 +16,11 @@ from pathlib import Path
 
 from . import __version__, deviations, report
 from .build import ROOT, Artifacts
-from .config import Module, RunConfig
+from .config import ConfigError, Module, RunConfig
 from .expectations import Facts
 from .hostinfo import KvmStatus, kvm_status, qemu_version
 from .judge import Check, judge
-from .qemu import BootError, BootResult, Machine, free_tcp_port
+from .qemu import BootError, BootResult, Machine, cpu_model_facts, free_tcp_port
 from .records import Transcript, parse_stream
 
 WITNESSES = ("serial", "gdb", "both")
@@ -59,11 +61,96 @@ class RunOutcome:
         }
 
 
-def new_run_root(base: Path | None = None) -> Path:
+RUN_NAME = re.compile(r"^\d{8}-\d{6}-\d+$")
+DEFAULT_KEEP_RUNS = 20
+
+
+def keep_runs() -> int:
+    """How many run folders `runs/` keeps: $LAB_KEEP_RUNS, default 20 (`invoke clean`: none)."""
+    text = os.environ.get("LAB_KEEP_RUNS", str(DEFAULT_KEEP_RUNS))
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"LAB_KEEP_RUNS={text!r}: give a whole number of runs to keep, at least 1")
+    return int(text)
+
+
+def prune_runs(base: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest run folders (named by their start time) in `base`."""
+    runs = sorted(p for p in base.iterdir() if p.is_dir() and RUN_NAME.match(p.name))
+    old = runs[:-keep] if keep else runs
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+def new_run_root(base: Path | None = None, keep: int | None = None) -> Path:
+    """A new run folder. In the default `runs/`, the oldest beyond `keep` go (a folder the
+    user named is theirs: nothing is deleted there)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     root = (base or ROOT / "runs") / f"{stamp}-{os.getpid()}"
     root.mkdir(parents=True, exist_ok=True)
+    if base is None:
+        prune_runs(root.parent, keep if keep is not None else keep_runs())
     return root
+
+
+# -- before any boot: what QEMU says the CPU model is ---------------------------------------
+NO_LONG_MODE = "no long mode (CPUID 0x80000001 EDX[29]); the host kernel is 64-bit"
+# The firmware's `skip=` word for the SYSCALL/SYSRET probes (their family in lab/catalogue.py).
+SKIP_SYSCALL = "syscall"
+
+
+@dataclass
+class PreBoot:
+    """The decision for one configuration, taken from QOM before it boots."""
+
+    cfg: RunConfig
+    facts: dict
+    skip: str = ""  # the whole configuration cannot boot: why
+
+
+def preboot(cfg: RunConfig) -> PreBoot:
+    """Check the CPU model's facts (QOM) before the probes run. Raises ConfigError for what
+    the user asked and this CPU cannot do."""
+    try:
+        facts = cpu_model_facts(cfg)
+    except BootError as exc:
+        raise ConfigError(f"QEMU cannot start {cfg.label}: {exc}") from None
+    if not facts.get("lm", True):
+        # SDM Vol. 3A "Initializing IA-32e Mode", APM Vol. 2 14.6: long mode needs CPUID.80000001H:EDX.LM[29];
+        # the multiboot entry enables it before anything else runs.
+        return PreBoot(cfg, facts, skip=NO_LONG_MODE)
+    if cfg.host_mode == "svm" and not facts.get("svm", False):
+        # APM Vol. 2 15.4: EFER.SVME can be set only if CPUID Fn8000_0001_ECX[SVM] = 1.
+        raise ConfigError(
+            f"--host-mode svm: {cfg.label} has no SVM (CPUID 0x80000001 ECX[2]; QOM svm=false), so the "
+            f"SVM host cannot run the guest; use --host-mode auto or soft, or a CPU with SVM (TCG: qemu64,+svm)"
+        )
+    if not facts.get("syscall", True):
+        # SDM Vol. 2B SYSCALL/SYSRET, APM Vol. 2 6.1.1: #UD unless EFER.SCE=1, which needs
+        # CPUID.80000001H:EDX.SYSCALL[11]: the firmware must not run them (their checks are
+        # skips with that reason: lab/expectations.py, from the same QOM property).
+        cfg = dataclasses.replace(cfg, kernel_args=with_skips(cfg.kernel_args, [SKIP_SYSCALL]))
+    return PreBoot(cfg, facts)
+
+
+def preboot_all(cfgs: list[RunConfig]) -> list[PreBoot]:
+    """Every configuration's pre-boot decision, side by side (each is a short QEMU start)."""
+    with ThreadPoolExecutor(max_workers=max(1, len(cfgs))) as pool:
+        return list(pool.map(preboot, cfgs))
+
+
+def with_skips(kernel_args: tuple[str, ...], words: list[str]) -> tuple[str, ...]:
+    """The kernel arguments with one `skip=` word holding `words` and any skips already there."""
+    have = [w for a in kernel_args if a.startswith("skip=") for w in a[5:].split(",") if w]
+    merged = sorted(set(have) | set(words))
+    rest = tuple(a for a in kernel_args if not a.startswith("skip="))
+    return (f"skip={','.join(merged)}", *rest) if merged else rest
+
+
+def not_run_check(pre: PreBoot) -> Check:
+    """One row for a configuration that does not boot at all."""
+    cfg = pre.cfg
+    return Check("run.integrity", cfg.accel, "host", "run", {}, None, None, "skip", pre.skip, config=cfg.label)
 
 
 def _slug(text: str) -> str:
@@ -84,10 +171,7 @@ def make_config(
     timeout_s: float = 15.0,
     with_guest: bool = True,
 ) -> RunConfig:
-    skip = deviations.skipped_probes(accel, kvm.module)
-    args = tuple(kernel_args)
-    if skip:
-        args = (f"skip={','.join(skip)}", *args)
+    args = with_skips(tuple(kernel_args), deviations.skipped_probes(accel, kvm.module))
     extra = {"hv_signature": hv_signature} if hv_signature else {}
     return RunConfig(
         accel=accel, qemu=qemu, kernel=art.kernel, symbols=art.symbols, machine=machine, cpu=cpu,

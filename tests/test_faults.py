@@ -123,8 +123,16 @@ def test_qemu_killed_mid_run(tmp_path, artifacts, qemu, kvm):
 
 def test_qemu_missing_names_the_install_command(monkeypatch):
     monkeypatch.delenv("LAB_QEMU", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ToolMissing, match="apt-get install qemu-system-x86"):
+        qemu_binary()
+    # A path the user typed is a path: installing a package would not create it.
+    with pytest.raises(ToolMissing, match="no such file") as exc:
         qemu_binary("/nonexistent/qemu-system-x86_64")
+    assert "apt-get" not in str(exc.value)
+    monkeypatch.setenv("LAB_QEMU", "/nonexistent/q")
+    with pytest.raises(ToolMissing, match="LAB_QEMU /nonexistent/q: no such file"):
+        qemu_binary()
 
 
 def test_kvm_device_missing_or_not_permitted(tmp_path):
@@ -151,7 +159,7 @@ def invoke(*args, env=None, **kw):
 def test_bad_input_on_the_command_line_is_one_clear_error():
     for args, msg in [
         (("lab.run", "--accel", "xen"), "--accel 'xen'"),
-        (("lab.run", "--qemu", "/nonexistent/qemu"), "apt-get install"),
+        (("lab.run", "--qemu", "/nonexistent/qemu"), "--qemu /nonexistent/qemu: no such file"),
         (("lab.run", "--hv-signature", "short"), "exactly 12"),
         (("lab.run", "--witness", "psychic"), "--witness"),
         (("lab.run", "--kernel-arg", "fault=nonsense"), "fault='nonsense'"),
