@@ -1,10 +1,12 @@
 """Configuration validation and the QEMU command line builder."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from lab.config import ConfigError, Module, RunConfig
+from lab.build import ROOT
+from lab.config import KERNEL_ARGS, OWN_OPTION, ConfigError, Module, RunConfig, check_kernel_arg, check_signature
 from lab.qemu import build_command, repro_command
 
 
@@ -84,3 +86,76 @@ def test_bad_input_is_a_clear_error(files, kw, msg):
 def test_missing_kernel_says_build_first(files):
     with pytest.raises(ConfigError, match="invoke build"):
         cfg(files, kernel=Path("/nonexistent/k.elf32"))
+
+
+# -- the kernel command line keys: one table, documented, and what the firmware reads ---------
+def documented_keys() -> set[str]:
+    text = (ROOT / "firmware" / "README.md").read_text() + (ROOT / "docs" / "records.md").read_text()
+    return set(re.findall(r"^\| `([a-z-]+)=", text, re.M)) | set(re.findall(r"`([a-z]+-fault)=", text))
+
+
+def firmware_keys() -> set[str]:
+    keys = set()
+    for src in list((ROOT / "firmware").glob("*.c")) + list((ROOT / "guests").rglob("*.c")):
+        keys |= set(re.findall(r'cmdline_(?:get|list_has)\("([a-z-]+)"', src.read_text()))
+    return keys
+
+
+def test_kernel_args_table_matches_the_docs_and_the_firmware():
+    accepted = set(KERNEL_ARGS) | set(OWN_OPTION)
+    assert documented_keys() == accepted, "firmware/README.md / docs/records.md and lab/config.py KERNEL_ARGS differ"
+    assert firmware_keys() <= accepted, "the firmware reads a key the lab does not accept"
+    assert "nosuch" not in documented_keys() | firmware_keys()  # the scans find only real keys
+
+
+@pytest.mark.parametrize(
+    "word,msg",
+    [("nosuchkey=1", "unknown key 'nosuchkey'"), ("skip=rdtscp,bogus", "skip='bogus'"),
+     ("realmode=2", "choose one of 0, 1"), ("hv-signature=x", "use --hv-signature"),
+     ("soft-fault=whatever", "choose one of no-emulate-rdtsc")],
+)
+def test_kernel_arg_outside_the_table_is_refused(word, msg):
+    with pytest.raises(ConfigError, match=msg):
+        check_kernel_arg(word)
+
+
+def test_kernel_arg_inside_the_table_is_accepted():
+    for word in ("skip=rdtscp,syscall", "realmode=0", "fault=hang", "hv-fault=unknown-exit", "hv-npt=0"):
+        check_kernel_arg(word)
+
+
+@pytest.mark.parametrize("sig,nbytes", [("ÄbcdefghijK", 12), ("abcdefghijkü", 13), ("short", 5)])
+def test_signature_counts_bytes(sig, nbytes):
+    with pytest.raises(ConfigError, match=rf"\({nbytes} bytes"):
+        check_signature(sig)
+    check_signature("LabRingMinus")  # negative control
+
+
+# -- runs/ keeps the last N runs ----------------------------------------------------------------
+def test_runs_folder_keeps_the_newest(tmp_path, monkeypatch):
+    from lab import runner
+
+    base = tmp_path / "runs"
+    base.mkdir()
+    for i in range(5):
+        (base / f"20260101-00000{i}-1{i}").mkdir()
+    (base / "sweep-keep-me").mkdir()  # not a run folder: never touched
+    gone = runner.prune_runs(base, 2)
+    assert [p.name for p in gone] == [f"20260101-00000{i}-1{i}" for i in range(3)]
+    assert sorted(p.name for p in base.iterdir()) == ["20260101-000003-13", "20260101-000004-14", "sweep-keep-me"]
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    root = runner.new_run_root(keep=1)  # the default folder is pruned as a run starts
+    assert sorted(p.name for p in base.iterdir()) == sorted([root.name, "sweep-keep-me"])
+    named = runner.new_run_root(base, keep=1)  # a folder the user named is never pruned
+    assert root.exists() and named.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_keep_runs_must_be_a_positive_number(monkeypatch, value):
+    from lab import runner
+
+    monkeypatch.setenv("LAB_KEEP_RUNS", value)
+    with pytest.raises(ConfigError, match="LAB_KEEP_RUNS"):
+        runner.keep_runs()
+    monkeypatch.setenv("LAB_KEEP_RUNS", "7")
+    assert runner.keep_runs() == 7

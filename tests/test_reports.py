@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -10,6 +11,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from lab import report
+from lab.config import ConfigError
 from lab.judge import Check
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -70,3 +72,46 @@ def test_two_lab_runs_at_once_do_not_collide(tmp_path, artifacts):
     assert r0["summary"] == r1["summary"]
     for i in range(2):
         ET.parse(tmp_path / f"j{i}.xml")
+
+
+# -- writing report files -------------------------------------------------------------------
+def test_report_file_is_0644_and_no_temp_file_stays(tmp_path):
+    path = tmp_path / "r.json"
+    report.write_json(sample(), path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert json.loads(path.read_text())["summary"]["fail"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_temp_file_is_next_to_the_target_and_removed_on_failure(tmp_path, monkeypatch):
+    made = []
+    real = report.tempfile.mkstemp
+
+    def spy(**kw):
+        fd, name = real(**kw)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(report.tempfile, "mkstemp", spy)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(report.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError):
+        report.write_junit(sample(), tmp_path / "out" / "j.xml")
+    assert [os.path.dirname(m) for m in made] == [str(tmp_path / "out")]  # not cwd, not /
+    assert list((tmp_path / "out").iterdir()) == []  # the temp file went with the failure
+
+
+@pytest.mark.parametrize("target,message", [("missing/x.json", "does not exist"), (".", "is a folder")])
+def test_check_target_refuses_and_creates_nothing(tmp_path, target, message):
+    with pytest.raises(ConfigError, match=message):
+        report.check_target(str(tmp_path / target), "--json")
+    assert list(tmp_path.iterdir()) == []
+    assert report.check_target(str(tmp_path / "ok.json"), "--json") == tmp_path / "ok.json"  # negative control
+    assert list(tmp_path.iterdir()) == []
