@@ -168,7 +168,7 @@ def soak(c, n=100, accel="all", witness="both", json=None):
     }
 )
 def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2", out=None, versions=False,
-          qemu=None, variant="normal", timeout=15.0, splits=None, group=None):
+          qemu=None, variant="normal", timeout="15", splits=None, group=None):
     """Every CPU model QEMU lists on every usable accelerator, plus tweaks: one pytest test per
     configuration (xdist, pytest-split), then one merged matrix (table, JSON, JUnit, HTML)."""
     from lab.cli import USER_ERRORS

@@ -261,7 +261,8 @@ def run_config(cfg: SweepConfig, *, art: Artifacts, qemu: str, kvm: KvmStatus, o
     once with `-arch-capabilities`, and the retry is named in the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta: dict = {"accel": cfg.accel, "cpu": cfg.cpu, "tweak": cfg.tweak, "retry": None, "skip": None,
-                  "unavailable_features": list(cfg.unavailable)}
+                  "unavailable_features": list(cfg.unavailable),
+                  "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}  # which xdist worker ran it
     if cfg.skip or not cfg.long_mode:
         reason = cfg.skip or NO_LM
         meta["skip"] = reason
@@ -432,7 +433,7 @@ def exit_status(merged: dict) -> int:
 
 # -- outputs ------------------------------------------------------------------------------------
 STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yellow", "skip": "dim"}
-MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "x", "skip": "-"}
+SHOWN_PER_CELL = 4  # non-pass checks printed per configuration; all of them are in its report
 
 
 def cell_text(cell: dict) -> str:
@@ -471,9 +472,13 @@ def render(merged: dict, console: Console) -> None:
                 skips.setdefault(cell["skip"], []).append(label)
             elif cell["status"] in ("fail", "error"):
                 console.print(Text(f"{cell['status']} {label}: {cell['report']}", style=STYLE[cell["status"]]))
-                for n in cell["nonpass"]:
-                    if n["status"] in ("fail", "error"):
-                        console.print(f"  {n['status']} {n['id']}: {n['reason']}", highlight=False, soft_wrap=False)
+                bad = [n for n in cell["nonpass"] if n["status"] in ("fail", "error")]
+                # A dead boot makes every check an error: its cause (run.integrity) first, a few more, a count.
+                bad.sort(key=lambda n: n["id"] != "run.integrity")
+                for n in bad[:SHOWN_PER_CELL]:
+                    console.print(f"  {n['status']} {n['id']}: {n['reason']}", highlight=False)
+                if len(bad) > SHOWN_PER_CELL:
+                    console.print(f"  ... and {len(bad) - SHOWN_PER_CELL} more in the report", highlight=False)
                 console.print(f"  reproduce: {cell['repro']}", highlight=False, soft_wrap=True)
     for reason, labels in skips.items():
         console.print(f"skip ({len(labels)}) {reason}: {', '.join(labels)}", style="dim", highlight=False)
@@ -631,8 +636,9 @@ def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
 
 def merge_main(folders: list[Path], out: Path, console: Console) -> int:
     merged = merge(folders)
+    paths = write_outputs(merged, out)  # first: the files do not depend on the terminal
     render(merged, console)
-    for p in write_outputs(merged, out):
+    for p in paths:
         console.print(f"merged: {p}", highlight=False)
     return exit_status(merged)
 

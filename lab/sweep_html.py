@@ -18,10 +18,12 @@ COLOUR = {"pass": "#c8f0c8", "xfail": "#fff0a0", "skip": "#e4e4e4", "fail": "#ff
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1em}
-table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 8px;white-space:nowrap}
+table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 8px;white-space:nowrap;text-align:left}
+#layout{display:flex;gap:1em;align-items:flex-start}
 td.cell{cursor:pointer;font-family:monospace}td.cell:hover{outline:2px solid #333}
 """ + "".join(f"td.st-{k}{{background:{v}}}" for k, v in COLOUR.items()) + """
-#detail{margin-top:1em;padding:.5em;border:1px solid #333;min-height:2em;white-space:pre-wrap;font-family:monospace}
+#detail{position:sticky;top:1em;padding:.5em;border:1px solid #333;min-height:2em;max-width:70em;
+white-space:pre-wrap;overflow-wrap:anywhere;font-family:monospace}
 """
 
 _SCRIPT = """
@@ -60,7 +62,7 @@ def page(merged: dict) -> str:
                 tds.append("<td></td>")
                 continue
             tds.append(f'<td class="cell st-{cell["status"]}" data-key="{e(engine)}/{e(model)}" '
-                       f'title="{e(cell["status"])}">{e(cell_text(cell))}</td>')
+                       f'title="{e(cell["skip"] or cell["status"])}">{e(cell_text(cell))}</td>')
         tweak = f' <small>({e(row["tweak"])})</small>' if row["tweak"] else ""
         rows.append(f'<tr class="model" data-model="{e(model)}"><th>{e(model)}{tweak}</th>{"".join(tds)}</tr>')
     s = merged["summary"]
@@ -77,11 +79,11 @@ def page(merged: dict) -> str:
 <p>QEMU {e(str(host.get("qemu", "?")))}, KVM module {e(str(host.get("kvm_module")))};
 configurations={s["configs"]} {e(summary)}. Cells: ✓ pass, x xfail (known deviation), - skip, ✗ fail, ! error,
 ʳ retried. Click a cell for its non-pass checks and repro command.</p>
-<table id="matrix"><thead><tr><th>model</th>{"".join(f"<th>{e(x)}</th>" for x in engines)}</tr></thead>
+<div id="layout"><table id="matrix"><thead><tr><th>model</th>{"".join(f"<th>{e(x)}</th>" for x in engines)}</tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>
-<div id="detail">click a cell</div>
+<div id="detail">click a cell</div></div>
 <h2>Deviations seen</h2><ul>{devs or "<li>none</li>"}</ul>
 <script type="application/json" id="sweep-data">{data}</script>
 <script>{_SCRIPT}</script>
