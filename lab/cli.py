@@ -12,7 +12,8 @@ from rich.console import Console
 from . import build as build_mod
 from . import console as console_mod
 from . import report as report_mod
-from .config import (ACCELS, HOST_MODES, MACHINES, ConfigError, check_cpu_model, check_kernel_arg,
+from . import bochs as bochs_mod
+from .config import (ACCELS, BOCHS, HOST_MODES, MACHINES, ConfigError, check_cpu_model, check_kernel_arg,
                      check_signature, parse_timeout)
 from .hostinfo import KvmStatus, ToolMissing, cpu_models, kvm_status, qemu_binary, require_tool
 from .judge import Check
@@ -44,18 +45,22 @@ def select_accels(choice: str, kvm: KvmStatus) -> tuple[list[str], list[tuple[st
     """Accelerators to run, and (accel, reason) for those skipped."""
     if choice == "all":
         wanted = list(ACCELS)
+    elif choice in (BOCHS, bochs_mod.EVERY):  # Bochs alone, or next to QEMU's (docs/bochs.md)
+        wanted = [BOCHS] if choice == BOCHS else [*ACCELS, BOCHS]
     elif choice == "auto":
         wanted = ["kvm" if kvm.usable else "tcg"]
     elif choice in ACCELS:
         wanted = [choice]
     else:
-        raise ConfigError(f"--accel {choice!r}: choose auto, tcg, kvm or all")
+        raise ConfigError(f"--accel {choice!r}: choose auto, tcg, kvm, all, bochs or every")
     run, skipped = [], []
     for a in wanted:
         if a == "kvm" and not kvm.usable:
             if choice == "kvm":
                 raise ConfigError(f"KVM is not usable: {kvm.reason}")
             skipped.append((a, f"KVM not usable: {kvm.reason}"))
+        elif a == BOCHS and bochs_mod.missing_reason():
+            skipped.append((a, bochs_mod.missing_reason()))
         else:
             run.append(a)
     return run, skipped
@@ -84,10 +89,11 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     accels, skipped = select_accels(opts.accel, kvm)
     art = build_mod.build(opts.variant)
     cfgs = [
-        make_config(a, art, qemu=qemu, kvm=kvm, machine=opts.machine, cpu=opts.cpu,
+        make_config(a, art, qemu=bochs_mod.bochs_binary() if a == BOCHS else qemu, kvm=kvm, machine=opts.machine,
+                    cpu=cpu,
                     hv_signature=opts.hv_signature, host_mode=opts.host_mode,
                     kernel_args=opts.kernel_args, timeout_s=timeout)
-        for a in accels
+        for a, cpu in bochs_mod.engine_cpus(accels, opts.cpu, every=opts.accel == bochs_mod.EVERY)
     ]
     pres = preboot_all(cfgs)  # QEMU's description of each CPU model decides before any boot
     booting = [p for p in pres if not p.skip]
@@ -138,7 +144,9 @@ def validate(opts: RunOptions) -> tuple[str, float]:
         check_kernel_arg(word)
     keep_runs()
     qemu = qemu_binary(opts.qemu)
-    if opts.cpu:
+    if opts.accel in (BOCHS, bochs_mod.EVERY):
+        bochs_mod.check_choice(opts.accel, opts.cpu)  # Bochs' own model names
+    elif opts.cpu:
         check_cpu_model(opts.cpu, cpu_models(qemu), qemu)
     return qemu, timeout
 
@@ -148,4 +156,3 @@ def _main_thread() -> bool:
 
 
 USER_ERRORS = (ConfigError, ToolMissing, build_mod.BuildError)
-

@@ -7,14 +7,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-ACCELS = ("tcg", "kvm")
+ACCELS = ("tcg", "kvm")  # QEMU accelerators
+# Bochs, a third x86 implementation, with Intel VMX models (lab/bochs.py, docs/bochs.md).
+BOCHS = "bochs"
+ENGINES = (*ACCELS, BOCHS)
 # TCG emulates AMD SVM, so its default CPU offers it; a KVM guest gets SVM only where the
 # host's KVM nests it, and `qemu64` is the model that boots under every KVM (docs/platform.md:
 # some KVMs abort `host`/`max` on MSR 0x10a unless `,-arch-capabilities`).
-DEFAULT_CPU = {"tcg": "qemu64,+svm", "kvm": "qemu64"}
+DEFAULT_CPU = {"tcg": "qemu64,+svm", "kvm": "qemu64", BOCHS: "corei7_skylake_x"}
 DEFAULT_MACHINE = "microvm"
 MACHINES = ("microvm", "pc", "q35")
-HOST_MODES = ("auto", "svm", "soft", "none")
+HOST_MODES = ("auto", "vmx", "svm", "soft", "none")
 DEFAULT_SIGNATURE = "LabRingMinus"
 # Fault injection for the lab's own robustness tests (firmware/faults.c).
 FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "kvm-internal")
@@ -68,8 +71,8 @@ class RunConfig:
     guest_symbols: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.accel not in ACCELS:
-            raise ConfigError(f"unknown accelerator {self.accel!r}: choose one of {', '.join(ACCELS)}")
+        if self.accel not in ENGINES:
+            raise ConfigError(f"unknown accelerator {self.accel!r}: choose one of {', '.join(ENGINES)}")
         if not self.cpu:
             object.__setattr__(self, "cpu", DEFAULT_CPU[self.accel])
         if not _CPU_RE.match(self.cpu):
@@ -91,7 +94,8 @@ class RunConfig:
     @property
     def label(self) -> str:
         """Short name for tables and run folders: accel/machine/cpu."""
-        return f"{self.accel}/{self.machine}/{self.cpu}"
+        machine = "i440fx" if self.accel == BOCHS else self.machine  # Bochs' one PC
+        return f"{self.accel}/{machine}/{self.cpu}"
 
     def cmdline(self) -> str:
         words = [f"hv-signature={self.hv_signature}", f"host-mode={self.host_mode}", *self.kernel_args]

@@ -62,6 +62,7 @@ class Facts:
     rdtscp: bool
     svm: bool
     hypervisor: bool
+    vmx: bool = False  # CPUID.1:ECX[5]: Intel VMX (Bochs' Intel models; lab/bochs.py)
     expose_kvm: bool = True
     tcg_cpuid: bool = True
     hv_signature: str = "LabRingMinus"
@@ -89,7 +90,7 @@ class Facts:
     def guest_mode(self) -> str:
         """Which host runs the guest: SVM when the CPU has it, else the software host."""
         if self.host_mode == "auto":
-            return "svm" if self.svm else "soft"
+            return "vmx" if self.vmx else "svm" if self.svm else "soft"  # firmware/vmx.c: hv_main
         return self.host_mode
 
     @property
@@ -203,11 +204,47 @@ def guest_svm_plan(facts: Facts) -> list[Expectation]:
     return rows
 
 
+def guest_vmx_plan(facts: Facts) -> list[Expectation]:
+    """The VMX host's guest (firmware/vmx.c): the guest-svm checks, by the VMX rules (Intel SDM
+    Vol. 3C chapters 24-27). Self-contained: its references live here."""
+    ref_cpl = ("SDM Vol. 3C 26.3.2.2: VM entry loads the guest's CS and SS from the guest-state area "
+               "(CPL = SS.DPL): the guest runs at its own CPL0")
+    ref_tsd = ("SDM Vol. 3C 25.1.1: exceptions based on privilege level (RDTSC's #GP(0) under CR4.TSD) take "
+               "priority over VM exits; the guest's own CR4.TSD applies inside the guest")
+    ref_sig = "SDM Vol. 3C 25.1.2: CPUID causes a VM exit unconditionally; the host answers leaf 0x40000000"
+    ref_exit = ("SDM Vol. 3C 24.6.2 (HLT, RDTSC and unconditional I/O exiting), 25.1.2-25.1.3, App. C: "
+                "the instruction causes a VM exit with its basic exit reason")
+    skip = None
+    if not facts.vmx:
+        skip = "no VMX: this CPU model has none (CPUID.1:ECX[5]; SDM Vol. 3C 23.6)"
+    elif facts.guest_mode != "vmx":
+        skip = f"host mode {facts.guest_mode}: the VMX host does not run"
+    s = "guest-vmx"
+    tsc_value = "host-value" if facts.guest_rdtsc_intercept else "native"
+    rows = [
+        Expectation(s, "cpl-enter", _p(cpl=0, via="vmentry"), "0", ref_cpl, skip),
+        Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
+        Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "0", REF_EXC_RETURN, skip),
+        Expectation(s, "cpuid-vendor", _p(leaf=0), facts.vendor, f"{REF_VENDOR}; passed through by the host", skip),
+        Expectation(s, "cpuid-hv-bit", {}, "1", f"{REF_HV_BIT}; set by the host", skip),
+        Expectation(s, "cpuid-hv-signature", {}, facts.hv_signature, ref_sig, skip),
+        Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; {ref_tsd}", skip),
+        Expectation(s, "rdtsc", _p(tsd=0, cpl=3), "ok", REF_RDTSC, skip),
+        Expectation(s, "rdtsc", _p(tsd=1, cpl=0), "ok", REF_RDTSC, skip),
+        Expectation(s, "rdtsc-intercepted", _p(cpl=0, intercept=int(facts.guest_rdtsc_intercept)), tsc_value,
+                    "SDM Vol. 3C 25.1.3, 24.6.2: with RDTSC exiting the host supplies the value", skip),
+        Expectation(s, "guest-end", {}, "done", REF_GUEST_END, skip),
+    ]
+    reasons = ("cpuid", "rdtsc", "hlt", "io") if facts.guest_rdtsc_intercept else ("cpuid", "hlt", "io")
+    rows += [Expectation(s, "vmexit", _p(reason=r), AT_LEAST_ONCE, ref_exit, skip) for r in reasons]
+    return rows
+
+
 def guest_soft_plan(facts: Facts) -> list[Expectation]:
     skip = None
     if facts.guest_mode != "soft":
         skip = (f"the {facts.guest_mode.upper()} host runs the guest (--host-mode soft forces the software host)"
-                if facts.guest_mode == "svm" else f"host mode {facts.guest_mode}: no guest")
+                if facts.guest_mode in ("svm", "vmx") else f"host mode {facts.guest_mode}: no guest")
     s = "guest-soft"
     faulting = facts.cpuid_faulting
     hv_bit = "1" if faulting else ("1" if facts.hypervisor else "0")
@@ -233,4 +270,4 @@ def guest_soft_plan(facts: Facts) -> list[Expectation]:
 
 
 def plan(facts: Facts) -> list[Expectation]:
-    return host_plan(facts) + guest_svm_plan(facts) + guest_soft_plan(facts)
+    return host_plan(facts) + guest_svm_plan(facts) + guest_vmx_plan(facts) + guest_soft_plan(facts)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__, deviations, report
 from .build import ROOT, Artifacts
-from .config import ConfigError, Module, RunConfig
+from .config import BOCHS, ConfigError, Module, RunConfig
 from .expectations import Facts
 from .hostinfo import KvmStatus, kvm_status, qemu_version
 from .judge import Check, judge
@@ -111,6 +111,10 @@ class PreBoot:
 def preboot(cfg: RunConfig) -> PreBoot:
     """Check the CPU model's facts (QOM) before the probes run. Raises ConfigError for what
     the user asked and this CPU cannot do."""
+    if cfg.accel == BOCHS:  # Bochs describes its model itself (lab/bochs.py)
+        from . import bochs
+
+        return bochs.preboot(cfg)
     try:
         facts = cpu_model_facts(cfg)
     except BootError as exc:
@@ -184,6 +188,11 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
             cancel: threading.Event | None = None) -> RunOutcome:
     """Boot once, judge, and write the run folder's report. Never raises for a bad boot:
     the outcome then carries `error` checks and the reason."""
+    if cfg.accel == BOCHS:  # the serial witness only (docs/bochs.md)
+        from . import bochs
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return bochs.run_one(cfg, run_dir, cancel)
     run_dir.mkdir(parents=True, exist_ok=True)
     outcome = RunOutcome(cfg, run_dir, [])
     gdb_port = free_tcp_port() if witness in ("gdb", "both") else None
