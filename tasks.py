@@ -101,12 +101,13 @@ def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=Fa
 
 @task(
     help={
-        "accel": "tcg or kvm (default: tcg)",
-        "scope": "host or guest: where the first breakpoint goes",
-        "break_": "symbol to stop at first",
+        "accel": "tcg|kvm (default: tcg; under KVM break/tbreak become hardware breakpoints)",
+        "scope": "host|guest: where the first breakpoint goes (default: host, at kmain; guest: guest_start, "
+                 "or under KVM the software host's soft_trap)",
+        "break_": "SYMBOL|0xADDR: where to stop first instead (host or guest ELF symbol)",
         "print_only": "print the QEMU and GDB commands instead of starting them (attach from an IDE)",
-        "cpu": "QEMU CPU model",
-        "machine": "QEMU machine",
+        "cpu": "MODEL[,+flag,-flag]: QEMU CPU model (default: qemu64,+svm for TCG, qemu64 for KVM)",
+        "machine": "microvm|pc|q35: QEMU machine (default: microvm)",
     }
 )
 def debug(c, accel="tcg", scope="host", break_=None, print_only=False, cpu="", machine="microvm"):
@@ -127,22 +128,46 @@ def debug(c, accel="tcg", scope="host", break_=None, print_only=False, cpu="", m
     sys.exit(status)
 
 
-@task(help={"args": "extra pytest arguments, e.g. '-k parser' or '-n 2'"})
+@task(help={"args": "ARGS: extra pytest arguments, e.g. '-k parser' or '-n 2' (default: none)"})
 def test(c, args=""):
     """Run the test suite (unit tests, boot tests under TCG and KVM, negative controls)."""
     c.run(f"{sys.executable} -m pytest {args}", pty=False)
 
 
-@task(help={"rounds": "rounds per measurement", "json": "write the figures here"})
-def bench(c, rounds=5, json="bench.json"):
-    """Measure the lab against the floor (bare QEMU boot) and a naive one-boot-per-check runner."""
+@task(help={"rounds": "N: rounds per measurement (default: 5, about 35 s in all on 2 cores; 1: about 10 s)",
+            "check": "exit 1 if a timing target is missed (default: report the figures only)",
+            "update_readme": "rewrite the README's performance block from these figures",
+            "from_json": "PATH: use this bench.json instead of measuring (with --update-readme)"})
+def bench(c, rounds=5, check=False, update_readme=False, from_json=None):
+    """Time the lab against the floor and a naive runner (about 35 s); figures in runs/<run>/bench.json.
+
+    The floor is a bare QEMU boot of the lab's kernel; the naive runner boots once per check."""
     from lab.bench import main as bench_main
 
-    sys.exit(bench_main(rounds=int(rounds), json_path=json))
+    n, size = clean_runs()
+    print(f"clean: removed {n} entries from runs/ ({size / 1e6:.1f} MB)")
+    if build:
+        for folder in ("firmware", "guests"):
+            c.run(f"make -s -C {folder} clean")
+    from lab.cli import USER_ERRORS
+
+    try:
+        status = bench_main(rounds=int(rounds), check=check, update_readme=update_readme, from_json=from_json)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    sys.exit(status)
 
 
-@task(help={"n": "how many full runs", "accel": "accelerators, as for lab.run",
-            "witness": "serial | gdb | both", "json": "write the soak result here"})
+@task(help={"build": "also remove the firmware and guest build folders (default: runs/ only)"})
+def clean(c, build=False):
+    """Remove everything under runs/ (lab.run itself keeps the last $LAB_KEEP_RUNS, default 20)."""
+    from lab.runner import clean_runs
+
+
+@task(help={"n": "N: how many full runs (default: 100, about 2 minutes)",
+            "accel": "auto|tcg|kvm|all, as for lab.run (default: all)",
+            "witness": "serial|gdb|both (default: both)",
+            "json": "PATH: write the soak result here (default: runs/<soak>/soak.json)"})
 def soak(c, n=100, accel="all", witness="both", json=None):
     """Run the full matrix N times and report any flake (a status that changes, a fail, an error)."""
     from lab.soak import main as soak_main
@@ -227,5 +252,5 @@ lab.add_task(sweep)
 lab.add_task(merge)
 ns = Collection()
 ns.add_collection(lab)
-for t in (setup, build, test, bench, soak):
+for t in (setup, build, test, bench, soak, clean):
     ns.add_task(t)

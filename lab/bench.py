@@ -8,11 +8,17 @@ reported as ratios against the floor measured alongside:
 - microvm against pc;
 - naive: one QEMU boot per check, as a per-test runner such as kvm-unit-tests' does;
 - in-guest costs the firmware measured: CPUID native against through #VMEXIT / a trap.
+
+Targets are reported as figures (met or not); only `--check` turns a missed one into a
+non-zero exit. The figures go to `bench.json` in the run's folder under `runs/`, and
+`--update-readme` rewrites the README's performance block from them.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -27,7 +33,8 @@ from .build import ROOT, build
 from .console import make_console
 from .hostinfo import kvm_status, qemu_binary
 from .qemu import build_command
-from .runner import make_config, run_one
+from .config import ConfigError
+from .runner import make_config, new_run_root, run_one
 
 TARGETS = {"lab_over_floor": 1.3, "gdb_added_s": 0.3, "full_run_s": 1.5}
 
@@ -55,55 +62,76 @@ def floor_boot(cfg) -> None:
         raise RuntimeError(f"bare boot ended with status {proc.returncode}: {' '.join(cmd)}")
 
 
-def main(rounds: int = 5, json_path: str | None = "bench.json", naive_rounds: int = 1) -> int:
+def main(rounds: int = 5, check: bool = False, update_readme: bool = False, from_json: str | None = None) -> int:
+    """Measure (or, with `from_json`, reuse a bench.json), print, write bench.json into a new
+    run folder, and optionally rewrite the README's block. Exit 1 only for `check` and a
+    missed target."""
     console = make_console()
+    if from_json:
+        try:
+            results = json.loads(Path(from_json).read_text())
+            results["accels"], results["verdicts"]  # noqa: B018 - the shape of a bench.json
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"--from-json {from_json}: not a bench.json ({exc})") from None
+    else:
+        if rounds < 1:
+            raise ConfigError(f"--rounds {rounds}: at least 1")
+        results = measure(rounds, console)
+        out = new_run_root() / "bench.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"figures: {out}")
+    _print(console, results)
+    if update_readme:
+        update_readme_block(ROOT / "README.md", results)
+        console.print("README.md: performance block rewritten from these figures")
+    missed = [v for v in results["verdicts"] if not v["met"]]
+    return 1 if check and missed else 0
+
+
+def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
     qemu = qemu_binary()
     kvm = kvm_status()
     art = build()
     accels = ["tcg"] + (["kvm"] if kvm.usable else [])
-    tmp = Path(tempfile.mkdtemp(prefix="ringlab-bench-"))
-    results: dict = {"rounds": rounds, "accels": {}, "targets": TARGETS}
+    results: dict = {"rounds": rounds, "date": datetime.date.today().isoformat(), "kvm_module": kvm.module,
+                     "accels": {}, "targets": TARGETS}
+    with tempfile.TemporaryDirectory(prefix="ringlab-bench-") as scratch:
+        tmp = Path(scratch)
 
-    def lab_boot(cfg, witness):
-        out = run_one(cfg, tmp / f"{cfg.accel}-{witness}-{time.monotonic_ns()}", kvm, witness)
-        if not out.boot or out.boot.exit != "ok":
-            raise RuntimeError(f"lab boot failed: {out.error or out.boot.exit_detail}")
-        return out
+        def lab_boot(cfg, witness):
+            out = run_one(cfg, tmp / f"{cfg.accel}-{witness}-{time.monotonic_ns()}", kvm, witness)
+            if not out.boot or out.boot.exit != "ok":
+                raise RuntimeError(f"lab boot failed: {out.error or out.boot.exit_detail}")
+            return out
 
-    for accel in accels:
-        cfg = make_config(accel, art, qemu=qemu, kvm=kvm)
-        pc_cfg = make_config(accel, art, qemu=qemu, kvm=kvm, machine="pc")
-        with console.status(f"{accel}: floor, lab, GDB, pc, naive"):
-            floor = _time(lambda: floor_boot(cfg), rounds)
-            serial = _time(lambda: lab_boot(cfg, "serial"), rounds)
-            gdb = _time(lambda: lab_boot(cfg, "both"), rounds)
-            pc = _time(lambda: lab_boot(pc_cfg, "serial"), max(1, min(rounds, 3)))
-            n_checks = len([c for c in lab_boot(cfg, "serial").checks if c.status != "skip"])
-            naive = [sum(_time(lambda: lab_boot(cfg, "serial"), n_checks)) for _ in range(naive_rounds)]
-            costs = lab_boot(cfg, "serial").as_run_dict()["costs"]
-        f, s, g = _stats(floor), _stats(serial), _stats(gdb)
-        results["accels"][accel] = {
-            "floor_s": f, "lab_serial_s": s, "lab_gdb_s": g, "pc_serial_s": _stats(pc),
-            "naive_s": _stats(naive), "naive_boots": n_checks,
-            "lab_over_floor": s["median"] / f["median"],
-            "gdb_added_s": g["median"] - s["median"],
-            "naive_over_lab": statistics.median(naive) / s["median"],
-            "pc_over_microvm": statistics.median(pc) / s["median"],
-            "guest_costs_cycles": costs,
-        }
+        for accel in accels:
+            cfg = make_config(accel, art, qemu=qemu, kvm=kvm)
+            pc_cfg = make_config(accel, art, qemu=qemu, kvm=kvm, machine="pc")
+            with console.status(f"{accel}: floor, lab, GDB, pc, naive"):
+                floor = _time(lambda: floor_boot(cfg), rounds)
+                serial = _time(lambda: lab_boot(cfg, "serial"), rounds)
+                gdb = _time(lambda: lab_boot(cfg, "both"), rounds)
+                pc = _time(lambda: lab_boot(pc_cfg, "serial"), max(1, min(rounds, 3)))
+                n_checks = len([c for c in lab_boot(cfg, "serial").checks if c.status != "skip"])
+                naive = [sum(_time(lambda: lab_boot(cfg, "serial"), n_checks)) for _ in range(naive_rounds)]
+                costs = lab_boot(cfg, "serial").as_run_dict()["costs"]
+            f, s, g = _stats(floor), _stats(serial), _stats(gdb)
+            results["accels"][accel] = {
+                "floor_s": f, "lab_serial_s": s, "lab_gdb_s": g, "pc_serial_s": _stats(pc),
+                "naive_s": _stats(naive), "naive_boots": n_checks,
+                "lab_over_floor": s["median"] / f["median"],
+                "gdb_added_s": g["median"] - s["median"],
+                "naive_over_lab": statistics.median(naive) / s["median"],
+                "pc_over_microvm": statistics.median(pc) / s["median"],
+                "guest_costs_cycles": costs,
+            }
 
-    full_cmd = [sys.executable, "-m", "invoke", "lab.run", "--accel", "all", "--json", str(tmp / "full.json")]
-    with console.status("full invoke lab.run --accel all"):
-        full = _time(lambda: subprocess.run(full_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, check=False), rounds)
+        full_cmd = [sys.executable, "-m", "invoke", "lab.run", "--accel", "all", "--json", str(tmp / "full.json")]
+        with console.status("full invoke lab.run --accel all"):
+            full = _time(lambda: subprocess.run(full_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, check=False), rounds)
     results["full_run_s"] = _stats(full)
-
-    verdicts = _verdicts(results)
-    results["verdicts"] = verdicts
-    _print(console, results)
-    if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"figures: {json_path}")
-    return 0 if all(v["met"] for v in verdicts) else 1
+    results["verdicts"] = _verdicts(results)
+    return results
 
 
 def _verdicts(r: dict) -> list[dict]:
@@ -124,20 +152,72 @@ def _fmt(s: dict) -> str:
 
 
 def _print(console: Console, r: dict) -> None:
-    t = Table(title=f"ring-lab bench (seconds, median \\[min-max], {r['rounds']} rounds)")
-    for col in ("accel", "floor", "lab serial", "lab+GDB", "pc serial", "naive", "lab/floor", "GDB adds",
-                "naive/lab", "pc/microvm"):
-        t.add_column(col)
-    for accel, a in r["accels"].items():
-        t.add_row(accel, _fmt(a["floor_s"]), _fmt(a["lab_serial_s"]), _fmt(a["lab_gdb_s"]), _fmt(a["pc_serial_s"]),
-                  f"{_fmt(a['naive_s'])} ({a['naive_boots']} boots)", f"{a['lab_over_floor']:.2f}x",
-                  f"{a['gdb_added_s']:+.3f} s", f"{a['naive_over_lab']:.0f}x", f"{a['pc_over_microvm']:.1f}x")
+    # Medians in the table (it fits 100 columns); the ranges below it.
+    header = ("", "floor", "serial", "+GDB", "pc", "naive (boots)", "ser/floor", "GDB adds", "naive/ser",
+              "pc/microvm")
+    rows = [[accel, *(f"{a[k]['median']:.3f}" for k in ("floor_s", "lab_serial_s", "lab_gdb_s", "pc_serial_s")),
+             f"{a['naive_s']['median']:.2f} ({a['naive_boots']})", f"{a['lab_over_floor']:.2f}x",
+             f"{a['gdb_added_s']:+.3f}", f"{a['naive_over_lab']:.0f}x", f"{a['pc_over_microvm']:.1f}x"]
+            for accel, a in r["accels"].items()]
+    t = Table(title=f"ring-lab bench (seconds, medians of {r['rounds']} rounds)", box=None, pad_edge=False,
+              header_style="bold")
+    for i, col in enumerate(header):
+        t.add_column(col, no_wrap=True, min_width=max(len(row[i]) for row in [list(header), *rows]))
+    for row in rows:
+        t.add_row(*row)
     console.print(t)
+    rng = lambda st: f"{st['min']:.3f}-{st['max']:.3f}"  # noqa: E731
+    for accel, a in r["accels"].items():
+        console.print(f"  {accel} min-max: floor {rng(a['floor_s'])}, serial {rng(a['lab_serial_s'])}, "
+                      f"+GDB {rng(a['lab_gdb_s'])}", highlight=False)
     console.print(f"full invoke lab.run --accel all: {_fmt(r['full_run_s'])}")
     for accel, a in r["accels"].items():
         for k, v in sorted(a["guest_costs_cycles"].items()):
             if k.endswith("_cycles"):
                 console.print(f"  {accel} {k} = {v} TSC cycles")
     for v in r["verdicts"]:
-        console.print(f"  {'met' if v['met'] else 'MISSED':6} {v['target']}: {v['value']}",
-                      style="green" if v["met"] else "bold red")
+        console.print(f"  target {v['target']}: {v['value']} ({'met' if v['met'] else 'missed'})",
+                      style="green" if v["met"] else "yellow")
+
+
+# -- the README's performance block, generated -----------------------------------------------
+README_BEGIN = "<!-- bench:begin (generated by `invoke bench --update-readme`; do not edit) -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_block(r: dict) -> str:
+    """The README's performance table and sentences, from one bench.json."""
+    lines = [f"Latest figures ({r.get('date', 'undated')}, medians of {r['rounds']} rounds, "
+             f"KVM module {r.get('kvm_module') or 'none'}):", "",
+             "| | floor | lab serial | lab + GDB | naive | pc |", "|---|---|---|---|---|---|"]
+    for accel, a in r["accels"].items():
+        lines.append(
+            f"| {accel.upper()} | {a['floor_s']['median']:.3f} s | {a['lab_serial_s']['median']:.3f} s "
+            f"({a['lab_over_floor']:.2f}x floor) | {a['gdb_added_s']:+.2f} s | {a['naive_s']['median']:.1f} s "
+            f"({a['naive_over_lab']:.0f}x lab, {a['naive_boots']} boots) | {a['pc_over_microvm']:.1f}x microvm |")
+    lines += ["", f"Full `invoke lab.run --accel all` with both witnesses: {r['full_run_s']['median']:.2f} s wall."]
+    costs = []
+    for accel, a in r["accels"].items():
+        c = a.get("guest_costs_cycles", {})
+        for insn in ("cpuid", "rdtsc"):
+            native = c.get(f"cost.{insn}.native_cycles")
+            through = c.get(f"cost.{insn}.vmexit_cycles") or c.get(f"cost.{insn}.trap_cycles")
+            if native and through:
+                how = "#VMEXIT" if c.get(f"cost.{insn}.vmexit_cycles") else "the software host's trap"
+                costs.append(f"{accel.upper()} {insn.upper()} {native:,} TSC cycles native, {through:,} through {how}")
+    if costs:
+        lines.append("In-guest costs: " + "; ".join(costs) + ".")
+    lines.append("Targets: " + "; ".join(f"{v['target']}: {v['value']} ({'met' if v['met'] else 'missed'})"
+                                         for v in r["verdicts"]) + ".")
+    return "\n".join(lines)
+
+
+def update_readme_block(readme: Path, r: dict) -> None:
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    if len(pattern.findall(text)) != 1:
+        raise ConfigError(f"{readme}: needs exactly one block between {README_BEGIN!r} and {README_END!r}")
+    new = pattern.sub(lambda _: f"{README_BEGIN}\n{readme_block(r)}\n{README_END}", text)
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)

@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress
 
 from .cli import RunOptions, run_lab
+from .runner import new_run_root
 
 
-def soak(n: int, opts: RunOptions, console: Console) -> dict:
+def soak(n: int, opts: RunOptions, console: Console, root: Path | None = None) -> dict:
+    """N rounds into `root` (default: a new folder under runs/). A round that passes leaves
+    nothing; a failed round keeps its run folder, which explains it."""
+    root = root or new_run_root()
     seen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     bad_rounds: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="ringlab-soak-") as runs, Progress(console=console) as progress:
+    with Progress(console=console) as progress:
         task = progress.add_task(f"soak x{n}", total=n)
         for i in range(n):
-            opts.runs_dir = runs
+            round_dir = root / f"round-{i}"
+            opts.runs_dir = str(round_dir)
             status, report = run_lab(opts, console)
             if report is None:  # interrupted
                 break
@@ -30,23 +35,29 @@ def soak(n: int, opts: RunOptions, console: Console) -> dict:
             if status:
                 bad = [f"{c['config']} {c['id']}: {c['status']} {c['reason']}" for c in report["checks"]
                        if c["status"] in ("fail", "error")]
-                bad_rounds.append({"round": i, "problems": bad})
+                bad_rounds.append({"round": i, "problems": bad, "run_dir": str(round_dir)})
+            else:
+                shutil.rmtree(round_dir, ignore_errors=True)
             progress.advance(task)
     flaky = {k: dict(v) for k, v in seen.items() if len(v) > 1}
-    return {"rounds": n, "failed_rounds": bad_rounds, "flaky_checks": flaky}
+    return {"rounds": n, "failed_rounds": bad_rounds, "flaky_checks": flaky, "root": str(root)}
 
 
 def main(n: int = 100, accel: str = "all", witness: str = "both", json_path: str | None = None) -> int:
     console = Console()
     result = soak(n, RunOptions(accel=accel, witness=witness, quiet=True), console)
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(json_path) if json_path else Path(result["root"]) / "soak.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
     flakes = len(result["failed_rounds"]) + len(result["flaky_checks"])
     for r in result["failed_rounds"][:10]:
-        console.print(f"[red]round {r['round']}:[/] " + "; ".join(r["problems"][:5]))
+        console.print(f"[red]round {r['round']}[/] (run folder {r['run_dir']}):")
+        for problem in r["problems"][:5]:
+            console.print(f"  {problem}", highlight=False)
+        if len(r["problems"]) > 5:
+            console.print(f"  ... {len(r['problems']) - 5} more in {r['run_dir']}")
     for k, v in list(result["flaky_checks"].items())[:20]:
         console.print(f"[yellow]flaky[/] {k}: {v}")
-    console.print(f"soak: {n} rounds, {flakes} flake(s)", style="bold red" if flakes else "bold green")
+    console.print(f"soak: {n} rounds, {flakes} flake(s); result {out}", style="bold red" if flakes else "bold green")
     return 1 if flakes else 0
 
 

@@ -1,0 +1,68 @@
+"""`invoke bench` without timing anything: targets are figures (exit 1 only with --check),
+and the README's performance block is generated from a bench.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lab import bench
+from lab.config import ConfigError
+
+
+def figures(full_s: float = 0.93) -> dict:
+    st = lambda m: {"median": m, "min": m, "max": m, "n": 5}  # noqa: E731
+    r = {"rounds": 5, "date": "2026-11-29", "kvm_module": "kvm_pvm", "targets": bench.TARGETS, "full_run_s": st(full_s),
+         "accels": {"tcg": {"floor_s": st(0.064), "lab_serial_s": st(0.062), "lab_gdb_s": st(0.34),
+                            "pc_serial_s": st(0.1), "naive_s": st(3.7), "naive_boots": 55, "lab_over_floor": 0.969,
+                            "gdb_added_s": 0.278, "naive_over_lab": 59.7, "pc_over_microvm": 1.66,
+                            "guest_costs_cycles": {"cost.cpuid.native_cycles": 86, "cost.cpuid.vmexit_cycles": 27462}}}}
+    r["verdicts"] = bench._verdicts(r)
+    return r
+
+
+def test_block_shows_the_figures():
+    block = bench.readme_block(figures())
+    assert "| TCG | 0.064 s | 0.062 s (0.97x floor) | +0.28 s | 3.7 s (60x lab, 55 boots) | 1.7x microvm |" in block
+    assert "0.93 s wall" in block and "86 TSC cycles native, 27,462 through #VMEXIT" in block
+    assert "full run <= 1.5 s: 0.93 (met)" in block
+    assert "full run <= 1.5 s: 2.1 (missed)" in bench.readme_block(figures(full_s=2.1))  # a missed target shows
+
+
+def test_update_rewrites_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{bench.README_BEGIN}\nold figures\n{bench.README_END}\nafter\n")
+    bench.update_readme_block(readme, figures())
+    text = readme.read_text()
+    assert text.startswith("# x\nbefore\n") and text.endswith(f"{bench.README_END}\nafter\n")
+    assert "old figures" not in text and "0.93 s wall" in text
+    bench.update_readme_block(readme, figures(full_s=1.2))  # idempotent: the block is found again
+    assert "1.20 s wall" in readme.read_text() and "0.93 s wall" not in readme.read_text()
+
+
+def test_update_needs_exactly_one_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ConfigError, match="exactly one block"):
+        bench.update_readme_block(readme, figures())
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_the_project_readme_has_the_block():
+    text = (bench.ROOT / "README.md").read_text()
+    assert text.count(bench.README_BEGIN) == 1 and text.count(bench.README_END) == 1
+
+
+@pytest.mark.parametrize("full_s,check,status", [(2.1, False, 0), (2.1, True, 1), (0.9, True, 0)])
+def test_missed_target_fails_only_with_check(tmp_path, full_s, check, status):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(figures(full_s)))
+    assert bench.main(check=check, from_json=str(path)) == status
+
+
+def test_from_json_that_is_not_a_bench_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="not a bench.json"):
+        bench.main(from_json=str(path))
