@@ -143,12 +143,6 @@ def bench(c, rounds=5, check=False, update_readme=False, from_json=None):
 
     The floor is a bare QEMU boot of the lab's kernel; the naive runner boots once per check."""
     from lab.bench import main as bench_main
-
-    n, size = clean_runs()
-    print(f"clean: removed {n} entries from runs/ ({size / 1e6:.1f} MB)")
-    if build:
-        for folder in ("firmware", "guests"):
-            c.run(f"make -s -C {folder} clean")
     from lab.cli import USER_ERRORS
 
     try:
@@ -162,6 +156,12 @@ def bench(c, rounds=5, check=False, update_readme=False, from_json=None):
 def clean(c, build=False):
     """Remove everything under runs/ (lab.run itself keeps the last $LAB_KEEP_RUNS, default 20)."""
     from lab.runner import clean_runs
+
+    n, size = clean_runs()
+    print(f"clean: removed {n} entries from runs/ ({size / 1e6:.1f} MB)")
+    if build:
+        for folder in ("firmware", "guests"):
+            c.run(f"make -s -C {folder} clean")
 
 
 @task(help={"n": "N: how many full runs (default: 100, about 2 minutes)",
