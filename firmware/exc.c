@@ -1,12 +1,13 @@
 /* exc.c - the common exception dispatcher (GDB witness: exc_dispatch).
- * Order: per-vector hook -> ring return (#UD at a known RIP) -> guarded
+ * Order: per-vector hook -> the end of a probe stub (probe.c) -> ring
+ * return (#UD at ring_return_ud2) -> guarded
  * instruction (.extable) -> fault inside run_at_cpl/try_call code ->
  * unexpected: record + isa-debug-exit (never hang). */
-#include "lab.h"
+#include "probe.h"
 
 struct extable_entry { u64 from, to; };
 extern const struct extable_entry __extable_start[], __extable_end[];
-extern char ring_return_ud2[], syscall_entry_ud2[];
+extern char ring_return_ud2[];
 NORETURN void ring_resume(u64 via, u64 return_cs);
 void try_call_resume(void);   /* in ring.c */
 
@@ -58,8 +59,7 @@ static NORETURN void unexpected(struct exc_frame *f)
     rec_hex("rsp", f->rsp);
     if (f->vector == 14)
         rec_hex("cr2", read_cr2());
-    rec_str("probe_name", (const char *)current_probe.name);
-    rec_u64("probe_id", current_probe.id);
+    rec_str("probe_name", probe_running ? probe_running : "none");
     rec_end();
     /* No end record: the run did not complete (docs/records.md). */
     lab_exit(LAB_EXIT_UNEXPECTED);
@@ -85,15 +85,18 @@ void exc_dispatch(struct exc_frame *f)
         return;
     }
 
-    if (v == 6 && ring_state.active) {
-        if (f->rip == (u64)ring_return_ud2) {
-            exc_depth--;
-            ring_resume(RING_VIA_UD, read_cs());
-        }
-        if (f->rip == (u64)syscall_entry_ud2) {
-            exc_depth--;
-            ring_resume(RING_VIA_SYSCALL_UD, ring_state.return_cs);
-        }
+    switch (probe_trap(f)) {
+    case PROBE_TRAP_CHECKPOINT:   /* resume the stub after its checkpoint */
+        exc_depth--;
+        return;
+    case PROBE_TRAP_END:          /* the stub is over: back to the kernel context */
+        exc_depth--;
+        ring_resume(RING_VIA_UD, read_cs());
+    }
+
+    if (v == 6 && ring_state.active && f->rip == (u64)ring_return_ud2) {
+        exc_depth--;
+        ring_resume(RING_VIA_UD, read_cs());
     }
 
     for (const struct extable_entry *e = __extable_start; e < __extable_end; e++) {

@@ -47,7 +47,7 @@ void fault_inject(const char *kind)
         lab_exit(0);   /* mid-record, no end record */
     } else if (!strcmp(kind, "exception")) {
         emit_fault(kind);
-        probe_set("fault-exception", "", 0, 0);
+        probe_running = "fault-exception";
         /* Not mapped (only 0..4 GiB is): #PF, not armed -> unexpected. */
         (void)*(volatile u64 *)0x7fff00000000ull;
     } else if (!strcmp(kind, "kvm-internal")) {

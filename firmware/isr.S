@@ -31,6 +31,8 @@ ISR_NOERR 2
 isr_stub_3:
     cmpq $rec_render_int3_ret, (%rsp)
     je rec_render_resume
+    .globl isr_stub_3_exc           /* any other #BP (the GDB witness stops here) */
+isr_stub_3_exc:
     pushq $0
     pushq $3
     jmp isr_common

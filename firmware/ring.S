@@ -2,14 +2,14 @@
  *
  * Ways in: IRETQ (SDM Vol. 3A 6.14.3 / 5.8: return to an outer privilege
  * level loads CS/SS/RSP from the frame) and SYSRETQ (APM Vol. 2 6.1.1).
- * Ways back: ud2 -> #UD handler at CPL0 (works under TCG and kvm_pvm), or
+ * Ways back: ud2 -> #UD handler at CPL0 (works under TCG and every KVM), or
  * SYSCALL -> syscall_entry (LSTAR). Never int n / call gates / lret: those
- * are emulation failures or #UD under kvm_pvm (shared/FACTS.md).
+ * are emulation failures or #UD under kvm_pvm (docs/platform.md).
  */
 #include "asm.h"
 
     .text
-/* void ring_call(u64 cpl, probe_fn fn, void *arg, u64 use_sysret)
+/* void ring_call(u64 cpl, probe_fn fn, void *arg)
  * Saves the kernel context, enters ring `cpl`, calls fn(arg) there. Returns
  * (through ring_resume) once the ring code came back to CPL0. */
     .globl ring_call
@@ -20,8 +20,6 @@ ring_call:
     mov %rdx, %r13                  /* arg */
     lea ring_stack_tops(%rip), %rax
     mov (%rax,%rdi,8), %r8          /* this ring's fixed stack */
-    test %rcx, %rcx
-    jnz 1f
     lea ring_cs_sels(%rip), %rax
     mov (%rax,%rdi,8), %r9          /* CS with RPL = cpl */
     lea ring_ss_sels(%rip), %rax
@@ -35,13 +33,6 @@ ring_call:
     .globl ring_iretq               /* named for debugging: the IRETQ into ring n */
 ring_iretq:
     iretq
-1:  /* SYSRETQ: CS=STAR[63:48]+16|3, SS=STAR[63:48]+8|3, RIP=RCX, RFLAGS=R11.
-     * RSP is not switched by SYSRET: load the ring-3 stack first (IF=0). */
-    lea ring_entry_sysret(%rip), %rcx
-    mov $0x2, %r11
-    mov %r8, %rsp
-    sysretq
-
 /* First instruction executed at CPLn after IRETQ (GDB witness: ring_entry). */
     .globl ring_entry
 ring_entry:
@@ -54,38 +45,55 @@ ring_entry:
 ring_return_ud2:
     ud2
 
-/* First instruction executed at CPL3 after SYSRETQ. */
-    .globl ring_entry_sysret
-ring_entry_sysret:
-    mov %cs, %rax
-    mov %rax, ring_state+RS_ENTRY_CS(%rip)
-    mov %r13, %rdi
-    call *%r12
-    jmp ring_return_ud2
+/* void probe_call(u64 cpl, void *rip, u64 rax, u64 rcx, u64 use_sysret)
+ * Saves the kernel context like ring_call, then starts a probe stub (probe.h)
+ * at `rip` on ring `cpl`'s fixed stack with RAX and RCX as given: CPL0 by a
+ * jump, CPL1-3 by IRETQ (or SYSRETQ to CPL3). The stub ends in a trap whose
+ * handler (exc.c -> probe.c) resumes the kernel context via ring_resume, which
+ * returns from this call. */
+    .globl probe_call
+probe_call:
+    PUSH_CALLEE_SAVED
+    mov %rsp, ring_kctx_rsp(%rip)
+    mov %rsi, %r12                  /* stub */
+    mov %rdx, %r13                  /* RAX for the stub */
+    mov %rcx, %r14                  /* RCX for the stub */
+    lea ring_stack_tops(%rip), %rax
+    mov (%rax,%rdi,8), %r9          /* this ring's fixed stack */
+    test %rdi, %rdi
+    jnz 1f
+    mov %r9, %rsp                   /* CPL0: no privilege change, just go */
+    mov %r13, %rax
+    mov %r14, %rcx
+    jmp *%r12
+1:  test %r8, %r8
+    jnz 2f
+    lea ring_cs_sels(%rip), %rax
+    mov (%rax,%rdi,8), %r10         /* CS with RPL = cpl */
+    lea ring_ss_sels(%rip), %rax
+    mov (%rax,%rdi,8), %r11         /* SS with RPL = cpl */
+    pushq %r11                      /* SS */
+    pushq %r9                       /* RSP */
+    pushq $0x2                      /* RFLAGS: IF=0, IOPL=0 */
+    pushq %r10                      /* CS */
+    pushq %r12                      /* RIP */
+    mov %r13, %rax
+    mov %r14, %rcx
+    .globl probe_iretq              /* named for debugging: the IRETQ into a probe stub */
+probe_iretq:
+    iretq
+2:  mov %r12, %rcx                  /* SYSRETQ: RIP=RCX, RFLAGS=R11 (IF=0), RSP unchanged */
+    mov $0x2, %r11
+    mov %r9, %rsp
+    mov %r13, %rax
+    sysretq
 
-/* void ring_do_syscall(void *): executed in the ring, leaves via SYSCALL. */
-    .globl ring_do_syscall
-ring_do_syscall:
-    .globl ring_syscall_insn
-ring_syscall_insn:
-    syscall
-    ud2                             /* not reached */
-
-/* LSTAR target. First instruction after SYSCALL (GDB witness: syscall_entry).
- * APM Vol. 2 6.1.1: SYSCALL loads CS=STAR[47:32] (CPL0). kvm_pvm from CPL3
- * jumps here but stays at CPL3: record CS honestly and, if not at CPL0,
- * leave via ud2 so the #UD handler (a real CPL0 entry) resumes the kernel. */
+/* LSTAR target. SDM Vol. 2B SYSCALL: CS = IA32_STAR[47:32] (CPL0), RSP is not
+ * switched. The first instruction is a return trap: the CS the CPU pushes for
+ * this #UD is the CPL SYSCALL reached (the probe's observation, and the GDB
+ * witness's evidence), and the handler resumes the kernel context. */
     .globl syscall_entry
 syscall_entry:
-    mov %cs, %rax
-    mov %rax, ring_state+RS_RETURN_CS(%rip)
-    test $3, %al
-    jnz syscall_entry_ud2
-    mov $RING_VIA_SYSCALL, %edi
-    mov %rax, %rsi
-    jmp ring_resume
-    .globl syscall_entry_ud2
-syscall_entry_ud2:
     ud2
 
 /* noreturn void ring_resume(u64 via, u64 return_cs)
@@ -140,33 +148,6 @@ rec_render_resume:
     POP_CALLEE_SAVED
     ret
 
-/* ---- CPUID probes: global labels right after `cpuid`, where ebx/ecx/edx
- * still hold the result (GDB witness breaks there). ---- */
-
-/* void <name>_probe(u32 out[4]): CPUID leaf `leaf` -> out = eax, ebx, ecx, edx.
- * <name>_done is the instruction right after CPUID. */
-.macro CPUID_PROBE name, leaf
-    .globl \name\()_probe
-\name\()_probe:
-    pushq %rbx
-    mov %rdi, %r8
-    mov $\leaf, %eax
-    xor %ecx, %ecx
-    cpuid
-    .globl \name\()_done
-\name\()_done:
-    mov %eax, 0(%r8)
-    mov %ebx, 4(%r8)
-    mov %ecx, 8(%r8)
-    mov %edx, 12(%r8)
-    popq %rbx
-    ret
-.endm
-
-    CPUID_PROBE cpuid_vendor, 0             /* vendor */
-    CPUID_PROBE cpuid_hvbit, 1              /* ECX[31]: hypervisor present */
-    CPUID_PROBE cpuid_hvsig, 0x40000000     /* hypervisor signature */
-
     .data
     .balign 8
     .globl ring_kctx_rsp
@@ -178,11 +159,13 @@ ring_ss_sels:
     .quad SEL_KDATA, SEL_R1DATA | 1, SEL_R2DATA | 2, SEL_UDATA | 3
     .globl ring_stack_tops
 ring_stack_tops:
-    .quad 0, ring1_stack_top, ring2_stack_top, ring3_stack_top
+    .quad ring0_stack_top, ring1_stack_top, ring2_stack_top, ring3_stack_top
 
     .bss
     .balign 16
-    .globl ring1_stack_top, ring2_stack_top, ring3_stack_top
+    .globl ring0_stack_top, ring1_stack_top, ring2_stack_top, ring3_stack_top
+ring0_stack: .skip 16384            /* CPL0 probe stubs */
+ring0_stack_top:
 ring1_stack: .skip 16384
 ring1_stack_top:
 ring2_stack: .skip 16384

@@ -4,7 +4,7 @@
 volatile struct ring_state ring_state;
 extern struct exc_result ring_fault;
 extern volatile int try_call_active;
-void ring_call(u64 cpl, probe_fn fn, void *arg, u64 use_sysret);
+void ring_call(u64 cpl, probe_fn fn, void *arg);
 
 struct exc_result run_at_cpl(int cpl, probe_fn fn, void *arg)
 {
@@ -20,17 +20,7 @@ struct exc_result run_at_cpl(int cpl, probe_fn fn, void *arg)
         panic("run_at_cpl: bad cpl");
     ring_fault = EXC_OK;
     ring_state.active = 1;
-    ring_call((u64)cpl, fn, arg, 0);
-    return ring_fault;
-}
-
-struct exc_result run_at_cpl_sysret(probe_fn fn, void *arg)
-{
-    ring_state.via = RING_VIA_NONE;
-    ring_state.return_cs = ring_state.resume_cs = ring_state.entry_cs = 0;
-    ring_fault = EXC_OK;
-    ring_state.active = 1;
-    ring_call(3, fn, arg, 1);
+    ring_call((u64)cpl, fn, arg);
     return ring_fault;
 }
 

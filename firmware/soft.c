@@ -162,10 +162,11 @@ static int soft_report(struct hv_ctx *ctx, struct soft_vcpu *v)
     u32 fn = (u32)g.rax;
 
     if (fn == LABHC_CPL_ENTER && g.rdi == 0 && g.rsi == LABHC_VIA_VMRUN) {
-        /* The guest names its entry "vmrun"; here it was our IRETQ to CPL1. */
+        /* The guest names its entry "vmrun"; here it was our IRETQ to CPL1:
+         * the guest kernel, which believes it runs at CPL0, runs at CPL1. */
         rec_obs_begin(SCOPE, "cpl-enter");
-        rec_u64("cpl", 0);
-        rec_str("via", "soft");
+        rec_u64("cpl", 1);
+        rec_str("via", "ring-compression");
         rec_u64("obs", g.rdx & 3);
         rec_hex("cs", g.rdx);
         rec_end();

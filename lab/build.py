@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import fcntl
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .hostinfo import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("normal", "lie")
+# Negative controls (firmware/Makefile): `lie` reports wrong values (both witnesses catch it);
+# `lie-context` runs probes at another CPL / CR4 than it reports and `lie-skip` reports `ok`
+# for probes it never ran (the records look right: only the GDB witness catches these two).
+VARIANTS = ("normal", "lie", "lie-context", "lie-skip")
 
 
 @dataclass(frozen=True)
@@ -51,5 +55,5 @@ def build(variant: str = "normal") -> Artifacts:
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _make(ROOT / "guests")
-        _make(ROOT / "firmware", *(() if variant == "normal" else (f"VARIANT={variant}",)))
+        _make(ROOT / "firmware", f"PYTHON={sys.executable}", *(() if variant == "normal" else (f"VARIANT={variant}",)))
     return artifacts(variant)

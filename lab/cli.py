@@ -112,7 +112,7 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-    rep = full_report(outcomes, qemu, kvm, skipped_checks)
+    rep = full_report(outcomes, qemu, kvm, skipped_checks, opts.witness)
     report_mod.write_json(rep, run_root / "report.json")
     if opts.json:
         report_mod.write_json(rep, report_mod.check_target(opts.json, "--json"))
@@ -156,3 +156,4 @@ def _main_thread() -> bool:
 
 
 USER_ERRORS = (ConfigError, ToolMissing, build_mod.BuildError)
+

@@ -16,18 +16,12 @@ from dataclasses import dataclass, field
 from .ids import check_id
 
 # -- references (Intel SDM = Intel 64 and IA-32 Architectures SDM; APM = AMD64 APM) --------
-REF_CPL = "SDM Vol. 3A 5.5: CPL is CS bits 1:0; APM Vol. 2 4.9.1"
-REF_IRET = "SDM Vol. 2A IRET (return to outer privilege level); APM Vol. 2 8.7.3"
-REF_SYSRET = "SDM Vol. 2B SYSRET: CS = IA32_STAR[63:48]+16, CPL 3; APM Vol. 2 6.1.1"
-REF_SYSCALL = "SDM Vol. 2B SYSCALL: CS = IA32_STAR[47:32], CPL 0; APM Vol. 2 6.1.1"
-REF_EXC_RETURN = "SDM Vol. 3A 6.12.1: an exception from CPL>0 runs its DPL0 handler on the TSS RSP0 stack"
-REF_PRIV = "SDM Vol. 3A 5.9: privileged instructions (HLT, MOV CRn) #GP(0) at CPL>0"
-REF_CLI = "SDM Vol. 2A CLI: #GP(0) if CPL > IOPL (IOPL=0, no VME/PVI)"
-REF_RDTSC = "SDM Vol. 2B RDTSC: #GP(0) if CR4.TSD=1 and CPL>0 (and CR0.PE=1); APM Vol. 3 RDTSC"
-REF_RDTSCP = "SDM Vol. 2B RDTSCP: #UD if CPUID.80000001H:EDX[27]=0, else #GP(0) iff CR4.TSD=1 and CPL>0"
-REF_VENDOR = "SDM Vol. 2A CPUID leaf 0: EBX,EDX,ECX = vendor; value from QEMU's CPU model (QOM `vendor`)"
-REF_HV_BIT = "APM Vol. 3 E.3.2 CPUID Fn0000_0001_ECX[31] (reserved for hypervisor use); QOM `hypervisor`"
-REF_HV_SIG = "CPUID 0x40000000-0x400000FF is the hypervisor range (APM Vol. 3 App. E); TCG: QOM `tcg-cpuid`; KVM: QOM `kvm`"
+# The host probes' references live with their entries in lab/catalogue.py; these serve the
+# guest scopes, whose probes the guest kernel runs.
+from .catalogue import (  # noqa: E402
+    REF_CPL, REF_EXC_RETURN, REF_HV_BIT, REF_IRET, REF_RDTSC, REF_VENDOR, Row, rows,
+)
+
 REF_GUEST_CPL = "APM Vol. 2 15.5.1: VMRUN loads the guest's CS and CPL from the VMCB: the guest runs at its own CPL0"
 REF_GUEST_TSD = (
     "APM Vol. 2 15.7: instruction intercepts are checked after exceptions such as #GP for "
@@ -46,9 +40,6 @@ REF_SOFT_CPUID = (
 )
 REF_INTERCEPT = "APM Vol. 2 15.9-15.13, App. C: an intercepted instruction causes #VMEXIT with its exit code"
 
-HOST_RINGS = (1, 2, 3)
-TSC_CPLS = (0, 1, 2, 3)
-PRIV_INSNS = ("hlt", "cli", "mov-cr4")
 AT_LEAST_ONCE = ">=1"
 
 
@@ -63,6 +54,7 @@ class Facts:
     svm: bool
     hypervisor: bool
     vmx: bool = False  # CPUID.1:ECX[5]: Intel VMX (Bochs' Intel models; lab/bochs.py)
+    syscall: bool = True  # QOM `syscall`: SYSCALL/SYSRET in 64-bit mode (CPUID 0x80000001 EDX[11])
     expose_kvm: bool = True
     tcg_cpuid: bool = True
     hv_signature: str = "LabRingMinus"
@@ -79,6 +71,7 @@ class Facts:
             rdtscp=bool(qom.get("rdtscp", False)),
             svm=bool(qom.get("svm", False)),
             hypervisor=bool(qom.get("hypervisor", False)),
+            syscall=bool(qom.get("syscall", True)),
             expose_kvm=bool(qom.get("kvm", True)),
             tcg_cpuid=bool(qom.get("tcg-cpuid", True)),
             hv_signature=hv_signature,
@@ -95,9 +88,22 @@ class Facts:
 
     @property
     def cpuid_faulting(self) -> bool:
-        """Whether the virtual CPU offers CPUID faulting (MSR 0xCE[31], MSR 0x140[0]): KVM
-        emulates it for every guest; QEMU 7.2's TCG does not implement it."""
+        """Whether the virtual CPU offers CPUID faulting (MSR_PLATFORM_INFO 0xCE bit 31; enabled
+        by MSR_MISC_FEATURES_ENABLES 0x140 bit 0, Intel SDM Vol. 4 2.17). KVM emulates it for every
+        guest whatever the vendor (arch/x86/kvm: CPUID always exits to KVM, which injects #GP(0)
+        at CPL>0 when it is enabled); QEMU 7.2's TCG does not implement either MSR. The rule holds
+        at every CPL>0 on kvm_intel and kvm_amd; kvm_pvm does not fault at CPL3 (its user mode
+        runs CPUID without an exit): lab/deviations.py names that where a probe runs CPUID at CPL3."""
         return self.accel == "kvm"
+
+    @property
+    def amd_cpuid_semantics(self) -> bool:
+        """KVM answers an out-of-range CPUID leaf with zeros for AMD and Hygon vendors and with
+        the highest basic leaf's data for every other vendor (Intel's rule, SDM Vol. 2A CPUID:
+        "If a value entered for CPUID.EAX is higher than the maximum input value ... the data
+        for the highest basic information leaf is returned"); KVM's get_out_of_range_cpuid_entry()
+        keys it on the guest's vendor string."""
+        return self.vendor in ("AuthenticAMD", "AMDisbetter!", "HygonGenuine")
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ def _p(**kw: object) -> dict[str, str]:
     return {k: str(v) for k, v in kw.items()}
 
 
-# -- the rules ------------------------------------------------------------------------------
+# -- the rules: one function per catalogue `rule`, (facts, params, info) -> expected value ------
 def tsc_read(insn: str, tsd: int, cpl: int, *, rdtscp_present: bool = True, protected: bool = True) -> str:
     """RDTSC/RDTSCP: #UD if RDTSCP is absent (decode-time, before privilege checks);
     #GP(0) iff CR4.TSD=1 and CPL>0 and CR0.PE=1; otherwise it completes."""
@@ -140,39 +146,60 @@ def privileged(insn: str, cpl: int) -> str:
     return "#GP(0)" if cpl > 0 else "ok"
 
 
-def hv_signature(facts: Facts) -> str:
-    """What leaf 0x40000000 (EBX,ECX,EDX) returns on this accelerator's virtual CPU."""
+def vendor_bytes(vendor: str) -> str:
+    """CPUID leaf 0's 12 bytes for a QOM `vendor`: QEMU packs the string into EBX, EDX, ECX,
+    NUL-padded, so the `base` model's empty vendor reads as twelve NULs."""
+    return vendor.encode("latin-1")[:12].ljust(12, b"\0").decode("latin-1")
+
+
+def hv_signature(facts: Facts, info: dict[str, str] | None = None) -> str:
+    """What leaf 0x40000000 (EBX,ECX,EDX) returns on this accelerator's virtual CPU.
+    TCG: QEMU answers the range up to 0x40000001 itself, with its signature only when
+    `tcg-cpuid` is on, else zeros (target/i386/cpu.c, whatever the vendor). KVM: QEMU
+    defines the leaf only when `kvm` is on; otherwise the leaf is out of range and KVM's
+    vendor rule applies (Facts.amd_cpuid_semantics): zeros, or the highest basic leaf's data,
+    which the firmware reports as `info cpuid.top` (the CPU's own answer for CPUID.0:EAX)."""
     if facts.accel == "tcg":
         return "TCGTCGTCGTCG" if facts.tcg_cpuid else "\0" * 12
-    return "KVMKVMKVM\0\0\0" if facts.expose_kvm else "\0" * 12
+    if facts.expose_kvm:
+        return "KVMKVMKVM\0\0\0"
+    if facts.amd_cpuid_semantics:
+        return "\0" * 12
+    top = (info or {}).get("cpuid.top")
+    return top if top is not None else "the highest basic leaf's data (info cpuid.top missing)"
 
 
-def host_plan(facts: Facts) -> list[Expectation]:
-    out: list[Expectation] = []
-    add = out.append
-    for cpl in HOST_RINGS:
-        add(Expectation("host", "cpl-enter", _p(cpl=cpl, via="iretq"), str(cpl), f"{REF_CPL}; {REF_IRET}"))
-    add(Expectation("host", "cpl-enter", _p(cpl=3, via="sysret"), "3", f"{REF_CPL}; {REF_SYSRET}"))
-    for cpl in HOST_RINGS:
-        add(Expectation("host", "cpl-return", _p(from_cpl=cpl, via="ud2"), "0", REF_EXC_RETURN))
-    for cpl in HOST_RINGS:
-        add(Expectation("host", "cpl-return", _p(from_cpl=cpl, via="syscall"), "0", REF_SYSCALL))
-    for cpl in HOST_RINGS:
-        for insn in PRIV_INSNS:
-            rule = REF_CLI if insn == "cli" else REF_PRIV
-            add(Expectation("host", "priv-insn", _p(insn=insn, cpl=cpl), privileged(insn, cpl), rule))
-    for insn, rule in (("rdtsc", REF_RDTSC), ("rdtscp", REF_RDTSCP)):
-        for tsd in (0, 1):
-            for cpl in TSC_CPLS:
-                expected = tsc_read(insn, tsd, cpl, rdtscp_present=facts.rdtscp)
-                add(Expectation("host", insn, _p(tsd=tsd, cpl=cpl), expected, rule))
-    # The CR0.PE=0 clause: real mode runs at CPL0 and RDTSC never faults there, TSD or not.
-    add(Expectation("host", "rdtsc", _p(tsd=1, cpl=0, mode="real"), tsc_read("rdtsc", 1, 0, protected=False),
-                    f"{REF_RDTSC}; SDM Vol. 3A 20.1 (real-address mode)"))
-    add(Expectation("host", "cpuid-vendor", _p(leaf=0), facts.vendor, REF_VENDOR))
-    add(Expectation("host", "cpuid-hv-bit", {}, "1" if facts.hypervisor else "0", REF_HV_BIT))
-    add(Expectation("host", "cpuid-hv-signature", {}, hv_signature(facts), REF_HV_SIG))
-    return out
+def _skip(facts: Facts, row: Row) -> str | None:
+    if row.entry.family == "syscall" and not facts.syscall:
+        return "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)"
+    return None
+
+
+RULES = {
+    "ring_entered": lambda f, p, i: p["cpl"],  # IRETQ/SYSRET load CS (and so the CPL) from the frame / STAR
+    "ring_returned": lambda f, p, i: "0",  # the #UD handler's gate and LSTAR's CS are DPL0
+    "privileged": lambda f, p, i: privileged(p["insn"], int(p["cpl"])),
+    "iopl_sensitive": lambda f, p, i: privileged(p["insn"], int(p["cpl"])),
+    "vendor": lambda f, p, i: vendor_bytes(f.vendor),
+    "hv_bit": lambda f, p, i: "1" if f.hypervisor else "0",
+    "hv_signature": lambda f, p, i: hv_signature(f, i),
+}
+
+
+def _expected(facts: Facts, row: Row, info: dict[str, str]) -> str:
+    p = row.params
+    if row.entry.rule == "tsc_read":
+        present = getattr(facts, row.entry.needs) if row.entry.needs else True
+        return tsc_read(row.probe, int(p["tsd"]), int(p["cpl"]), rdtscp_present=present,
+                        protected=p.get("mode") != "real")
+    return RULES[row.entry.rule](facts, p, info)
+
+
+def host_plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
+    """One expectation per catalogue row (lab/catalogue.py), by the row's rule."""
+    info = info or {}
+    return [Expectation(r.scope, r.probe, r.params, _expected(facts, r, info), r.entry.ref, _skip(facts, r))
+            for r in rows("host")]
 
 
 def guest_svm_plan(facts: Facts) -> list[Expectation]:
@@ -188,7 +215,8 @@ def guest_svm_plan(facts: Facts) -> list[Expectation]:
         Expectation(s, "cpl-enter", _p(cpl=0, via="vmrun"), "0", REF_GUEST_CPL, skip),
         Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
         Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "0", REF_EXC_RETURN, skip),
-        Expectation(s, "cpuid-vendor", _p(leaf=0), facts.vendor, f"{REF_VENDOR}; passed through by the host", skip),
+        Expectation(s, "cpuid-vendor", _p(leaf=0), vendor_bytes(facts.vendor), f"{REF_VENDOR}; passed through by the host",
+                    skip),
         Expectation(s, "cpuid-hv-bit", {}, "1", f"{REF_HV_BIT}; set by the host", skip),
         Expectation(s, "cpuid-hv-signature", {}, facts.hv_signature, REF_GUEST_SIG, skip),
         Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; {REF_GUEST_TSD}", skip),
@@ -240,7 +268,7 @@ def guest_vmx_plan(facts: Facts) -> list[Expectation]:
     return rows
 
 
-def guest_soft_plan(facts: Facts) -> list[Expectation]:
+def guest_soft_plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
     skip = None
     if facts.guest_mode != "soft":
         skip = (f"the {facts.guest_mode.upper()} host runs the guest (--host-mode soft forces the software host)"
@@ -248,12 +276,13 @@ def guest_soft_plan(facts: Facts) -> list[Expectation]:
     s = "guest-soft"
     faulting = facts.cpuid_faulting
     hv_bit = "1" if faulting else ("1" if facts.hypervisor else "0")
-    sig = facts.hv_signature if faulting else hv_signature(facts)
+    sig = facts.hv_signature if faulting else hv_signature(facts, info)
     rows = [
-        Expectation(s, "cpl-enter", _p(cpl=0, via="soft"), "1", REF_SOFT_CPL, skip),
+        # The guest kernel believes it runs at CPL0; the software host put it at CPL1.
+        Expectation(s, "cpl-enter", _p(cpl=1, via="ring-compression"), "1", REF_SOFT_CPL, skip),
         Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
         Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "1", f"{REF_SOFT_CPL}; {REF_EXC_RETURN}", skip),
-        Expectation(s, "cpuid-vendor", _p(leaf=0), facts.vendor, REF_VENDOR, skip),
+        Expectation(s, "cpuid-vendor", _p(leaf=0), vendor_bytes(facts.vendor), REF_VENDOR, skip),
         Expectation(s, "cpuid-hv-bit", {}, hv_bit, f"{REF_HV_BIT}; {REF_SOFT_CPUID}", skip),
         Expectation(s, "cpuid-hv-signature", {}, sig, REF_SOFT_CPUID, skip),
         Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; the host keeps CR4.TSD=1 and "
@@ -269,5 +298,7 @@ def guest_soft_plan(facts: Facts) -> list[Expectation]:
     return rows
 
 
-def plan(facts: Facts) -> list[Expectation]:
-    return host_plan(facts) + guest_svm_plan(facts) + guest_vmx_plan(facts) + guest_soft_plan(facts)
+def plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
+    """Every check of a boot. `info`: the firmware's `info` records, used only where the rule
+    itself names the CPU's own answer (hv_signature's highest-basic-leaf case)."""
+    return host_plan(facts, info) + guest_svm_plan(facts) + guest_vmx_plan(facts) + guest_soft_plan(facts, info)

@@ -77,11 +77,15 @@ def judge_one(
     config: str = "",
     details: dict[str, str] | None = None,
     missing_reason: str = "no observation: the probe did not report",
+    witness: str = "both",
+    evidence: dict | None = None,
 ) -> Check:
+    """`witness`: both (either witness can fail a check; they must agree), gdb (GDB's reading
+    decides where it has one; the serial record only says what ran), serial (GDB unused)."""
     check = Check(
         id=exp.id, accel=facts.accel, scope=exp.scope, probe=exp.probe, params=exp.params,
         expected=exp.expected, observed=serial, status="pass", rule=exp.rule, config=config,
-        details=details or {},
+        details=dict(details or {}),
     )
     dev = deviations.find(facts, exp)
     if exp.skip or (dev is not None and dev.observed is None):
@@ -90,29 +94,37 @@ def judge_one(
         return check
     if serial is not None:
         check.witnesses["serial"] = serial
-    if gdb is not None:
+    if gdb is not None and witness != "serial":
         check.witnesses["gdb"] = gdb
+        if evidence:
+            check.details["gdb.evidence"] = " ".join(f"{k}={v}" for k, v in evidence.items())
+    else:
+        gdb = None
     if serial is None:
         check.status, check.reason = "error", missing_reason
         return check
     if gdb == UNREACHED:
         check.status = "error"
-        check.reason = "GDB witness: breakpoint never reached"
+        check.reason = "GDB witness: the session ended before it could look" + (
+            f" ({evidence['error']})" if evidence and evidence.get("error") else "")
         return check
-    if gdb is not None and gdb != serial:
+    if gdb is not None and gdb != serial and witness == "both":
         check.status = "fail"
         check.reason = f"witnesses disagree: serial={show(serial)!s} gdb={show(gdb)!s}"
         return check
-    if exp.matches(serial):
+    observed = gdb if (witness == "gdb" and gdb is not None) else serial
+    check.observed = observed
+    if exp.matches(observed):
         if dev is not None:
             check.status = "xpass"
             check.reason = f"known deviation {dev.name} did not happen: {dev.reason}"
         return check
-    if dev is not None and serial == dev.observed:
+    if dev is not None and observed == dev.observed:
         check.status, check.reason = "xfail", f"{dev.name}: {dev.reason}"
         return check
     check.status = "fail"
-    check.reason = f"expected {show(exp.expected)}, observed {show(serial)}"
+    by = " (GDB's reading)" if observed is gdb and gdb is not None else ""
+    check.reason = f"expected {show(exp.expected)}, observed {show(observed)}{by}"
     return check
 
 
@@ -120,14 +132,16 @@ def judge(
     facts: Facts,
     transcript: Transcript,
     *,
-    gdb_readings: dict[str, str] | None = None,
+    gdb_readings: dict | None = None,
+    witness: str = "both",
     config: str = "",
     boot_exit: str = "ok",
     boot_detail: str = "",
 ) -> list[Check]:
     """Every planned check, plus `error` checks for anything the firmware reported that the
-    plan does not know and for a boot that did not end cleanly."""
-    gdb_readings = gdb_readings or {}
+    plan does not know and for a boot that did not end cleanly. `gdb_readings`: check id ->
+    lab.witness.Reading (or a bare value); `witness`: the run's witness mode."""
+    gdb_readings = {k: (v if hasattr(v, "value") else _Bare(v)) for k, v in (gdb_readings or {}).items()}
     observed: dict[str, list] = {}
     for obs in transcript.observations + _guest_end(transcript):
         observed.setdefault(check_id(obs.scope, obs.probe, obs.params), []).append(obs)
@@ -137,13 +151,15 @@ def judge(
         missing += f" (boot {boot_exit}: {boot_detail or '; '.join(transcript.problems)})"
 
     checks: list[Check] = []
-    planned = plan(facts)
+    planned = plan(facts, transcript.info)
     for exp in planned:
         found = observed.get(exp.id, [])
         serial = found[0].value if found else None
         details = found[0].details if found else {}
-        check = judge_one(exp, facts, serial, gdb_readings.get(exp.id), config=config,
-                          details=details, missing_reason=missing)
+        reading = gdb_readings.get(exp.id)
+        check = judge_one(exp, facts, serial, reading.value if reading else None, config=config,
+                          details=details, missing_reason=missing, witness=witness,
+                          evidence=reading.detail if reading else None)
         if len(found) > 1 and check.status not in ("skip", "error"):
             check.status, check.reason = "error", f"reported {len(found)} times"
         checks.append(check)
@@ -155,8 +171,24 @@ def judge(
             checks.append(Check(cid, facts.accel, o.scope, o.probe, o.params, None, o.value, "error",
                                 "observation the lab has no expectation for", config=config))
 
+    if witness != "serial":
+        # GDB saw the CPU run a probe at a point (CPL, gate) no check of this boot expects.
+        for cid, reading in gdb_readings.items():
+            if cid not in known:
+                checks.append(Check(cid, facts.accel, cid.split(".")[0], cid.split(".")[1], {}, None, None, "fail",
+                                    f"witnesses disagree: GDB saw the CPU execute {cid} ({reading.value}), "
+                                    "which no record reports", witnesses={"gdb": reading.value}, config=config,
+                                    details={"gdb.evidence": " ".join(f"{k}={v}" for k, v in reading.detail.items())}))
     checks.append(_integrity(facts, transcript, boot_exit, boot_detail, config))
     return checks
+
+
+@dataclass
+class _Bare:
+    """A reading given as a bare value (tests, older callers)."""
+
+    value: str
+    detail: dict = field(default_factory=dict)
 
 
 def _guest_end(t: Transcript) -> list[Observation]:

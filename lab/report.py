@@ -12,9 +12,10 @@ from pathlib import Path
 from .judge import Check, summarize
 
 
-def build(lab_version: str, host: dict, runs: list[dict], checks: list[Check]) -> dict:
+def build(lab_version: str, host: dict, runs: list[dict], checks: list[Check], witness: str = "both") -> dict:
     return {
         "lab_version": lab_version,
+        "witness": witness,  # serial | gdb | both: who judged (docs/gdb.md)
         "host": host,
         "runs": runs,
         "checks": [c.as_dict() for c in checks],

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__, deviations, report
 from .build import ROOT, Artifacts
 from .config import BOCHS, ConfigError, Module, RunConfig
-from .expectations import Facts
+from .expectations import Facts, plan
 from .hostinfo import KvmStatus, kvm_status, qemu_version
 from .judge import Check, judge
 from .qemu import BootError, BootResult, Machine, cpu_model_facts, free_tcp_port
@@ -80,6 +80,21 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
     return old
+
+
+def clean_runs(base: Path | None = None) -> tuple[int, int]:
+    """`invoke clean`: empty `runs/` (run, bench and sweep folders). Returns (entries, bytes)."""
+    base = base or ROOT / "runs"
+    if not base.is_dir():
+        return 0, 0
+    entries = list(base.iterdir())
+    size = sum(f.stat().st_size for p in entries for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(entries), size
 
 
 def new_run_root(base: Path | None = None, keep: int | None = None) -> Path:
@@ -207,7 +222,7 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         if gdb is not None:
             gdb.prepare()  # GDB starts and reads the symbols while QEMU starts
         with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel) as machine:
-            start = (lambda qom: _start_witness(gdb, machine, cfg, qom)) if gdb else None
+            start = (lambda qom: _start_witness(gdb, machine, cfg, kvm, qom)) if gdb else None
             boot = machine.run(start=start)
     except BootError as exc:
         outcome.error = str(exc)
@@ -217,31 +232,38 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         # QEMU has exited after a clean boot, so GDB ends at once; after a failed boot it
         # may be stuck at a breakpoint, and the verdict must not wait for it.
         wait = 5.0 if boot is not None and boot.exit == "ok" else 0.5
-        readings = gdb.finish(timeout=wait) if gdb is not None else []
-    gdb_readings = {r.check_id: r.value for r in readings}
+        gdb_readings = gdb.finish(timeout=wait) if gdb is not None else {}
     if gdb is not None and gdb.error:
         outcome.extras["gdb_error"] = gdb.error
     outcome.boot = boot
     outcome.transcript = parse_stream(boot.serial)
-    outcome.facts = Facts.from_qemu(
-        cfg.accel, kvm.module, boot.cpu_facts, hv_signature=cfg.hv_signature, host_mode=cfg.host_mode,
-        guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in cfg.kernel_args,
-    )
+    outcome.facts = facts_of(cfg, kvm, boot.cpu_facts)
     outcome.checks = judge(
-        outcome.facts, outcome.transcript, gdb_readings=gdb_readings if witness != "serial" else None,
-        config=cfg.label, boot_exit=boot.exit, boot_detail=boot.exit_detail,
+        outcome.facts, outcome.transcript, gdb_readings=gdb_readings if gdb is not None else None,
+        witness=witness, config=cfg.label, boot_exit=boot.exit, boot_detail=boot.exit_detail,
     )
     return outcome
 
 
-def _start_witness(gdb, machine: Machine, cfg: RunConfig, qom: dict) -> None:
-    """Let the CPU go under GDB, planning for the scopes this CPU will run. If GDB cannot
-    attach, the boot still runs (QMP `cont`) and every witnessed check becomes an error."""
-    from .gdbmi import GdbError, GdbTimeout
+def facts_of(cfg: RunConfig, kvm: KvmStatus, qom: dict) -> Facts:
+    """What the configuration says the CPU is (QEMU's QOM properties of the model)."""
+    return Facts.from_qemu(
+        cfg.accel, kvm.module, qom, hv_signature=cfg.hv_signature, host_mode=cfg.host_mode,
+        guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in cfg.kernel_args,
+    )
 
-    guest_svm = bool(qom.get("svm")) and cfg.host_mode in ("auto", "svm") and cfg.guest_symbols
+
+def _start_witness(gdb, machine: Machine, cfg: RunConfig, kvm: KvmStatus, qom: dict) -> None:
+    """Plan the witness from this CPU's expectations and let the CPU go under GDB. If GDB
+    cannot attach, the boot still runs (QMP `cont`) and every witnessed check is an error."""
+    from .gdbmi import GdbError, GdbTimeout
+    from .witness import witness_plan
+
+    facts = facts_of(cfg, kvm, qom)
+    exps = plan(facts)
+    deviant = {e.id: d.observed for e in exps if (d := deviations.find(facts, e)) is not None}
     try:
-        gdb.start(scopes=("host", "guest-svm") if guest_svm else ("host",))
+        gdb.start(witness_plan(cfg.accel, facts.kvm_module, exps, deviant))
     except (GdbError, GdbTimeout) as exc:
         gdb.error = f"GDB could not attach: {exc}"
         machine.resume()
@@ -284,6 +306,7 @@ def run_matrix(cfgs: list[RunConfig], run_root: Path, *, kvm: KvmStatus | None =
             raise
 
 
-def full_report(outcomes: list[RunOutcome], qemu: str, kvm: KvmStatus, skipped: list[Check]) -> dict:
+def full_report(outcomes: list[RunOutcome], qemu: str, kvm: KvmStatus, skipped: list[Check],
+                witness: str = "both") -> dict:
     checks = [c for o in outcomes for c in o.checks] + skipped
-    return report.build(__version__, host_dict(qemu, kvm), [o.as_run_dict() for o in outcomes], checks)
+    return report.build(__version__, host_dict(qemu, kvm), [o.as_run_dict() for o in outcomes], checks, witness)

@@ -1,106 +1,164 @@
-"""The GDB witness: a second, independent observer of the probes the firmware reports.
+"""The GDB witness: a second observer that trusts only the CPU and the build.
 
-The firmware prints what it saw; this module stops the CPU at a few named points and reads
-the machine state itself (CS, CR4, the exception frame, the faulting instruction's bytes,
-the CPUID output registers). Its readings are compared with the serial records by the
-judge; it never decides pass or fail.
+Three pieces (docs/gdb.md):
 
-    plan = witness_plan("tcg", ["host", "guest-svm"])
-    w = GdbWitness(run_dir, host_elf, guest_elf, "127.0.0.1:1234", "tcg", plan=plan)
-    w.start()                      # attach to the paused QEMU, set breakpoints, continue
-    ...                            # the runner reads the serial console meanwhile
-    readings = w.finish(timeout=10)    # list[Reading], once QEMU has exited
+- **the plan** (`witness_plan`): where GDB stops the CPU, derived from the expectation plan
+  and what the accelerator allows (`capabilities`): the IDT stubs of the vectors the
+  expected outcomes need (the CPU entering `isr_stub_<n>` *is* vector n), and `hv_main`,
+  where the host's probe phase ends. No firmware order, no stop counts.
+- **the session** (`GdbWitness`): GDB/MI attaches to the paused QEMU, loads the GDB-side
+  collector (lab/gdb/collector.py), which records the CPU state at every stop and lets the
+  CPU go on, and serves the one real stop at `hv_main`.
+- **the reading** (`read_stops`): a pure function from the recorded stops and the ELF64 to
+  observations. Which instruction: the RIP the CPU pushed, resolved to a `probe_insn_<stub>`
+  / `probe_done_<stub>` label, with the bytes the CPU executed compared to the binary's.
+  Which CPL: the CS the CPU pushed. Which gate: CR4 at the stop. Which outcome: the vector of
+  the stub the CPU entered and the error code it pushed; `ok` only from the return trap
+  right after the instruction (a #UD at `probe_done_<stub>`, CS of the probe's ring).
+  Never memory the firmware writes about itself.
 
-Where it looks (symbols: firmware/README.md "GDB witness points"; details: docs/gdb.md):
-- `exc_dispatch` (CPL0; every exception; RDI = the frame): vector, error code, saved RIP
-  and CS, CR4, the bytes at the saved RIP. A #UD at `ring_return_ud2` is the way back from
-  ring n: the frame's CS is ring n's CS, $cs is the CPL after the return, and a probe whose
-  ring trip ends without an exception completed (`ok`).
-- `ring_entry`, `ring_entry_sysret`, `syscall_entry` (TCG): $cs at the first instruction
-  in the ring / after SYSCALL. Dropped once the CPL probes are over (fewer stops).
-- `syscall_entry` (KVM): $cs after SYSCALL from CPL1/CPL2 (CPL0 code there); deleted once
-  both are read, before the CPL3 SYSCALL (which runs it at CPL3 under kvm_pvm).
-- `probe_priv` (KVM, guard): which priv-insn probe is about to run (RDI = insn, EDX = cpl).
-- `cpuid_*_done` (CPL0, once each): EBX/ECX/EDX right after CPUID.
-- `guest_start` (TCG, guest symbols, once): $cs and EFER while the SVM guest runs.
-
-Under KVM only hardware breakpoints on CPL0 code work (at most 4 armed at once), and under
-kvm_pvm a GDB stop at `exc_dispatch` for the #GP that `hlt` raises at CPL3 killed the run
-(with `exc_dispatch` as the only armed breakpoint; docs/gdb.md):
-`exc_dispatch` is never armed while that probe runs (a guard at `probe_priv` disarms it and
-re-arms it at the next probe); that one check has no reading under KVM. `BreakpointSchedule`
-decides what is armed when; it is pure and unit-tested.
+The judge compares the readings with the serial records (lab/judge.py): a check GDB should
+have seen but saw executed never, or more than once, disagrees with the serial witness.
 """
 from __future__ import annotations
 
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
-from .expectations import HOST_RINGS, PRIV_INSNS
+from . import catalogue
+from .elf import Image
 from .gdb import x86
 from .gdbmi import HW_BREAKPOINT_SLOTS, TARGET_CLOSED, Gdb, GdbError, GdbTimeout
-from .ids import check_id
 
-UNREACHED = "unreached"  # the judge turns it into `error`
-
-# Bytes of each probed instruction: a fault counts for the probe only at that instruction;
-# elsewhere the reading says so (`#GP(0)@0f0b`) and cannot agree with the serial record.
-PROBE_INSN_BYTES = {
-    "rdtsc": bytes.fromhex("0f31"),
-    "rdtscp": bytes.fromhex("0f01f9"),
-    "hlt": bytes.fromhex("f4"),
-    "cli": bytes.fromhex("fa"),
-    "mov-cr4": bytes.fromhex("0f22e0"),  # mov %rax, %cr4
-}
-# current_probe.name holds 15 characters: the firmware shortens this one.
-_PROBE_NAMES = {"cpuid-hv-sig": "cpuid-hv-signature"}
-# current_probe -> the record's params, in record order (docs/records.md).
-_PARAMS: dict[str, Callable[[dict], dict[str, object]]] = {
-    "cpl-enter": lambda cp: {"cpl": cp["cpl"], "via": cp["param"]},
-    "cpl-return": lambda cp: {"from_cpl": cp["cpl"], "via": cp["param"]},
-    "priv-insn": lambda cp: {"insn": cp["param"], "cpl": cp["cpl"]},
-    "rdtsc": lambda cp: {"tsd": cp["tsd"], "cpl": cp["cpl"]},
-    "rdtscp": lambda cp: {"tsd": cp["tsd"], "cpl": cp["cpl"]},
-    "cpuid-vendor": lambda cp: {"leaf": 0},
-    "cpuid-hv-bit": lambda cp: {},
-    "cpuid-hv-signature": lambda cp: {},
-}
-# Probes whose observation is "the exception, or ok".
-OUTCOME_PROBES = ("priv-insn", "rdtsc", "rdtscp")
-# GDB-side reader of one exception stop (KVM): registers, frame, current_probe and the bytes
-# at the saved RIP in one MI round trip instead of four (~1 ms less per stop; a KVM boot has
-# ~30 such stops). Prints one line `LABW {json}`; the witness falls back to MI reads on error.
-_GDB_EXC_READER = """
-import gdb, json
-def lab_witness_exc(cp_addr, size, rip_off):
-    f = gdb.selected_frame()
-    inf = gdb.selected_inferior()
-    out = {r: int(f.read_register(r)) & 0xFFFFFFFFFFFFFFFF for r in ("rdi", "cs", "cr4")}
-    frame = bytes(inf.read_memory(out["rdi"], size))
-    out["frame"] = frame.hex()
-    out["cp"] = bytes(inf.read_memory(cp_addr, 48)).hex() if cp_addr else None
-    rip = int.from_bytes(frame[rip_off:rip_off + 8], "little")
-    try:
-        out["insn"] = bytes(inf.read_memory(rip, 4)).hex()
-    except gdb.MemoryError:
-        out["insn"] = None
-    gdb.write("LABW " + json.dumps(out) + chr(10))
-"""
-CPL_PROBES = ("cpl-enter", "cpl-return")
-# A probe's identity before it runs: (probe, param, cpl), e.g. ("priv-insn", "hlt", 3).
-ProbeKey = tuple[str, str, int]
-# kvm_pvm: a GDB stop at exc_dispatch for the #GP of `hlt` at CPL3 kills the VM (after
-# `continue` it triple-faults, no `end` record) - measured with exc_dispatch as the only
-# hardware breakpoint armed; with a second one armed it survived (docs/gdb.md). Every other
-# exception stop is fine. To be safe exc_dispatch is never armed while this probe runs (a
-# guard at probe_priv disarms it), so its check has no GDB reading under KVM.
-KVM_UNSAFE_EXC_STOPS: tuple[ProbeKey, ...] = (("priv-insn", "hlt", 3),)
+UNREACHED = "unreached"  # the session broke before it could look: the judge makes it `error`
+NEVER = "never executed"  # the session was whole and the CPU never ran it: a disagreement
+COLLECTOR = Path(__file__).resolve().parent / "gdb" / "collector.py"
+END_OF_HOST_PROBES = "hv_main"  # the host's probe phase is over when the CPU gets here
 
 
+# -- what each accelerator lets GDB do -------------------------------------------------------
+@dataclass(frozen=True)
+class Capabilities:
+    name: str
+    software_breakpoints: bool
+    hw_slots: int | None  # None: no limit that matters (TCG checks breakpoints at translation)
+    stops_above_cpl0: bool  # a breakpoint on CPL1-3 code stops GDB
+    stops_in_guest: bool  # a breakpoint in a nested (SVM/VMX) guest stops GDB
+    note: str
+
+
+def capabilities(accel: str, kvm_module: str | None) -> Capabilities:
+    """docs/gdb.md "What each accelerator allows". TCG: QEMU's gdbstub checks software
+    breakpoints as it translates, at any CPL and in an SVM guest. KVM: hardware breakpoints
+    (DR0-DR3, 4 at once); kvm_intel and kvm_amd stop GDB at any CPL through
+    KVM_SET_GUEST_DEBUG; kvm_pvm only on CPL0 code (a breakpoint at CPL>0 becomes the guest's
+    #DB: docs/platform.md). An unknown KVM module gets the narrowest set."""
+    if accel == "tcg":
+        return Capabilities("tcg", True, None, True, True, "software breakpoints anywhere")
+    if accel == "kvm" and kvm_module in ("kvm_intel", "kvm_amd"):
+        return Capabilities(kvm_module, False, HW_BREAKPOINT_SLOTS, True, False,
+                            "hardware breakpoints at any CPL, none in a nested guest")
+    return Capabilities(kvm_module or accel, False, HW_BREAKPOINT_SLOTS, False, False,
+                        "hardware breakpoints on CPL0 code only")
+
+
+# -- the plan ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Watch:
+    location: str  # an ELF symbol; the breakpoint goes on its address
+    kind: str  # trap | end (lab/gdb/collector.py)
+    vector: int | None = None
+    error_code: bool = False
+    hw: bool = False
+    ends: tuple[str, ...] = ()
+
+    def spec(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, (), False) or k == "kind"}
+
+
+@dataclass(frozen=True)
+class WitnessPlan:
+    accel: str
+    caps: Capabilities
+    watches: tuple[Watch, ...]
+    checks: tuple[str, ...]  # check ids GDB must read (each exactly once)
+    unwitnessed: dict[str, str] = field(default_factory=dict)  # check id -> why GDB cannot
+
+    @property
+    def vectors(self) -> tuple[int, ...]:
+        return tuple(w.vector for w in self.watches if w.kind == "trap")
+
+    def validate(self) -> None:
+        if len({w.location for w in self.watches}) != len(self.watches):
+            raise ValueError("one watch per location")
+        hw = sum(1 for w in self.watches if w.hw)
+        if self.caps.hw_slots is not None and hw > self.caps.hw_slots:
+            raise ValueError(f"the plan needs {hw} hardware breakpoints; x86 has {self.caps.hw_slots}")
+
+
+def _vector_of(value: str | None) -> int | None:
+    """The vector a value in the record notation reaches CPL0 through: an exception's own,
+    or #UD for `ok` and for every non-exception value (the return trap after the stub)."""
+    if not value or not value.startswith("#"):
+        return 6
+    name = value[1:].split("(")[0]
+    for vec, mn in x86.EXC_MNEMONICS.items():
+        if mn == name:
+            return vec
+    return int(name[1:]) if name.startswith("V") and name[1:].isdigit() else None
+
+
+def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
+                 deviant: dict[str, str | None] | None = None) -> WitnessPlan:
+    """Stops for every expected host check the accelerator lets GDB see. `expectations`:
+    the judge's plan (lab.expectations.plan); `deviant`: check id -> a known deviation's
+    value (None: the firmware does not run it), so its stop is planned for too."""
+    caps = capabilities(accel, kvm_module)
+    deviant = deviant or {}
+    entries = {(r.scope, r.probe, tuple(r.params.items())): r.entry for r in catalogue.rows("host")}
+    wanted: dict[str, set[int]] = {}
+    unwitnessed: dict[str, str] = {}
+    for exp in expectations:
+        entry = entries.get((exp.scope, exp.probe, tuple(exp.params.items())))
+        if entry is None or exp.skip or (exp.id in deviant and deviant[exp.id] is None):
+            continue
+        if entry.witness != "trap":
+            unwitnessed[exp.id] = entry.witness.removeprefix("none: ")
+            continue
+        vectors = {_vector_of(exp.expected)} | ({_vector_of(deviant[exp.id])} if exp.id in deviant else set())
+        wanted[exp.id] = {v for v in vectors if v is not None}
+    # TCG: every vector (the #BP path past the record renderer's own int3). KVM: the vectors
+    # the outcomes need, most needed first, while hardware slots last (one is `hv_main`'s).
+    if caps.hw_slots is None:
+        vectors = list(range(32))
+    else:
+        need: dict[int, int] = {}
+        for vs in wanted.values():
+            for v in vs:
+                need[v] = need.get(v, 0) + 1
+        vectors = sorted(need, key=lambda v: (-need[v], v))[: caps.hw_slots - 1]
+    hw = caps.hw_slots is not None
+    watches = [Watch("isr_stub_3_exc" if v == 3 else f"isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw)
+               for v in sorted(vectors)]
+    watches.append(Watch(END_OF_HOST_PROBES, "end", hw=hw, ends=tuple(w.location for w in watches)))
+    checks = []
+    for cid, vs in wanted.items():
+        missing = vs - set(vectors)
+        if missing:
+            unwitnessed[cid] = (f"{caps.name}: no hardware breakpoint left for vector "
+                                f"{', '.join(x86.exception_value(v) for v in sorted(missing))}")
+        else:
+            checks.append(cid)
+    plan = WitnessPlan(accel, caps, tuple(watches), tuple(checks), unwitnessed)
+    plan.validate()
+    return plan
+
+
+# -- the reading: CPU stops -> observations (pure) ---------------------------------------------
 @dataclass(frozen=True)
 class Reading:
     check_id: str
@@ -109,380 +167,206 @@ class Reading:
 
 
 @dataclass(frozen=True)
-class Watch:
-    """One breakpoint: where, what to read there, and which checks it should produce."""
-
-    location: str  # a symbol; the breakpoint goes on its exact address (`*symbol`)
-    reader: str  # exception | ring-entry | syscall-entry | cpuid-vendor | cpuid-hv-bit | priv-entry | ...
-    expects: tuple[str, ...] = ()  # check ids; any left without a reading -> `unreached`
-    once: bool = False  # one-shot (GDB deletes it at its first hit)
-    during: tuple[str, ...] = ()  # only while these probes run: deleted at the first stop in another
-    guest: bool = False  # the symbol comes from the guest's ELF
-    armed: bool = True  # armed at start; False: armed later, by a one-shot's `then`
-    then: str | None = None  # a one-shot's successor (a location): armed when this one fires
-    until_read: bool = False  # deleted at the stop that completes its `expects`
-    until: tuple[str, ...] = ()  # deleted at the first stop at one of these locations
-    suspend: tuple[ProbeKey, ...] = ()  # never armed while these probes run (needs a guard)
-    guard: bool = False  # its stops tell which probe runs next: (dis)arms `suspend` watches
+class Stub:
+    name: str
+    insn: int  # probe_insn_<name>
+    done: int  # probe_done_<name>
+    code: bytes  # the binary's bytes from insn to done
 
 
-@dataclass(frozen=True)
-class WitnessPlan:
-    accel: str
-    scopes: tuple[str, ...]
-    watches: tuple[Watch, ...]
-
-    @property
-    def check_ids(self) -> list[str]:
-        return [cid for w in self.watches for cid in w.expects]
-
-    @property
-    def peak_armed(self) -> int:
-        """The most breakpoints armed at any moment. BreakpointSchedule only ever arms a
-        one-shot's successor after that one-shot is gone, and re-arms a suspended watch it
-        disarmed first, so the peak is what is armed at start (validate() checks the shape)."""
-        return sum(1 for w in self.watches if w.armed)
-
-    def validate(self) -> None:
-        by_loc = {w.location: w for w in self.watches}
-        if len(by_loc) != len(self.watches):
-            raise ValueError("one watch per location")
-        targets = [w.then for w in self.watches if w.then]
-        if len(targets) != len(set(targets)):
-            raise ValueError("a watch is the successor of two watches")
-        for w in self.watches:
-            if w.then and (not w.once or w.then not in by_loc or by_loc[w.then].armed):
-                raise ValueError(f"{w.location}: `then` needs a one-shot and an unarmed successor")
-            if not w.armed and w.location not in targets:
-                raise ValueError(f"{w.location}: never armed")
-            if w.suspend and not any(g.guard for g in self.watches):
-                raise ValueError(f"{w.location}: `suspend` without a guard watch")
-            if any(loc not in by_loc for loc in w.until):
-                raise ValueError(f"{w.location}: `until` names a location without a watch")
-        if self.accel == "kvm" and self.peak_armed > HW_BREAKPOINT_SLOTS:
-            raise ValueError(f"the KVM plan needs {self.peak_armed} hardware breakpoints at once; "
-                             f"x86 has {HW_BREAKPOINT_SLOTS}")
+def stubs_of(image: Image) -> dict[str, Stub]:
+    out = {}
+    for s in catalogue.stubs():
+        insn, done = image.symbols.get(f"probe_insn_{s.name}"), image.symbols.get(f"probe_done_{s.name}")
+        if insn is not None and done is not None:
+            out[s.name] = Stub(s.name, insn, done, image.read(insn, done - insn))
+    return out
 
 
-class BreakpointSchedule:
-    """What is armed when: pure bookkeeping by location, no GDB. `start()` and `hit()` say
-    what to delete and what to insert; deletions come first, so the count never passes
-    `limit` (4 hardware slots under KVM; a breach raises AssertionError)."""
-
-    def __init__(self, plan: WitnessPlan, limit: int | None = None):
-        self.plan = plan
-        self.limit = limit if limit is not None else (HW_BREAKPOINT_SLOTS if plan.accel == "kvm" else None)
-        self.by_loc = {w.location: w for w in plan.watches}
-        self.armed: set[str] = set()
-        self.suspended: set[str] = set()  # disarmed by a guard; re-armed at the next guard stop
-        self.retired: set[str] = set()  # done for good (fired once, read all, ended): never re-armed
-        self.seen: set[ProbeKey] = set()  # probes a guard saw start
-        self.peak = 0
-        self.keys = {k for w in plan.watches for k in w.suspend}
-
-    def start(self) -> list[Watch]:
-        """Watches to insert at attach: guards first (a suspend watch needs its guard)."""
-        first = sorted((w for w in self.plan.watches if w.armed), key=lambda w: not w.guard)
-        for w in first:
-            self._arm(w.location)
-        return first
-
-    def drop(self, location: str) -> None:
-        """A breakpoint that could not be inserted, or deleted outside the schedule."""
-        self.armed.discard(location)
-        self.suspended.discard(location)
-        self.retired.add(location)
-
-    def unguarded(self) -> list[Watch]:
-        """Armed watches that must not stay armed (call after start()): a `suspend` watch
-        whose guard is not armed, an `until` watch none of whose end points is armed."""
-        guarded = any(self.by_loc[loc].guard for loc in self.armed)
-        out = []
-        for loc in sorted(self.armed):
-            w = self.by_loc[loc]
-            if (w.suspend and not guarded) or (w.until and not self.armed & set(w.until)):
-                out.append(w)
-        return out
-
-    def hit(self, location: str, read: Iterable[str] = (), probe: ProbeKey | None = None,
-            ) -> tuple[list[str], list[Watch]]:
-        """After a stop at `location` (its readings done; `read`: every check id read so
-        far; `probe`: what a guard saw start) -> (locations to delete, watches to insert)."""
-        watch = self.by_loc[location]
-        read = set(read)
-        delete: list[str] = []  # retired for good
-        insert: list[Watch] = []
-        if watch.once:
-            self.armed.discard(location)  # GDB deleted it at the hit: its slot is free
-            self.retired.add(location)
-        elif watch.until_read and watch.expects and set(watch.expects) <= read:
-            delete.append(location)
-        for w in self.plan.watches:
-            if location in w.until and w.location not in delete:
-                delete.append(w.location)  # armed or suspended: it ends here either way
-        disarm: list[str] = []  # suspended: re-armed at a later guard stop
-        if watch.guard:
-            if probe is not None:
-                self.seen.add(probe)
-            for w in self.plan.watches:
-                if not w.suspend:
-                    continue
-                # An unreadable probe (None) counts as unsafe: disarm.
-                unsafe = probe is None or probe in w.suspend
-                if w.location in delete or w.location in self.retired:
-                    continue
-                if unsafe and w.location in self.armed:
-                    self.armed.discard(w.location)
-                    self.suspended.add(w.location)
-                    disarm.append(w.location)
-                elif not unsafe and w.location in self.suspended:
-                    self.suspended.discard(w.location)
-                    insert.append(w)
-            if not self.suspended and self.keys <= self.seen:
-                delete.append(location)  # every unsafe probe is over: the guard's job is done
-        if watch.then and watch.then not in self.armed and watch.then not in self.retired:
-            insert.append(self.by_loc[watch.then])
-        gone = [loc for loc in delete if loc in self.armed]  # the rest has no breakpoint now
-        for loc in delete:
-            self.armed.discard(loc)
-            self.suspended.discard(loc)
-            self.retired.add(loc)
-        for w in insert:
-            self._arm(w.location)
-        return disarm + gone, insert
-
-    def _arm(self, location: str) -> None:
-        self.armed.add(location)
-        self.peak = max(self.peak, len(self.armed))
-        if self.limit is not None and len(self.armed) > self.limit:
-            raise AssertionError(f"{len(self.armed)} breakpoints armed at once ({sorted(self.armed)}); "
-                                 f"the limit is {self.limit}")
+def _frame(stop: dict) -> dict | None:
+    """The frame the CPU pushed on the stack at an IDT stub (SDM Vol. 3A 6.14.1, 64-bit)."""
+    if not stop.get("stack"):
+        return None
+    raw = bytes.fromhex(stop["stack"])
+    off = 8 if x86.EXC_WITH_ERROR_CODE.__contains__(stop["vector"]) else 0
+    err = int.from_bytes(raw[0:8], "little") if off else 0
+    rip, cs, rflags, rsp, ss = (int.from_bytes(raw[off + 8 * i:off + 8 * i + 8], "little") for i in range(5))
+    return {"error_code": err, "rip": rip, "cs": cs, "rflags": rflags, "rsp": rsp, "ss": ss}
 
 
-def _cid(probe: str, **params: object) -> str:
-    return check_id("host", probe, params)
+def _decode_cpuid(regs: dict, how: str) -> str:
+    """`bytes:bdc` -> 4 bytes each of EBX, EDX, ECX; `bit:c31` -> ECX bit 31."""
+    kind, spec = how.split(":")
+    reg = {"a": "rax", "b": "rbx", "c": "rcx", "d": "rdx"}
+    if kind == "bytes":
+        return b"".join((regs[reg[r]] & 0xFFFFFFFF).to_bytes(4, "little") for r in spec).decode("latin-1")
+    return str(regs[reg[spec[0]]] >> int(spec[1:]) & 1)
 
 
-def witness_plan(accel: str, scopes: Iterable[str] = ("host",)) -> WitnessPlan:
-    """Where the witness stops the CPU for this accelerator and these check scopes.
-
-    TCG: software breakpoints (QEMU checks them at translation time: memory is untouched and
-    there is no slot limit), also on CPL>0 code and in the running SVM guest.
-    KVM: hardware breakpoints on CPL0 code, never more than 4 armed at once: `exc_dispatch`
-    (every exception but those of the `hlt` probe at CPL3, see KVM_UNSAFE_EXC_STOPS), its
-    guard at `probe_priv`, `syscall_entry` for the SYSCALLs from CPL1/2, and the three CPUID
-    points chained (one slot). CPL1-3 are read from exception frames. There is no SVM guest
-    under this KVM, so guest scopes get no watches.
-    """
-    scopes = tuple(scopes)
-    watches: list[Watch] = []
-    cpuid = [
-        Watch("cpuid_vendor_done", "cpuid-vendor", (_cid("cpuid-vendor", leaf=0),), once=True),
-        Watch("cpuid_hvbit_done", "cpuid-hv-bit", (_cid("cpuid-hv-bit"),), once=True),
-        Watch("cpuid_hvsig_done", "cpuid-hv-signature", (_cid("cpuid-hv-signature"),), once=True),
-    ]
-    if "host" in scopes and accel == "kvm":
-        # Firmware order (firmware/README.md): ring trips 3, 1, 2 (iretq in, ud2 out), the
-        # SYSRET trip, SYSCALL from 1, 2, 3, priv-insn at 3, 1, 2, rdtsc tsd 0/1 x cpl 0-3.
-        # RDTSCP is skipped on kvm_pvm (KVM internal error); if a host runs it, its readings
-        # still come (unplanned), like those of any probe that faults.
-        ids = [_cid("cpl-enter", cpl=c, via="iretq") for c in HOST_RINGS]
-        ids += [_cid("cpl-return", from_cpl=c, via="ud2") for c in HOST_RINGS]
-        ids += [_cid("cpl-enter", cpl=3, via="sysret"), _cid("cpl-return", from_cpl=3, via="syscall")]
-        ids += [_cid("priv-insn", insn=i, cpl=c) for c in HOST_RINGS for i in PRIV_INSNS
-                if ("priv-insn", i, c) not in KVM_UNSAFE_EXC_STOPS]
-        ids += [_cid("rdtsc", tsd=t, cpl=c) for t in (0, 1) for c in HOST_RINGS]
-        watches += [
-            Watch("probe_priv", "priv-entry", guard=True),
-            # Deleted once its checks are read, at the latest at the first CPUID point: hv_main()
-            # follows, and exc_dispatch stops in its soft host killed the run (measured).
-            Watch("exc_dispatch", "exception", tuple(ids), suspend=KVM_UNSAFE_EXC_STOPS,
-                  until_read=True, until=("cpuid_vendor_done",)),
-            # CPL0 code after SYSCALL from CPL1/2 only: kvm_pvm runs it at CPL3 for the SYSCALL
-            # from CPL3 (a breakpoint there would hand the guest a #DB). That probe comes
-            # last; this watch is gone by then (deleted once from1 and from2 are read).
-            Watch("syscall_entry", "syscall-entry",
-                  tuple(_cid("cpl-return", from_cpl=c, via="syscall") for c in (1, 2)), until_read=True),
-            replace(cpuid[0], then=cpuid[1].location),
-            replace(cpuid[1], armed=False, then=cpuid[2].location),
-            replace(cpuid[2], armed=False),
-        ]
-    elif "host" in scopes:
-        outcomes = [_cid("priv-insn", insn=i, cpl=c) for c in HOST_RINGS for i in PRIV_INSNS]
-        outcomes += [_cid(insn, tsd=t, cpl=c) for insn in ("rdtsc", "rdtscp") for t in (0, 1) for c in HOST_RINGS]
-        returns = [_cid("cpl-return", from_cpl=c, via="ud2") for c in HOST_RINGS]
-        watches += [
-            Watch("exc_dispatch", "exception", tuple(returns + outcomes)),
-            Watch("ring_entry", "ring-entry", tuple(_cid("cpl-enter", cpl=c, via="iretq") for c in HOST_RINGS),
-                  during=CPL_PROBES),
-            Watch("ring_entry_sysret", "ring-entry", (_cid("cpl-enter", cpl=3, via="sysret"),), during=CPL_PROBES),
-            Watch("syscall_entry", "syscall-entry",
-                  tuple(_cid("cpl-return", from_cpl=c, via="syscall") for c in HOST_RINGS), during=CPL_PROBES),
-            *cpuid,
-        ]
-    if "guest-svm" in scopes and accel == "tcg":
-        watches.append(Watch("guest_start", "guest-entry",
-                             (check_id("guest-svm", "cpl-enter", {"cpl": 0, "via": "vmrun"}),),
-                             once=True, guest=True))
-    plan = WitnessPlan(accel, scopes, tuple(watches))
-    plan.validate()
-    return plan
+def read_stops(stops: list[dict], image: Image, scope: str = "host") -> tuple[dict[str, list[Reading]], list[dict]]:
+    """Recorded stops -> (check id -> readings, in stop order; stops inside a probe stub that
+    no catalogue entry explains). Pure: tests feed it recorded or synthetic stops."""
+    stubs = stubs_of(image)
+    lstar = image.symbols.get("syscall_entry")
+    out: dict[str, list[Reading]] = {}
+    stray: list[dict] = []
+    checkpoint: dict | None = None  # the last checkpoint trap (SYSCALL stubs): CS and RSP there
+    for stop in stops:
+        if stop.get("kind") != "trap":
+            continue
+        frame = _frame(stop)
+        if frame is None:
+            continue
+        regs, rip, vector = stop["regs"], frame["rip"], stop["vector"]
+        cpl = frame["cs"] & 3
+        evidence = {"vector": vector, "rip": f"{rip:#x}", "frame.cs": f"{frame['cs']:#x}",
+                    "cs": f"{regs['cs']:#x}", "cr4": f"{regs['cr4']:#x}", "at": stop["at"]}
+        if stop.get("at_rip"):
+            evidence["bytes"] = stop["at_rip"][:8]
+        if rip == lstar and vector == 6:  # the LSTAR entry's return trap: the CPL SYSCALL reached
+            stub = stubs.get("return_syscall")
+            linked = checkpoint is not None and checkpoint["rsp"] == frame["rsp"] and stub is not None \
+                and regs["rcx"] == stub.done  # SYSCALL saved the address after itself in RCX
+            if not linked:
+                stray.append({**evidence, "why": "SYSCALL entry without its checkpoint at a probe stub"})
+                continue
+            params = {"from_cpl": str(checkpoint["cpl"]), "via": "syscall"}
+            evidence.update({"from.cs": f"{checkpoint['cs']:#x}", "rcx": f"{regs['rcx']:#x}"})
+            _add(out, scope, "cpl-return", params, str(cpl), evidence)
+            checkpoint = None
+            continue
+        stub = next((s for s in stubs.values() if s.insn <= rip <= s.done), None)
+        if stub is None:
+            continue  # not a probe: the firmware's own traps (ring plumbing, the guest's host)
+        spec = next(s for s in catalogue.stubs() if s.name == stub.name)
+        if spec.continue_at and rip == stub.insn and vector == 6:
+            checkpoint = {"cpl": cpl, "cs": frame["cs"], "rsp": frame["rsp"]}
+            continue
+        completed = rip == stub.done and vector == 6
+        # What the CPU executed at RIP must be what the binary has there.
+        executed = bytes.fromhex(stop.get("at_rip") or "")
+        binary = image.read(rip, max(1, stub.done - rip))
+        value_suffix = ""
+        if not completed and executed[: len(binary)] != binary:
+            evidence["binary"] = binary.hex()
+            value_suffix = f"@{executed[: len(binary)].hex()}"
+        outcome = "ok" if completed else x86.exception_value(vector, frame["error_code"])
+        for entry in catalogue.by_stub(stub.name):
+            params, value = _params(entry, cpl, regs, frame, outcome)
+            if params is None:
+                continue
+            _add(out, scope, entry.probe, params, value + value_suffix, evidence)
+    return out, stray
 
 
-def probe_check_id(cp: dict, scope: str = "host") -> str | None:
-    """The check a firmware `current_probe` stands for, or None (e.g. `hv_main`)."""
-    name = _PROBE_NAMES.get(cp["name"], cp["name"])
-    params = _PARAMS.get(name)
-    return check_id(scope, name, params(cp)) if params else None
+def _params(entry: catalogue.Probe, cpl: int, regs: dict, frame: dict, outcome: str):
+    """An entry's params from the CPU: `cpl`/`from_cpl` from the pushed CS, the gate from CR4,
+    fixed words (insn, via, leaf) from the entry. Returns (None, _) if the stop cannot be this
+    entry's (e.g. an `enter` stub reached by the other way in)."""
+    params: dict[str, str] = {}
+    for key, values in entry.dims:
+        if key in ("cpl", "from_cpl"):
+            params[key] = str(cpl)
+        elif entry.gate is not None and key == entry.gate.param:
+            params[key] = str(regs[entry.gate.reg] >> entry.gate.bit & 1)
+        elif len(values) == 1:
+            params[key] = str(values[0])
+        else:
+            raise ValueError(f"{entry.probe}: dimension {key} is neither CPU state nor fixed")
+    if entry.kind == "outcome":
+        return params, outcome
+    if outcome != "ok":
+        return params, outcome  # the ring trip or CPUID stub faulted: that is the observation
+    if entry.kind == "enter":
+        return params, str(cpl)
+    if entry.kind == "return":
+        return params, str(regs["cs"] & 3)  # the CPL of the handler the CPU entered
+    value = _decode_cpuid(regs, entry.cpuid[2])
+    return params, value if cpl == 0 else f"{value}@cpl{cpl}"
 
 
+def _add(out: dict, scope: str, probe: str, params: dict, value: str, evidence: dict) -> None:
+    cid = catalogue.check_id(scope, probe, params)
+    out.setdefault(cid, []).append(Reading(cid, value, dict(evidence)))
+
+
+def verdicts(plan: WitnessPlan, found: dict[str, list[Reading]], error: str | None) -> dict[str, Reading]:
+    """One reading per planned check: the value, or NEVER (a whole session saw no execution),
+    UNREACHED (the session broke first), or the values of every execution when there was more
+    than one (the serial witness reports one). Readings of unplanned checks are kept too: the
+    judge calls each a disagreement."""
+    out: dict[str, Reading] = {}
+    for cid in plan.checks:
+        rs = found.get(cid, [])
+        if not rs:
+            out[cid] = Reading(cid, UNREACHED if error else NEVER, {"error": error} if error else {})
+        elif len(rs) > 1:
+            out[cid] = Reading(cid, f"{' '.join(r.value for r in rs)} (executed {len(rs)} times)", rs[0].detail)
+        else:
+            out[cid] = rs[0]
+    for cid, rs in found.items():
+        if cid not in out:
+            out[cid] = Reading(cid, " ".join(r.value for r in rs), {**rs[0].detail, "unplanned": True})
+    return out
+
+
+# -- the session -------------------------------------------------------------------------------
 class GdbWitness:
-    """One GDB session against one paused QEMU; stops are served in a background thread."""
+    """One GDB session against one paused QEMU. The collector records every stop inside GDB;
+    this side only attaches, serves the stop at `hv_main` and reads the record at the end."""
 
-    def __init__(
-        self,
-        run_dir: Path | str,
-        host_elf: Path | str,
-        guest_elf: Path | str | None,
-        gdb_addr: str,
-        accel: str,
-        *,
-        scopes: Iterable[str] = ("host",),
-        plan: WitnessPlan | None = None,
-        gdb: str = "gdb",
-        command_timeout: float = 5.0,
-    ):
+    def __init__(self, run_dir: Path | str, host_elf: Path | str, guest_elf: Path | str | None,
+                 gdb_addr: str, accel: str, *, gdb: str = "gdb", command_timeout: float = 5.0):
         self.run_dir = Path(run_dir)
         self.host_elf = Path(host_elf)
         self.guest_elf = Path(guest_elf) if guest_elf else None
         self.gdb_addr = gdb_addr
         self.accel = accel
-        self._fixed_plan = plan is not None
-        self.plan = plan or witness_plan(accel, scopes)
+        self.plan: WitnessPlan | None = None
         self.transcript = self.run_dir / "gdb.mi.log"
+        self.stops_path = self.run_dir / "gdb.stops.jsonl"
         self.error: str | None = None  # why the session ended early, if it did
-        self.stops = 0
-        self.seconds = 0.0  # attach to the end of the session
+        self.seconds = 0.0
         self._gdb = Gdb(self.transcript, accel=accel, gdb=gdb, timeout=command_timeout)
-        self._numbers: dict[str, Watch] = {}  # armed breakpoint number -> its watch
-        self._schedule: BreakpointSchedule | None = None
-        self._missing: dict[str, str] = {}  # location -> why it has no breakpoint
-        self._readings: dict[str, Reading] = {}
-        self._faulted: set[int] = set()  # current_probe ids that took an exception
-        self._symbols: dict[str, int] = {}
-        self._cp: dict | None = None  # current_probe, read at most once per stop
-        self._exc_reader = False  # _GDB_EXC_READER is loaded
-        self._insn: bytes | None = None  # bytes at the saved RIP, when the stop's reader got them
         self._thread: threading.Thread | None = None
         self._quit = threading.Event()
         self._prepared = False
         self._t0 = 0.0
 
-    # -- runner API ----------------------------------------------------------------------
     def prepare(self) -> None:
-        """Start GDB and load the symbols (~0.05 s; under KVM ~0.09 s with the GDB-side
-        exception reader). Optional: call it before starting QEMU so this overlaps QEMU's
-        own start; start() does it otherwise."""
+        """Start GDB, load the symbols and the collector: call it before QEMU starts so it
+        overlaps QEMU's own start; start() does it otherwise."""
         if self._prepared:
             return
         self._t0 = time.monotonic()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stops_path.write_text("")
         try:
             self._gdb.start()
             self._gdb.load_symbols(self.host_elf)
             if self.guest_elf:
-                self._gdb.add_symbols(self.guest_elf)  # linked at its load address
-            for name in ("ring_return_ud2", "syscall_entry_ud2", "current_probe"):
-                addr = self._gdb.symbol_address(name)
-                if addr is not None:
-                    self._symbols[name] = addr
-            if self.accel == "kvm":  # TCG keeps its MI reads
-                try:
-                    self._gdb.console("python exec(" + repr(_GDB_EXC_READER) + ")")
-                    self._exc_reader = True
-                except GdbError:
-                    pass  # no Python in this GDB: MI reads
+                self._gdb.add_symbols(self.guest_elf)
+            self._gdb.console(f"source {COLLECTOR}")
         except BaseException:
             self._gdb.close()
             raise
         self._prepared = True
 
-    def start(self, scopes: Iterable[str] | None = None) -> None:
-        """Attach to the paused QEMU, set the plan's breakpoints and let the CPU run.
-        `scopes` re-plans for scopes known only now (e.g. from QEMU's CPU facts).
-        Raises GdbError or GdbTimeout if GDB cannot attach (GDB is then already gone)."""
-        if scopes is not None and not self._fixed_plan:
-            self.plan = witness_plan(self.accel, scopes)
+    def start(self, plan: WitnessPlan) -> None:
+        """Attach to the paused QEMU, arm the plan and let the CPU run. Raises GdbError or
+        GdbTimeout if GDB cannot attach (GDB is then already gone)."""
+        self.plan = plan
         self.prepare()
         try:
             self._gdb.connect(self.gdb_addr)
-            self._schedule = BreakpointSchedule(self.plan)
-            for watch in self._schedule.start():
-                self._arm(watch)
-            # A watch that must be disarmed around some probes is never armed without its guard.
-            for watch in self._schedule.unguarded():
-                self._schedule.drop(watch.location)
-                self._disarm(watch.location)
-                self._missing[watch.location] = "the breakpoint that guards or ends it could not be set"
+            config = {"out": str(self.stops_path), "watches": [w.spec() for w in plan.watches]}
+            self._gdb.console("python lab_collect_start(" + repr(json.dumps(config)) + ")")
             self._gdb.cont()
         except BaseException:
             self._gdb.close()
             raise
         self._thread = threading.Thread(target=self._serve, name="gdb-witness", daemon=True)
         self._thread.start()
-
-    def finish(self, timeout: float = 10.0) -> list[Reading]:
-        """Wait up to `timeout` s for the session to end (QEMU exits, the remote end
-        closes); then end GDB (detaching if QEMU still runs) and return the readings, with
-        `unreached` for every planned check that no stop produced."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self.error = self.error or f"QEMU still running {timeout:g} s after finish() was called"
-                self._quit.set()
-                # A hung GDB keeps its thread in a read: give it a moment, then close()
-                # below kills GDB, which ends the read.
-                self._thread.join(0.5)
-                if self._thread.is_alive():
-                    self._gdb.mark_unresponsive()
-        self._gdb.close()
-        readings = self.readings()
-        self._write(readings)
-        return readings
-
-    def readings(self) -> list[Reading]:
-        out = list(self._readings.values())
-        for watch in self.plan.watches:
-            for cid in watch.expects:
-                if cid not in self._readings:
-                    detail = {"location": watch.location}
-                    if watch.location in self._missing:
-                        detail["error"] = self._missing[watch.location]
-                    elif self.error:
-                        detail["error"] = self.error
-                    out.append(Reading(cid, UNREACHED, detail))
-        return out
-
-    # -- session -------------------------------------------------------------------------
-    def _arm(self, watch: Watch) -> None:
-        if watch.guest and not self.guest_elf:
-            self._missing[watch.location] = "no guest symbols given"
-            self._schedule.drop(watch.location)
-            return
-        try:
-            number = self._gdb.breakpoint(f"*{watch.location}", temporary=watch.once)
-        except GdbError as exc:
-            # A missing symbol is a lab bug: its checks become `unreached` with the reason.
-            self._missing[watch.location] = exc.message
-            self._schedule.drop(watch.location)
-            return
-        self._numbers[number] = watch
-
-    def _disarm(self, *locations: str) -> None:
-        """Delete the breakpoints at these locations (the schedule already knows)."""
-        numbers = [n for n, w in self._numbers.items() if w.location in locations]
-        for n in numbers:
-            del self._numbers[n]
-        self._gdb.delete(*numbers)
 
     def _serve(self) -> None:
         gdb = self._gdb
@@ -491,25 +375,19 @@ class GdbWitness:
                 try:
                     stop = gdb.wait_stopped(0.25)
                 except GdbTimeout:
-                    continue  # still running; look at the quit flag again
+                    continue
                 reason = stop.get("reason")
                 if reason == TARGET_CLOSED:
                     break
-                self.stops += 1
-                self._cp = None
-                watch = self._numbers.get(str(stop.get("bkptno")))
                 if reason == "signal-received" and stop.get("signal-name") == "SIGABRT":
-                    # QEMU reports a KVM internal error this way: the CPU cannot go on.
                     self.error = "QEMU stopped the CPU (SIGABRT: KVM internal error?)"
                     break
-                if reason != "breakpoint-hit" or watch is None:
-                    self.error = f"unexpected stop: {reason} {stop.get('signal-name', '')}".strip()
+                at = _stop_location(stop)
+                if reason == "breakpoint-hit" and at == END_OF_HOST_PROBES:
+                    gdb.console(f"python lab_collect_end({at!r})")
                 else:
-                    if watch.once:
-                        self._numbers.pop(str(stop.get("bkptno")), None)  # GDB deleted it
-                    probe = getattr(self, "_read_" + watch.reader.replace("-", "_"))(watch)
-                    self._reschedule(watch, probe)
-                    self._retire()
+                    self.error = f"unexpected stop: {reason} {stop.get('signal-name', '')} at {at}".strip()
+                    break
                 gdb.cont()
         except Exception as exc:  # noqa: BLE001 - a failing witness must not stop the run
             self.error = f"{type(exc).__name__}: {exc}"
@@ -517,172 +395,58 @@ class GdbWitness:
             self.seconds = time.monotonic() - self._t0
             gdb.close()  # detaches if QEMU still runs, so the boot goes on without us
 
-    def _reschedule(self, watch: Watch, probe: ProbeKey | None) -> None:
-        """Delete, then insert, what the schedule says after this stop (deletions first:
-        the hardware slots never overflow)."""
-        delete, insert = self._schedule.hit(watch.location, self._readings.keys(), probe)
-        if delete:
-            self._disarm(*delete)
-        for w in insert:
-            self._arm(w)
+    def finish(self, timeout: float = 10.0) -> dict[str, Reading]:
+        """Wait up to `timeout` s for the session to end (QEMU exited), end GDB, and return
+        one reading per planned check (and any unplanned ones)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.error = self.error or f"QEMU still running {timeout:g} s after finish() was called"
+                self._quit.set()
+                self._thread.join(0.5)
+                if self._thread.is_alive():
+                    self._gdb.mark_unresponsive()
+        elif self.plan is not None and self.error is None:
+            self.error = "GDB never attached"
+        self._gdb.close()
+        stops = self.stops()
+        if self.plan is None:
+            return {}
+        found, stray = read_stops(stops, Image.load(self.host_elf))
+        missing = [s for s in stops if "error" in s]
+        if missing and not self.error:
+            self.error = "; ".join(f"{s['at']}: {s['error']}" for s in missing)
+        result = verdicts(self.plan, found, self.error)
+        self._write(stops, result, stray)
+        return result
 
-    def _retire(self) -> None:
-        """Delete `during` watches once a probe outside their window is running."""
-        if self._cp is None or not self._cp["valid"]:
-            return
-        name = self._cp["name"]
-        done = [n for n, w in self._numbers.items() if w.during and name not in w.during]
-        if done:
-            self._gdb.delete(*done)
-            for n in done:
-                self._schedule.drop(self._numbers.pop(n).location)
+    def stops(self) -> list[dict]:
+        out = []
+        if self.stops_path.exists():
+            for line in self.stops_path.read_text().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    self.error = self.error or "the collector's record is cut short"
+        return out
 
-    def _put(self, cid: str | None, value: str, detail: dict) -> None:
-        if cid is None:
-            return
-        if cid in self._readings:  # the first reading wins; a different later one is kept beside it
-            prev = self._readings[cid]
-            if value != prev.value:
-                prev.detail.setdefault("other_readings", []).append(f"{value} ({detail.get('source', '?')})")
-            return
-        self._readings[cid] = Reading(cid, value, detail)
-
-    def _current_probe(self) -> dict:
-        if self._cp is None:
-            addr = self._symbols.get("current_probe")
-            raw = self._gdb.read_memory(addr, x86.CURRENT_PROBE_SIZE) if addr is not None else bytes(48)
-            self._cp = x86.decode_current_probe(raw)
-        return self._cp
-
-    # -- readers: one per watch kind -------------------------------------------------------
-    def _exc_snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Registers (rdi, cs, cr4) and the frame at exc_dispatch; current_probe and the
-        bytes at the saved RIP come along when the GDB-side reader is loaded."""
-        self._insn = None
-        if self._exc_reader:
-            cp_addr = self._symbols.get("current_probe", 0)
-            rip_off = 8 * x86.EXC_FRAME_FIELDS.index("rip")
-            try:
-                out = self._gdb.console(f"python lab_witness_exc({cp_addr}, {x86.EXC_FRAME_SIZE}, {rip_off})")
-                line = next(ln for ln in out.splitlines() if ln.startswith("LABW "))
-                snap = json.loads(line[5:])
-            except (GdbError, StopIteration, ValueError):
-                self._exc_reader = False  # MI reads from now on
-            else:
-                if snap["cp"]:
-                    self._cp = x86.decode_current_probe(bytes.fromhex(snap["cp"]))
-                if snap["insn"]:
-                    self._insn = bytes.fromhex(snap["insn"])
-                regs = {r: snap[r] for r in ("rdi", "cs", "cr4")}
-                return regs, x86.decode_exc_frame(bytes.fromhex(snap["frame"]))
-        gdb = self._gdb
-        regs = gdb.read_registers("rdi", "cs", "cr4")
-        return regs, x86.decode_exc_frame(gdb.read_memory(regs["rdi"], x86.EXC_FRAME_SIZE))
-
-    def _read_exception(self, watch: Watch) -> None:
-        regs, frame = self._exc_snapshot()
-        cp = self._current_probe()
-        vector, rip = frame["vector"], frame["rip"]
-        detail = {
-            "rip": f"{rip:#x}",
-            "frame.cs": f"{frame['cs']:#x}",
-            "cs": f"{regs['cs']:#x}",
-            "cr4.tsd": regs["cr4"] >> 2 & 1,
-            "probe": f"{cp['name']} {cp['param']}".strip(),
-        }
-        if vector == 6 and rip == self._symbols.get("ring_return_ud2"):
-            self._ring_return(cp, frame, regs, detail)
-        elif vector == 6 and rip == self._symbols.get("syscall_entry_ud2"):
-            # SYSCALL reached LSTAR without reaching CPL0 (kvm_pvm from CPL3): the frame's CS.
-            self._put(probe_check_id(cp), str(frame["cs"] & 3), {**detail, "source": "frame at syscall_entry_ud2"})
-        else:
-            self._fault(cp, frame, detail)
-
-    def _ring_return(self, cp: dict, frame: dict, regs: dict, detail: dict) -> None:
-        """Back from ring n: the frame's CS is ring n's, $cs is the CPL after the return."""
-        name = _PROBE_NAMES.get(cp["name"], cp["name"])
-        if name == "cpl-enter":
-            # Under TCG `ring_entry` read it first; under KVM this is the only way to see CPL3.
-            self._put(probe_check_id(cp), str(frame["cs"] & 3), {**detail, "source": "exception frame"})
-            if cp["param"] == "iretq":
-                cid = check_id("host", "cpl-return", {"from_cpl": cp["cpl"], "via": "ud2"})
-                self._put(cid, str(regs["cs"] & 3), {**detail, "source": "$cs at exc_dispatch"})
-        elif name in OUTCOME_PROBES and cp["id"] not in self._faulted:
-            self._put(probe_check_id(cp), "ok", {**detail, "note": "ring trip ended with no exception"})
-
-    def _fault(self, cp: dict, frame: dict, detail: dict) -> None:
-        insn = self._insn if self._insn is not None else self._gdb.read_memory(frame["rip"], 4)
-        detail["insn"] = insn.hex(" ")
-        value = x86.exception_value(frame["vector"], frame["error_code"])
-        name = _PROBE_NAMES.get(cp["name"], cp["name"])
-        probed = PROBE_INSN_BYTES.get(cp["param"] if name == "priv-insn" else name)
-        if probed is not None and not insn.startswith(probed):
-            value = f"{value}@{insn[:len(probed)].hex()}"  # not at the probed instruction
-        if name in OUTCOME_PROBES and cp["id"] not in self._faulted:
-            self._faulted.add(cp["id"])
-            self._put(probe_check_id(cp), value, detail)
-        elif name == "cpl-enter" and frame["cs"] & 3:
-            # A fault inside the ring: its frame shows the ring's CS too (the first reading
-            # wins; under TCG `ring_entry` came first).
-            self._put(probe_check_id(cp), str(frame["cs"] & 3), {**detail, "source": "exception frame (fault)"})
-
-    def _regs_detail(self, watch: Watch, *names: str) -> tuple[dict[str, int], dict]:
-        regs = self._gdb.read_registers(*names)
-        return regs, {"cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}", "source": watch.location}
-
-    def _read_ring_entry(self, watch: Watch) -> None:
-        regs, detail = self._regs_detail(watch, "cs", "rip")
-        cp = self._current_probe()
-        if cp["name"] == "cpl-enter":
-            self._put(probe_check_id(cp), str(regs["cs"] & 3), detail)
-
-    def _read_syscall_entry(self, watch: Watch) -> None:
-        regs, detail = self._regs_detail(watch, "cs", "rip")
-        cp = self._current_probe()
-        if cp["name"] == "cpl-return" and cp["param"] == "syscall":
-            self._put(probe_check_id(cp), str(regs["cs"] & 3), detail)
-
-    def _read_cpuid(self, watch: Watch, order: tuple[str, ...]) -> None:
-        regs = self._gdb.read_registers("rax", *order)
-        raw = b"".join((regs[r] & 0xFFFFFFFF).to_bytes(4, "little") for r in order)
-        self._put(watch.expects[0], raw.decode("latin-1"),
-                  {"eax": f"{regs['rax'] & 0xFFFFFFFF:#x}", "source": watch.location})
-
-    def _read_cpuid_vendor(self, watch: Watch) -> None:
-        self._read_cpuid(watch, ("rbx", "rdx", "rcx"))  # leaf 0: EBX, EDX, ECX
-
-    def _read_cpuid_hv_signature(self, watch: Watch) -> None:
-        self._read_cpuid(watch, ("rbx", "rcx", "rdx"))  # 0x40000000: EBX, ECX, EDX
-
-    def _read_cpuid_hv_bit(self, watch: Watch) -> None:
-        ecx = self._gdb.read_register("rcx") & 0xFFFFFFFF
-        self._put(watch.expects[0], str(ecx >> 31 & 1), {"ecx": f"{ecx:#x}", "source": watch.location})
-
-    def _read_priv_entry(self, watch: Watch) -> ProbeKey | None:
-        """Guard at `probe_priv(const char *insn, probe_fn fn, int cpl)`, first instruction:
-        the probe about to run, from the arguments (current_probe is not set yet).
-        None when unreadable: the schedule then treats it as unsafe."""
-        try:
-            regs = self._gdb.read_registers("rdi", "rdx")
-            insn = self._gdb.read_memory(regs["rdi"], 16).split(b"\0", 1)[0].decode("ascii")
-        except (GdbError, UnicodeDecodeError):
-            return None
-        return ("priv-insn", insn, regs["rdx"] & 0xFFFFFFFF)
-
-    def _read_guest_entry(self, watch: Watch) -> None:
-        regs, detail = self._regs_detail(watch, "cs", "rip", "efer")
-        self._put(watch.expects[0], str(regs["cs"] & 3), {**detail, "efer.svme": regs["efer"] >> 12 & 1})
-
-    # -- output --------------------------------------------------------------------------
-    def _write(self, readings: list[Reading]) -> None:
+    def _write(self, stops: list[dict], result: dict[str, Reading], stray: list[dict]) -> None:
         out = {
             "accel": self.accel,
+            "capabilities": asdict(self.plan.caps),
             "watches": [asdict(w) for w in self.plan.watches],
-            "missing": self._missing,
+            "checks": list(self.plan.checks),
+            "unwitnessed": self.plan.unwitnessed,
             "error": self.error,
-            "stops": self.stops,
+            "stops": len(stops),
             "seconds": round(self.seconds, 4),
-            "readings": [asdict(r) for r in readings],
+            "stray": stray,
+            "readings": [asdict(r) for r in result.values()],
         }
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "gdb.readings.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def _stop_location(stop: dict) -> str:
+    frame = stop.get("frame") or {}
+    func = frame.get("func", "")
+    return func if func and func != "??" else frame.get("addr", "?")

@@ -97,7 +97,8 @@ def test_invoke_lab_run_writes_the_report_contract(tmp_path, artifacts):
                           capture_output=True, text=True, timeout=120)
     report = json.loads(path.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert set(report) == {"lab_version", "host", "runs", "checks", "summary"}
+    assert set(report) == {"lab_version", "witness", "host", "runs", "checks", "summary"}
+    assert report["witness"] == "both"
     assert report["host"]["qemu"] and "kvm_module" in report["host"]
     for run in report["runs"]:
         assert run["exit"] == "ok" and run["command"][0].endswith("qemu-system-x86_64")

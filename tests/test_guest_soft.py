@@ -31,7 +31,7 @@ def test_kvm_runs_the_guest_in_the_software_host(tmp_path, artifacts, qemu, kvm)
     out = boot(tmp_path, artifacts, qemu, kvm, "kvm")
     c = soft(out)
     assert_all_judged_ok(c)
-    assert c["guest-soft.cpl-enter.cpl0.soft"].observed == "1"  # the guest can tell
+    assert c["guest-soft.cpl-enter.cpl1.ring-compression"].observed == "1"  # the guest can tell
     assert c["guest-soft.cpuid-hv-signature"].observed == "LabRingMinus"  # CPUID faulting at CPL1
     assert int(c["guest-soft.trap.cpuid"].observed) >= 1
     for x in c.values():

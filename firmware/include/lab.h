@@ -2,7 +2,6 @@
  *
  * The kernel only OBSERVES and prints records (docs/records.md); it never
  * judges. Everything here runs in 64-bit long mode, IF=0 always.
- * Other engineers (firmware/svm*.c) code against this header.
  */
 #ifndef LAB_H
 #define LAB_H
@@ -187,10 +186,9 @@ int strncmp(const char *a, const char *b, size_t n);
  * ud2; the #UD handler (CPL0) recognises RIP ring_return_ud2 and resumes the
  * kernel context. If fn takes an unguarded exception in ring n, that
  * exception is returned (faulted=1) instead of killing the kernel.
- * run_at_cpl_sysret(fn, arg): same, but enters CPL3 with SYSRETQ. */
+ * The probes themselves run through probe.h (one stub per instruction). */
 typedef void (*probe_fn)(void *arg);
 struct exc_result run_at_cpl(int cpl, probe_fn fn, void *arg);
-struct exc_result run_at_cpl_sysret(probe_fn fn, void *arg);
 /* How the last run_at_cpl came back to CPL0, and CS as read there. */
 enum ring_via { RING_VIA_NONE = 0, RING_VIA_UD = 1, RING_VIA_SYSCALL = 2,
                 RING_VIA_SYSCALL_UD = 3, RING_VIA_FAULT = 4 };
@@ -202,8 +200,6 @@ struct ring_state {
     u64 entry_cs;      /* CS read by ring_entry* (first instructions in ring n) */
 };
 extern volatile struct ring_state ring_state;
-/* Helper for probes: execute SYSCALL (returns to CPL0 via LSTAR entry). */
-void ring_do_syscall(void *unused);
 
 /* ---- guarded execution ----
  * TRY_INSN(res, "insn") runs one asm snippet; if it raises an exception the
@@ -231,26 +227,18 @@ struct exc_result try_result(void);
  * caught (fn is abandoned at the fault) and returned. CPL0 only. */
 struct exc_result try_call(probe_fn fn, void *arg);
 
-/* ---- current probe (read by the GDB witness from memory) ---- */
-struct current_probe {
-    u32 magic;        /* 0x4c414221 "!BAL" once initialised */
-    u32 id;           /* sequential probe number, 0 = none yet */
-    u32 cpl;          /* target CPL of the probe */
-    u32 tsd;          /* CR4.TSD set for the probe (0/1) */
-    char name[16];    /* probe name, e.g. "rdtsc" */
-    char param[16];   /* extra param, e.g. "hlt" or "iretq" */
-};
-extern volatile struct current_probe current_probe;
-void probe_set(const char *name, const char *param, u32 cpl, u32 tsd);
+/* ---- the probe running now, for the unexpected-exception record only (the
+ * GDB witness never reads firmware memory) ---- */
+extern const char *probe_running;
 
 /* ---- hypervisor hook ----
- * kmain calls hv_main after the host probes and before lab_finish(0).
- * firmware/hv_weak.c has a weak default (emits "info hv=none");
- * firmware/svm*.c provides the strong one. */
+ * kmain calls hv_main (svm.c: SVM or the software host) after the host
+ * probes and before lab_finish(0). The GDB witness takes the CPU reaching
+ * hv_main as the end of the host's probe phase. */
 void hv_main(const struct bootinfo *bi);
 
 /* ---- misc ---- */
-extern const char lab_variant[];   /* "normal" or "lie" */
+extern const char lab_variant[];   /* "normal", "lie", "lie-context" or "lie-skip" */
 #ifdef LAB_LIE
 #define LAB_IS_LIE 1
 #else

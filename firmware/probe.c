@@ -1,0 +1,151 @@
+/* probe.c - runs the probe table generated from lab/catalogue.py: one stub
+ * at one CPL under one gate, one obs record per row. The catalogue declares
+ * the probes; this file is only the mechanics, and it never judges. */
+#include "probe.h"
+#include "probes.gen.h"
+
+void probe_call(u64 cpl, void *rip, u64 rax, u64 rcx, u64 sysret);   /* ring.S */
+extern char syscall_entry[];
+
+const char *probe_running;
+static volatile int probe_active;
+static const struct probe_stub *probe_cur;
+static struct probe_result probe_res;
+
+struct probe_result probe_run(const struct probe_stub *s, int cpl, int sysret)
+{
+    memset(&probe_res, 0, sizeof(probe_res));
+    probe_cur = s;
+    probe_active = 1;
+    probe_call((u64)cpl, s->insn, s->rax_is_cr4 ? read_cr4() : s->rax, s->rcx, (u64)sysret);
+    probe_active = 0;
+    return probe_res;
+}
+
+int probe_trap(struct exc_frame *f)
+{
+    const struct probe_stub *s = probe_cur;
+    if (!probe_active)
+        return PROBE_TRAP_OTHER;
+    if (f->vector == 6 && s->continue_at && f->rip == (u64)s->insn) {
+        probe_res.checkpoint_cs = f->cs;   /* e.g. the CPL a SYSCALL is made from */
+        f->rip += 2;                       /* past the checkpoint's ud2 */
+        return PROBE_TRAP_CHECKPOINT;
+    }
+    /* The return trap after the stub, or the LSTAR entry's (SYSCALL stubs). */
+    int done = f->vector == 6 && (f->rip == (u64)s->done || f->rip == (u64)syscall_entry);
+    if (!done && !(f->rip >= (u64)s->insn && f->rip < (u64)s->done))
+        return PROBE_TRAP_OTHER;           /* not the probed instruction: unexpected */
+    probe_res.vector = f->vector;
+    probe_res.error_code = f->error_code;
+    probe_res.rip = f->rip;
+    probe_res.cs = f->cs;
+    probe_res.rsp = f->rsp;
+    probe_res.rax = f->rax;
+    probe_res.rbx = f->rbx;
+    probe_res.rcx = f->rcx;
+    probe_res.rdx = f->rdx;
+    probe_res.back_cs = read_cs();
+    probe_res.done = done;
+    probe_active = 0;
+    return PROBE_TRAP_END;
+}
+
+static struct exc_result as_exc(const struct probe_result *r)
+{
+    struct exc_result e = { 1, (u32)r->vector, r->error_code, r->rip, r->cs };
+    return e;
+}
+
+static int skipped(const struct probe_row *r)
+{
+    return cmdline_list_has("skip", r->probe) || cmdline_list_has("skip", r->family);
+}
+
+/* The observation, as docs/records.md spells it. */
+static void record(const struct probe_row *r, const struct probe_result *res, char bytes[12])
+{
+    rec_obs_begin(r->scope, r->probe);
+    for (int k = 0; k < 4 && r->keys[k][0]; k++)
+        rec_str(r->keys[k], r->vals[k]);
+    if (LAB_IS_LIE && r->lie[0]) {
+        rec_str("obs", r->lie);                  /* the `lie` build: a negative control */
+    } else if (r->kind == PK_OUTCOME) {
+        if (res->done)
+            rec_str("obs", "ok");
+        else
+            rec_exc("obs", as_exc(res));
+    } else if (!res->done) {
+        rec_exc("obs", as_exc(res));             /* the ring trip ended some other way */
+    } else if (r->kind == PK_ENTER) {
+        rec_u64("obs", res->cs & 3);             /* CPL of the stub, from the CS the CPU pushed */
+    } else if (r->kind == PK_RETURN) {
+        /* SYSCALL: the CPL the LSTAR entry ran at; ud2: the CPL of its handler. */
+        rec_u64("obs", (res->rip == (u64)syscall_entry ? res->cs : res->back_cs) & 3);
+    } else if (r->decode[0] == 'b' && r->decode[1] == 'y') {
+        /* "bytes:XYZ": 4 bytes from each of the registers named by a/b/c/d. */
+        for (int i = 0; i < 3; i++) {
+            char reg = r->decode[6 + i];
+            u32 v = (u32)(reg == 'a' ? res->rax : reg == 'b' ? res->rbx : reg == 'c' ? res->rcx : res->rdx);
+            memcpy(bytes + 4 * i, &v, 4);
+        }
+        rec_bytes("obs", bytes, 12);
+    } else {
+        /* "bit:rNN": bit NN of register r. */
+        char reg = r->decode[4];
+        u64 v = reg == 'a' ? res->rax : reg == 'b' ? res->rbx : reg == 'c' ? res->rcx : res->rdx;
+        int bit = (r->decode[5] - '0') * 10 + (r->decode[6] - '0');
+        rec_u64("obs", (v >> bit) & 1);
+    }
+    if (r->kind == PK_ENTER || r->kind == PK_RETURN)
+        rec_hex("cs", r->kind == PK_RETURN && res->rip != (u64)syscall_entry ? res->back_cs : res->cs);
+    if (r->kind == PK_CPUID && r->decode[0] == 'b' && r->decode[1] == 'y')
+        rec_hex("max", (u32)res->rax);
+    if (r->kind == PK_RETURN && res->checkpoint_cs)
+        rec_hex("from_cs", res->checkpoint_cs);
+    rec_end();
+}
+
+void probes_run_table(void)
+{
+    const char *last_skip = "";
+    for (int i = 0; i < PROBE_NROWS; i++) {
+        const struct probe_row *r = &probe_rows[i];
+        if (skipped(r)) {
+            if (strcmp(last_skip, r->probe)) {
+                rec_info_str("skipped", r->probe);
+                last_skip = r->probe;
+            }
+            continue;
+        }
+        int cpl = r->cpl, gate = r->gate_val, run = 1;
+#ifdef LAB_LIE_CONTEXT
+        /* Negative control: runs the CPL3 RDTSC rows at CPL1 and the TSD=1 CPL0 row
+         * with TSD clear, and records what the row says, not what ran. */
+        if (!strcmp(r->probe, "rdtsc") && cpl == 3)
+            cpl = 1;
+        if (!strcmp(r->probe, "rdtsc") && cpl == 0 && gate)
+            gate = 0;
+#endif
+#ifdef LAB_LIE_SKIP
+        /* Negative control: reports `ok` for the TSD=0 RDTSC rows without running them. */
+        if (!strcmp(r->probe, "rdtsc") && r->gate_bit >= 0 && !gate)
+            run = 0;
+#endif
+        struct probe_result res;
+        char bytes[12];
+        memset(&res, 0, sizeof(res));
+        res.done = 1;
+        probe_running = r->probe;
+        if (run) {
+            u64 cr4 = read_cr4(), bit = r->gate_bit >= 0 ? 1ull << r->gate_bit : 0;
+            if (bit)
+                write_cr4(gate ? (cr4 | bit) : (cr4 & ~bit));
+            res = probe_run(&probe_stubs[r->stub], cpl, r->sysret);
+            if (bit)
+                write_cr4(cr4);
+        }
+        probe_running = 0;
+        record(r, &res, bytes);
+    }
+}

@@ -1,0 +1,277 @@
+"""The probe catalogue: the one place a probe is declared.
+
+An entry names the probe (the record's `probe=`), its family, the instruction it executes
+(the firmware stub, one ELF label per probed instruction), its dimensions (CPL, the CR4 bit
+that gates it, fixed words such as `insn=hlt`), the CPUID feature it needs, the rule that
+gives the expected outcome (a function in `lab/expectations.py`, by name), the manual
+reference, and how the GDB witness reads it. Everything else derives from here:
+
+- the firmware's probe table and stubs (`firmware_sources()`, generated into
+  `firmware/build/probes.gen.{h,S}` by `make`; the firmware keeps only the mechanics of
+  running one stub at one CPL under one gate),
+- the expectation plan (`lab.expectations.plan()` expands `rows()` and applies the rules),
+- the GDB witness plan and its reading of CPU stops (`lab.witness`),
+- the probe table in the docs (`markdown_table()`; a test keeps README.md in step).
+
+Adding a probe: docs/probes.md "Adding a probe".
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .ids import check_id
+
+# How a stub is entered and how its observation is formed (the firmware's mechanics).
+#   outcome: run the stub at `cpl` under the gate; obs = `ok` (the `ud2` right after the
+#            instruction trapped) or the exception the instruction raised.
+#   enter:   the stub is the first instruction in the ring; obs = CPL from the CS the CPU
+#            pushed for the return trap there.
+#   return:  the stub leaves the ring; obs = CPL of the code the CPU returned to.
+#   cpuid:   obs = bytes or a bit of the registers CPUID returned (CPL0 only).
+KINDS = ("outcome", "enter", "return", "cpuid")
+# How the ring is entered: IRETQ (SDM Vol. 3A 6.14.3) or SYSRETQ (SDM Vol. 2B SYSRET).
+ENTRIES = ("iretq", "sysret")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A control bit that gates the instruction: set (1) or clear (0) for the probe."""
+
+    reg: str  # "cr4" (the firmware writes it around the probe; GDB reads it at the stop)
+    bit: int
+    name: str  # the bit's name in the manuals, e.g. "TSD"
+    param: str  # the record param that says its value, e.g. "tsd"
+
+
+@dataclass(frozen=True)
+class Stub:
+    """Instruction(s) the firmware executes at the label `probe_insn_<name>`; the label
+    `probe_done_<name>` follows them and holds a `ud2` (the return trap: a #UD there with
+    the CPU's CS is positive evidence that the instruction completed at that CPL)."""
+
+    name: str  # C identifier
+    asm: str  # GNU as, AT&T syntax; "" for a stub that is only its return trap
+    rax: str = ""  # what RAX holds on entry: "" (nothing), "cr4" (the current CR4), or a number
+    rcx: str = ""  # what RCX holds on entry: "" or a number (e.g. a CPUID subleaf)
+    continue_at: bool = False  # a #UD at probe_insn_<name> is a checkpoint: resume after it
+
+
+@dataclass(frozen=True)
+class Probe:
+    probe: str  # the record's probe name
+    family: str  # groups probes in tables; also a `skip=` word for the firmware
+    kind: str  # one of KINDS
+    stub: Stub | None  # None: not run from the table (e.g. the real-mode probe, guest probes)
+    dims: tuple[tuple[str, tuple], ...]  # ordered record params and their values
+    rule: str  # rule function in lab.expectations (RULES)
+    ref: str  # Intel SDM / AMD APM section
+    summary: str  # one line for the docs
+    gate: Gate | None = None
+    needs: str = ""  # CPUID feature the instruction needs (a Facts field), e.g. "rdtscp"
+    entry: str = "iretq"  # how the ring is entered (ENTRIES)
+    scope: str = "host"
+    cpuid: tuple[int, int, str] | None = None  # (leaf, subleaf, "bytes:bdc" | "bit:c31")
+    witness: str = "trap"  # how GDB reads it: "trap" (exc_dispatch) | "none: why"
+
+    def instances(self) -> list[dict[str, str]]:
+        keys = [k for k, _ in self.dims]
+        return [dict(zip(keys, (str(v) for v in combo), strict=True))
+                for combo in itertools.product(*(vals for _, vals in self.dims))]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One check: an entry at one point of its dimensions."""
+
+    entry: Probe
+    params: dict[str, str] = field(hash=False)
+
+    @property
+    def id(self) -> str:
+        return check_id(self.entry.scope, self.entry.probe, self.params)
+
+    @property
+    def scope(self) -> str:
+        return self.entry.scope
+
+    @property
+    def probe(self) -> str:
+        return self.entry.probe
+
+    @property
+    def cpl(self) -> int:
+        return int(self.params.get("cpl", self.params.get("from_cpl", 0)))
+
+    @property
+    def gate_value(self) -> int | None:
+        g = self.entry.gate
+        return int(self.params[g.param]) if g else None
+
+
+CR4_TSD = Gate("cr4", 2, "TSD", "tsd")
+RINGS = (1, 2, 3)
+CPLS = (0, 1, 2, 3)
+
+REF_CPL = "SDM Vol. 3A 5.5 (CPL is CS[1:0]); APM Vol. 2 4.9.1"
+REF_IRET = "SDM Vol. 2A IRET (return to an outer privilege level); APM Vol. 2 8.7.3"
+REF_SYSRET = "SDM Vol. 2B SYSRET (CS = IA32_STAR[63:48]+16, CPL 3); APM Vol. 2 6.1.1"
+REF_SYSCALL = "SDM Vol. 2B SYSCALL (CS = IA32_STAR[47:32], CPL 0); APM Vol. 2 6.1.1"
+REF_EXC_RETURN = "SDM Vol. 3A 6.12.1: an exception from CPL>0 runs its DPL0 handler on the TSS RSP0 stack"
+REF_PRIV = "SDM Vol. 3A 5.9: privileged instructions (HLT, MOV to CRn) #GP(0) at CPL>0"
+REF_CLI = "SDM Vol. 2A CLI: #GP(0) if CPL > IOPL (IOPL=0, CR4.VME=PVI=0)"
+REF_RDTSC = "SDM Vol. 2B RDTSC: #GP(0) if CR4.TSD=1 and CPL>0 (and CR0.PE=1); APM Vol. 3 RDTSC"
+REF_RDTSCP = "SDM Vol. 2B RDTSCP: #UD if CPUID.80000001H:EDX[27]=0; else #GP(0) iff CR4.TSD=1 and CPL>0"
+REF_VENDOR = "SDM Vol. 2A CPUID leaf 0: EBX,EDX,ECX = vendor; the CPU model's own (QOM `vendor`)"
+REF_HV_BIT = "APM Vol. 3 E.3.2: CPUID Fn0000_0001_ECX[31] is reserved for hypervisor use; QOM `hypervisor`"
+REF_HV_SIG = "APM Vol. 3 App. E: CPUID 0x40000000-0x400000FF is the hypervisor range; SDM Vol. 2A CPUID (out-of-range leaves)"
+
+CATALOGUE: tuple[Probe, ...] = (
+    Probe("cpl-enter", "ring", "enter", Stub("enter_iretq", ""), (("cpl", RINGS), ("via", ("iretq",))),
+          "ring_entered", f"{REF_CPL}; {REF_IRET}", "IRETQ to ring n: the first instruction there runs at CPL n"),
+    Probe("cpl-enter", "syscall", "enter", Stub("enter_sysret", ""), (("cpl", (3,)), ("via", ("sysret",))),
+          "ring_entered", f"{REF_CPL}; {REF_SYSRET}", "SYSRETQ enters CPL3", entry="sysret"),
+    Probe("cpl-return", "ring", "return", Stub("return_ud2", ""), (("from_cpl", RINGS), ("via", ("ud2",))),
+          "ring_returned", REF_EXC_RETURN, "an exception (#UD) from ring n runs its handler at CPL0"),
+    Probe("cpl-return", "syscall", "return", Stub("return_syscall", "ud2\n    syscall", continue_at=True),
+          (("from_cpl", RINGS), ("via", ("syscall",))),
+          "ring_returned", REF_SYSCALL, "SYSCALL from ring n reaches the LSTAR entry at CPL0"),
+    Probe("priv-insn", "priv", "outcome", Stub("hlt", "hlt"), (("insn", ("hlt",)), ("cpl", RINGS)),
+          "privileged", REF_PRIV, "HLT needs CPL0"),
+    Probe("priv-insn", "priv", "outcome", Stub("cli", "cli"), (("insn", ("cli",)), ("cpl", RINGS)),
+          "iopl_sensitive", REF_CLI, "CLI needs CPL <= IOPL (IOPL=0)"),
+    Probe("priv-insn", "priv", "outcome", Stub("mov_cr4", "mov %rax, %cr4", rax="cr4"),
+          (("insn", ("mov-cr4",)), ("cpl", RINGS)),
+          "privileged", REF_PRIV, "MOV to CR4 (its current value) needs CPL0"),
+    Probe("rdtsc", "tsc", "outcome", Stub("rdtsc", "rdtsc"), (("tsd", (0, 1)), ("cpl", CPLS)),
+          "tsc_read", REF_RDTSC, "RDTSC under CR4.TSD", gate=CR4_TSD),
+    Probe("rdtsc", "tsc", "outcome", None, (("tsd", (1,)), ("cpl", (0,)), ("mode", ("real",))),
+          "tsc_read", f"{REF_RDTSC}; SDM Vol. 3A 20.1 (real-address mode)",
+          "RDTSC with CR4.TSD=1 in real mode (CR0.PE=0): no fault", gate=CR4_TSD,
+          witness="none: runs at boot in real mode, before the IDT the witness reads frames from"),
+    Probe("rdtscp", "tsc", "outcome", Stub("rdtscp", "rdtscp"), (("tsd", (0, 1)), ("cpl", CPLS)),
+          "tsc_read", REF_RDTSCP, "RDTSCP under CR4.TSD; #UD without the CPUID bit", gate=CR4_TSD,
+          needs="rdtscp"),
+    Probe("cpuid-vendor", "cpuid", "cpuid", Stub("cpuid_vendor", "cpuid", rax="0", rcx="0"), (("leaf", (0,)),),
+          "vendor", REF_VENDOR, "CPUID leaf 0: the vendor string", cpuid=(0, 0, "bytes:bdc")),
+    Probe("cpuid-hv-bit", "cpuid", "cpuid", Stub("cpuid_hv_bit", "cpuid", rax="1", rcx="0"), (),
+          "hv_bit", REF_HV_BIT, "CPUID.1:ECX[31], the hypervisor bit", cpuid=(1, 0, "bit:c31")),
+    Probe("cpuid-hv-signature", "cpuid", "cpuid",
+          Stub("cpuid_hv_signature", "cpuid", rax="0x40000000", rcx="0"), (),
+          "hv_signature", REF_HV_SIG, "CPUID 0x40000000: the hypervisor's signature",
+          cpuid=(0x40000000, 0, "bytes:bcd")),
+)
+
+# What the `lie` build reports instead of the truth (a negative control both witnesses must
+# catch; every other record of that build is the truth).
+LIES = {
+    "host.cpl-enter.cpl3.iretq": "0",
+    "host.cpl-enter.cpl3.sysret": "0",
+    "host.rdtsc.tsd1.cpl3": "ok",
+    "host.cpuid-vendor.leaf0": "LieLieLieLie",
+}
+
+
+def rows(scope: str = "host") -> list[Row]:
+    return [Row(p, params) for p in CATALOGUE if p.scope == scope for params in p.instances()]
+
+
+def table_rows() -> list[Row]:
+    """The rows the firmware runs from its table, in catalogue order."""
+    return [r for r in rows() if r.entry.stub is not None]
+
+
+def stubs() -> list[Stub]:
+    seen: dict[str, Stub] = {}
+    for p in CATALOGUE:
+        if p.stub is not None:
+            if p.stub.name in seen and seen[p.stub.name] != p.stub:
+                raise ValueError(f"stub {p.stub.name!r} declared twice with different bodies")
+            seen[p.stub.name] = p.stub
+    return list(seen.values())
+
+
+def by_stub(name: str) -> list[Probe]:
+    return [p for p in CATALOGUE if p.stub is not None and p.stub.name == name]
+
+
+# -- the firmware's table ------------------------------------------------------------------
+_KIND_C = {k: f"PK_{k.upper()}" for k in KINDS}
+
+
+def _c_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _c_num(s: str) -> str:
+    return s if s else "0"
+
+
+def firmware_sources() -> dict[str, str]:
+    """`probes.gen.S` (one stub per probed instruction, each with its two labels) and
+    `probes.gen.h` (the row table the firmware iterates)."""
+    asm = ["/* Generated from lab/catalogue.py by `python3 -m lab.catalogue`: do not edit. */",
+           '#include "asm.h"', "    .text"]
+    for s in stubs():
+        asm += [f"    .globl probe_insn_{s.name}, probe_done_{s.name}", "    .balign 16",
+                f"probe_insn_{s.name}:"]
+        asm += [f"    {line.strip()}" for line in s.asm.splitlines() if line.strip()]
+        asm += [f"probe_done_{s.name}:", "    ud2"]
+    h = ["/* Generated from lab/catalogue.py by `python3 -m lab.catalogue`: do not edit. */",
+         "#ifndef PROBES_GEN_H", "#define PROBES_GEN_H", '#include "probe.h"', ""]
+    for s in stubs():
+        h.append(f"extern char probe_insn_{s.name}[], probe_done_{s.name}[];")
+    h += ["", "static const struct probe_stub probe_stubs[] = {"]
+    for s in stubs():
+        rax_cr4 = s.rax == "cr4"
+        h.append(f"    {{ probe_insn_{s.name}, probe_done_{s.name}, {int(rax_cr4)}, "
+                 f"{_c_num('' if rax_cr4 else s.rax)}, {_c_num(s.rcx)}, {int(s.continue_at)} }},")
+    h += ["};", f"#define PROBE_NSTUBS {len(stubs())}", "", "static const struct probe_row probe_rows[] = {"]
+    index = {s.name: i for i, s in enumerate(stubs())}
+    for r in table_rows():
+        p = r.entry
+        keys = list(r.params)
+        vals = [r.params[k] for k in keys]
+        keys += [""] * (4 - len(keys))
+        vals += [""] * (4 - len(vals))
+        gate = p.gate
+        leaf, subleaf, decode = p.cpuid or (0, 0, "")
+        lie = LIES.get(r.id, "")
+        h.append(
+            f"    {{ {_c_str(p.scope)}, {_c_str(p.probe)}, {_c_str(p.family)}, {_KIND_C[p.kind]}, "
+            f"{index[p.stub.name]}, {r.cpl}, {int(p.entry == 'sysret')}, "
+            f"{{ {', '.join(_c_str(k) for k in keys)} }}, {{ {', '.join(_c_str(v) for v in vals)} }}, "
+            f"{gate.bit if gate else -1}, {r.gate_value if gate else 0}, "
+            f"{_c_str(decode)}, {_c_str(lie)} }},"
+        )
+    h += ["};", f"#define PROBE_NROWS {len(table_rows())}", "", "#endif", ""]
+    return {"probes.gen.S": "\n".join(asm) + "\n", "probes.gen.h": "\n".join(h)}
+
+
+def write_firmware_sources(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in firmware_sources().items():
+        path = out_dir / name
+        if not path.exists() or path.read_text() != text:  # keep make's timestamps when unchanged
+            path.write_text(text)
+
+
+# -- the docs' table -----------------------------------------------------------------------
+def markdown_table() -> str:
+    """One row per probe family and instruction: what it checks, its dimensions, rule source."""
+    out = ["| probe | dimensions | what it checks | reference |", "|---|---|---|---|"]
+    for p in CATALOGUE:
+        dims = ", ".join(f"{k} {'/'.join(str(v) for v in vals)}" for k, vals in p.dims) or "-"
+        gate = f" (gate CR4.{p.gate.name})" if p.gate else ""
+        needs = f"; needs CPUID `{p.needs}`" if p.needs else ""
+        out.append(f"| `{p.probe}` | {dims} | {p.summary}{gate}{needs} | {p.ref} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # make: python3 -m lab.catalogue OUT_DIR
+    if len(sys.argv) != 2:
+        sys.exit("usage: python3 -m lab.catalogue OUT_DIR")
+    write_firmware_sources(Path(sys.argv[1]))

@@ -1,0 +1,80 @@
+"""GDB-side evidence collector for the lab's witness (runs inside GDB's Python).
+
+It only records what the CPU shows at each stop, as one JSON line per stop, and lets the CPU
+go on (a breakpoint whose stop() returns False costs no GDB/MI round trip). It decides
+nothing: lab/witness.py turns the stops into readings. Loaded by `source`, started by
+`python lab_collect_start(CONFIG_JSON)`.
+
+Watch kinds:
+  trap  an IDT stub: the CPU just delivered `vector`. Records the registers and the stack
+        the CPU pushed (error code if any, RIP, CS, RFLAGS, RSP, SS) and the bytes at RIP.
+  regs  a code label: records the registers there.
+  end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
+"""
+
+import json
+
+import gdb
+
+_REGS = ("cs", "rip", "rsp", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
+_MASK = (1 << 64) - 1
+_state = {"out": None, "watches": {}}
+
+
+def _registers():
+    frame = gdb.selected_frame()
+    return {r: int(frame.read_register(r)) & _MASK for r in _REGS}
+
+
+def _memory(address, size):
+    try:
+        return bytes(gdb.selected_inferior().read_memory(address, size)).hex()
+    except gdb.MemoryError:
+        return None
+
+
+class _Watch(gdb.Breakpoint):
+    def __init__(self, spec):
+        kind = gdb.BP_HARDWARE_BREAKPOINT if spec.get("hw") else gdb.BP_BREAKPOINT
+        super().__init__("*" + spec["location"], type=kind, internal=False)
+        self.spec = spec
+
+    def stop(self):
+        spec = self.spec
+        if spec["kind"] == "end":
+            return True
+        regs = _registers()
+        stop = {"at": spec["location"], "kind": spec["kind"], "regs": regs}
+        if spec["kind"] == "trap":
+            stop["vector"] = spec["vector"]
+            stack = _memory(regs["rsp"], 48)
+            stop["stack"] = stack
+            if stack is not None:
+                off = 8 if spec.get("error_code") else 0
+                rip = int.from_bytes(bytes.fromhex(stack)[off:off + 8], "little")
+                stop["at_rip"] = _memory(rip, 16)
+        out = _state["out"]
+        out.write(json.dumps(stop) + "\n")
+        out.flush()
+        return False
+
+
+def lab_collect_start(config_json):
+    config = json.loads(config_json)
+    _state["out"] = open(config["out"], "a", buffering=1)
+    for spec in config["watches"]:
+        try:
+            _state["watches"][spec["location"]] = _Watch(spec)
+        except gdb.error as exc:  # a missing symbol: the lab reports it per check
+            _state["out"].write(json.dumps({"error": str(exc), "at": spec["location"]}) + "\n")
+    gdb.write("LABC armed %d\n" % len(_state["watches"]))
+
+
+def lab_collect_end(location):
+    """After a stop at an `end` watch: delete the watches it ends, and itself."""
+    spec = _state["watches"][location].spec
+    for loc in list(spec.get("ends", ())) + [location]:
+        bp = _state["watches"].pop(loc, None)
+        if bp is not None:
+            bp.delete()
+    gdb.write("LABC ended %s\n" % location)
