@@ -13,14 +13,14 @@ def facts(**kw):
     return Facts(**base)
 
 
-@pytest.mark.parametrize("insn,tsd,cpl", itertools.product(("rdtsc", "rdtscp"), (0, 1), (0, 1, 2, 3)))
+@pytest.mark.parametrize("insn,tsd,cpl", list(itertools.product(("rdtsc", "rdtscp"), (0, 1), (0, 1, 2, 3))))
 def test_tsc_rule_every_row(insn, tsd, cpl):
     # SDM Vol. 2B RDTSC/RDTSCP: #GP(0) iff CR4.TSD=1 and CPL>0 (protected mode).
     want = "#GP(0)" if tsd == 1 and cpl > 0 else "ok"
     assert tsc_read(insn, tsd, cpl, rdtscp_present=True) == want
 
 
-@pytest.mark.parametrize("tsd,cpl", itertools.product((0, 1), (0, 1, 2, 3)))
+@pytest.mark.parametrize("tsd,cpl", list(itertools.product((0, 1), (0, 1, 2, 3))))
 def test_rdtscp_absent_is_ud_whatever_tsd_and_cpl(tsd, cpl):
     assert tsc_read("rdtscp", tsd, cpl, rdtscp_present=False) == "#UD"
 
@@ -30,7 +30,7 @@ def test_real_mode_rdtsc_never_faults():
     assert tsc_read("rdtsc", 1, 3, protected=False) == "ok"
 
 
-@pytest.mark.parametrize("insn,cpl", itertools.product(("hlt", "cli", "mov-cr4"), (0, 1, 2, 3)))
+@pytest.mark.parametrize("insn,cpl", list(itertools.product(("hlt", "cli", "mov-cr4"), (0, 1, 2, 3))))
 def test_privileged_instructions(insn, cpl):
     assert privileged(insn, cpl) == ("ok" if cpl == 0 else "#GP(0)")
 

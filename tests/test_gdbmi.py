@@ -60,6 +60,13 @@ def group_members(pgid: int) -> list[int]:
 
 
 # -- the driver on its own ------------------------------------------------------------------
+def test_settles_waits_and_gives_up_in_time():
+    t0 = time.monotonic()
+    assert not settles(lambda: False, timeout=0.1)  # negative control: a process that never goes
+    assert 0.1 <= time.monotonic() - t0 < 0.5
+    assert settles(lambda: time.monotonic() - t0 > 0.15)
+
+
 def test_command_returns_at_its_own_completion(tmp_path):
     with Gdb(tmp_path / "t.log") as g:
         t0 = time.monotonic()
