@@ -1,7 +1,7 @@
 /* boot.S - multiboot v1 entry (32-bit protected mode, paging off, as QEMU's
  * multiboot loader leaves us), page tables, long mode, GDT.
  * No ring changes here: IRET to CPL>0 in 32-bit mode is an emulation
- * failure under kvm_pvm (shared/FACTS.md). */
+ * failure under kvm_pvm (docs/platform.md). */
 #include "asm.h"
 
 #define MB_MAGIC 0x1BADB002

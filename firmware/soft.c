@@ -5,7 +5,7 @@
  * records carry scope=guest-soft.
  *
  * Why CPL1 for the guest kernel (ring compression 0->1), not CPL3: on this
- * lab's kvm_pvm (shared/FACTS.md) RDTSC with CR4.TSD=1 raises #GP at CPL1 but
+ * lab's kvm_pvm (docs/platform.md) RDTSC with CR4.TSD=1 raises #GP at CPL1 but
  * not at CPL3, and CPUID faulting works at CPL1 but not at CPL3, so only at
  * CPL1 do both trap; guest user code stays at CPL3. Ring changes use IRETQ
  * in and exceptions out, never `int n` (a KVM internal error at CPL0-2 and

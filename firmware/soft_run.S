@@ -5,7 +5,7 @@
  * hook rewrites the exception frame so isr_common's IRETQ lands on
  * soft_exit_tramp at CPL0 on the stack soft_enter saved: the dispatcher
  * returns normally (no abandoned exception frames) and soft_enter returns.
- * Never `int n`, call gates or lret here (kvm_pvm: shared/FACTS.md). */
+ * Never `int n`, call gates or lret here (kvm_pvm: docs/platform.md). */
 #include "asm.h"
 
 /* struct soft_vcpu offsets: struct exc_frame (lab.h), then ds, es */

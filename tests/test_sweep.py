@@ -117,8 +117,8 @@ def test_a_refusal_qemu_did_not_announce_is_an_error(tmp_path, artifacts, kvm):
 
 
 def fake_qemu(tmp_path: Path, always: bool) -> str:
-    """QEMU that aborts as KVM does on a model needing `-arch-capabilities` (FACTS-like
-    message), then runs the real QEMU once the fix is in the -cpu string (unless `always`)."""
+    """QEMU that aborts as KVM does on a model needing `-arch-capabilities` (QEMU's message,
+    docs/platform.md), then runs the real QEMU once the fix is in the -cpu string (unless `always`)."""
     real = shutil.which("qemu-system-x86_64")
     script = tmp_path / "qemu-msr"
     cond = "true" if always else '! printf "%s" "$*" | grep -q -- "-arch-capabilities"'

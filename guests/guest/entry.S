@@ -101,7 +101,7 @@ guest_longjmp:
     jmp *56(%rdi)
 
 /* void guest_enter_user(u64 rip, u64 rsp): IRETQ to CPL3 (never `int n`, see
- * FACTS.md); the ring-3 code comes back with ud2 or a fault. IF stays 0. */
+ * docs/platform.md); the ring-3 code comes back with ud2 or a fault. IF stays 0. */
     .globl guest_enter_user
 guest_enter_user:
     pushq $SEL_UDATA

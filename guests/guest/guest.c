@@ -89,7 +89,7 @@ static int has_error_code(u64 v)
 }
 
 /* Every exception lands here. An armed probe gets its exception recorded and
- * its CPL0 context back (the only way home from CPL3: an exception, FACTS.md);
+ * its CPL0 context back (the only way home from CPL3: an exception, docs/platform.md);
  * anything else is a guest bug: tell the host, which ends the guest. */
 void guest_trap(struct gframe *f)
 {
