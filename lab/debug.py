@@ -2,25 +2,28 @@
 
 QEMU starts paused (-S) with its gdbstub on a free loopback port (or a unix socket); GDB
 gets the host ELF64 symbols, the guest's symbols at its load address, the lab-* commands
-(lab/gdb/lab_gdb.py) and a first breakpoint, hardware under KVM (software breakpoints
-never fire under kvm_pvm) and software under TCG. `print_only` prints both command lines
+(lab/gdb/lab_gdb.py) and a first breakpoint. Under KVM, `lab-kvm` makes `break`/`tbreak`
+hardware breakpoints (QEMU cannot plant software ones there: kvm_pvm stops the VM) and the
+session says first what GDB cannot do on this KVM. `print_only` prints both command lines
 instead, e.g. to attach from an IDE. Serial output goes to a file in the run folder.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import itertools
 import os
 import shlex
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .build import ROOT, artifacts
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .gdb import lab_gdb, x86
 from .hostinfo import kvm_status, qemu_binary
 from .qemu import build_command, free_tcp_port, kill_group
 from .runner import make_config
@@ -28,6 +31,25 @@ from .runner import make_config
 _SOCKETS = itertools.count()
 LAB_GDB_SCRIPT = Path(__file__).resolve().parent / "gdb" / "lab_gdb.py"
 DEFAULT_BREAK = {"host": "kmain", "guest": "guest_start"}
+# Under KVM without SVM the software host runs the guest at CPL1: its CPL0 trap handler is
+# where GDB can see the guest (each trap's frame holds the guest's RIP and CS).
+SOFT_GUEST_BREAK = "soft_trap"
+
+# What GDB can and cannot do, keyed on the module that serves /dev/kvm (docs/gdb.md).
+KVM_GDB_LIMITS = {
+    "kvm_pvm": (
+        "kvm_pvm stops GDB on CPL0 code only: `stepi` cannot step into CPL1-3 code (across an "
+        "IRETQ or SYSRET the CPU runs on to the next CPL0 stop), and a breakpoint on CPL1-3 code "
+        "never stops GDB (the CPU takes a #DB instead). Read CPL1-3 from the exception frame: "
+        "`break exc_dispatch`, then `p/x f->cs` (CPL = f->cs & 3), `p/x f->rip`, `lab-cr4`. Keep a "
+        "second hardware breakpoint armed (the first one, at kmain): with `exc_dispatch` the only one "
+        "armed, kvm_pvm runs can die at an exception stop (docs/gdb.md)."
+    ),
+}
+KVM_GDB_OTHER = (
+    "{module}: stepping into CPL1-3 code and breakpoints there were not measured by the lab on this "
+    "module; if they do not stop, read CPL1-3 from the exception frame at exc_dispatch (f->cs & 3)."
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,7 @@ class DebugSession:
     gdb_setup: list[str]  # the CLI commands GDB runs first, in order (also sent by tests over MI)
     gdb_addr: str  # what GDB connects to
     run_dir: Path
+    notes: list[str] = field(default_factory=list)  # what works and what cannot, said first
 
 
 def _qemu_command(cfg: RunConfig, gdbstub: str) -> list[str]:
@@ -45,17 +68,75 @@ def _qemu_command(cfg: RunConfig, gdbstub: str) -> list[str]:
 
 
 def gdb_setup_commands(cfg: RunConfig, gdb_addr: str, *, scope: str = "host",
-                       break_symbol: str | None = None) -> list[str]:
+                       break_symbol: str | None = None, kvm_module: str | None = None) -> list[str]:
     """What GDB runs before the prompt: architecture first (QEMU sends the 64-bit register
     set), symbols, lab commands, attach, then the first breakpoint."""
     cmds = ["set confirm off", "set architecture i386:x86-64", f"file {cfg.symbols}"]
     if cfg.guest_symbols and Path(cfg.guest_symbols).is_file():
         cmds.append(f"add-symbol-file {cfg.guest_symbols}")  # linked at its load address
-    cmds += [f"source {LAB_GDB_SCRIPT}", f"target remote {gdb_addr}"]
-    symbol = break_symbol or DEFAULT_BREAK.get(scope, "kmain")
+    cmds.append(f"source {LAB_GDB_SCRIPT}")
+    if cfg.accel == "kvm":
+        cmds.append(f"lab-kvm {kvm_module or 'kvm'}")  # break/tbreak -> hardware breakpoints
+    cmds.append(f"target remote {gdb_addr}")
+    symbol = break_symbol or first_break(cfg.accel, scope)
     cmds.append(f"{'hbreak' if cfg.accel == 'kvm' else 'break'} *{symbol}")
     cmds.append("set confirm on")
     return cmds
+
+
+def first_break(accel: str, scope: str) -> str:
+    """Where the session stops first: kmain, or for the guest its first instruction; under
+    KVM (no SVM guest) the software host's trap handler, the guest's code being at CPL1."""
+    if scope == "guest" and accel == "kvm":
+        return SOFT_GUEST_BREAK
+    return DEFAULT_BREAK[scope]
+
+
+def check_break(cfg: RunConfig, symbol: str, kvm_module: str | None) -> None:
+    """--break must name a symbol of the host or guest ELF (an address `0x...` is taken as
+    is); under KVM not one GDB cannot stop at. One clear error before anything starts."""
+    if symbol.startswith("0x"):
+        try:
+            addr = int(symbol, 16)
+        except ValueError:
+            raise ConfigError(f"--break {symbol!r}: not a symbol or a hex address") from None
+    else:
+        symbols = dict(x86.elf_symbols(str(cfg.symbols)))
+        if cfg.guest_symbols and Path(cfg.guest_symbols).is_file():
+            symbols.update(x86.elf_symbols(str(cfg.guest_symbols)))
+        if symbol not in symbols:
+            near = difflib.get_close_matches(symbol, list(symbols), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ConfigError(f"--break {symbol!r}: no such symbol in {Path(cfg.symbols).name}"
+                              f"{' or ' + Path(cfg.guest_symbols).name if cfg.guest_symbols else ''}{hint}")
+        addr = symbols[symbol]
+    why = lab_gdb.break_refusal(kvm_module if cfg.accel == "kvm" else None, addr)
+    if why:
+        raise ConfigError(f"--break {symbol}: {why}")
+
+
+def session_notes(accel: str, scope: str, kvm_module: str | None, cpu: str) -> list[str]:
+    """What the person at the GDB prompt should know first: what works, what cannot."""
+    if accel != "kvm":
+        notes = ["TCG: software breakpoints and stepi work everywhere (CPL0-3, the SVM guest)."]
+        if scope == "guest":
+            notes.append("guest: stopped at guest_start, the SVM guest's first instruction; lab-vmcb "
+                         "shows its VMCB, lab-cpl says host or guest.")
+        return notes
+    module = kvm_module or "kvm"
+    notes = [f"KVM ({module}): `break`/`tbreak` set hardware breakpoints (4: DR0-DR3); "
+             f"{', '.join(lab_gdb.SOFTWARE_STOPPERS)} are refused (they plant software breakpoints).",
+             KVM_GDB_LIMITS.get(module, KVM_GDB_OTHER.format(module=module))]
+    if scope == "guest":
+        why = (f"{module} gives its guests no SVM" if module == "kvm_pvm" else
+               f"unless the CPU model ({cpu or 'qemu64'}) offers SVM (QOM `svm`)")
+        notes.append(
+            f"guest under KVM: {why}, so the software host runs the guest at CPL1 (its user code at "
+            "CPL3). Shown: every guest trap at soft_trap (CPL0): "
+            "`p/x f->rip`, `p/x f->cs` (the guest's CPL = f->cs & 3), `p/x f->vector`; the emulated "
+            "state in the vcpu. Not shown: the guest's own instructions (no stop at CPL1/CPL3), "
+            "and no VMCB (lab-vmcb: SVM is off).")
+    return notes
 
 
 def plan_session(accel: str = "tcg", scope: str = "host", break_symbol: str | None = None, *,
@@ -65,8 +146,11 @@ def plan_session(accel: str = "tcg", scope: str = "host", break_symbol: str | No
     """Everything a debug session runs, without running it."""
     if scope not in DEFAULT_BREAK:
         raise ValueError(f"scope {scope!r}: choose one of {', '.join(DEFAULT_BREAK)}")
-    cfg = make_config(accel, artifacts(variant), qemu=qemu_binary(qemu), kvm=kvm_status(), machine=machine,
+    kvm = kvm_status()
+    cfg = make_config(accel, artifacts(variant), qemu=qemu_binary(qemu), kvm=kvm, machine=machine,
                       cpu=cpu, kernel_args=kernel_args)
+    if break_symbol:
+        check_break(cfg, break_symbol, kvm.module)
     if run_dir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = ROOT / "runs" / f"debug-{stamp}-{os.getpid()}"
@@ -78,9 +162,11 @@ def plan_session(accel: str = "tcg", scope: str = "host", break_symbol: str | No
     else:
         port = free_tcp_port()
         stub, addr = f"tcp:127.0.0.1:{port}", f"127.0.0.1:{port}"  # loopback only, never -s
-    setup = gdb_setup_commands(cfg, addr, scope=scope, break_symbol=break_symbol)
+    setup = gdb_setup_commands(cfg, addr, scope=scope, break_symbol=break_symbol,
+                               kvm_module=kvm.module if accel == "kvm" else None)
     gdb_cmd = [gdb, "-q"] + [arg for cmd in setup for arg in ("-ex", cmd)]
-    return DebugSession(_qemu_command(cfg, stub), gdb_cmd, setup, addr, run_dir)
+    notes = session_notes(accel, scope, kvm.module, cfg.cpu)
+    return DebugSession(_qemu_command(cfg, stub), gdb_cmd, setup, addr, run_dir, notes)
 
 
 def start_qemu(s: DebugSession) -> subprocess.Popen:
@@ -117,6 +203,8 @@ def debug_session(accel: str = "tcg", scope: str = "host", break_symbol: str | N
     s = plan_session(accel, scope, break_symbol, qemu=qemu, cpu=cpu, machine=machine, gdb=gdb,
                      unix_socket=unix_socket)
     if print_only:
+        for note in s.notes:
+            print(f"# {note}")
         if unix_socket:
             print(f"mkdir -m 700 {shlex.quote(os.path.dirname(s.gdb_addr))}")
         print("# QEMU (paused; serial on stdout):")
@@ -126,8 +214,8 @@ def debug_session(accel: str = "tcg", scope: str = "host", break_symbol: str | N
         return 0
     qemu_proc = start_qemu(s)
     print(f"serial: {s.run_dir / 'serial.log'}   (tail -f it in another terminal)")
-    if accel == "kvm":
-        print("KVM: hardware breakpoints (4) on CPL0 code only; under kvm_pvm see docs/gdb.md")
+    for note in s.notes:
+        print(note)
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to GDB now
     # A closed terminal (SIGHUP) or SIGTERM must still end QEMU: turn them into an exit.
     old_term = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}

@@ -221,3 +221,42 @@ def format_vmcb(v: dict[str, int], address: int | None = None) -> str:
         f"              efer={v['efer']:#x} [{' '.join(decode_bits(v['efer'], EFER_BITS))}]",
     ]
     return "\n".join(lines)
+
+
+# -- ELF64 symbols (System V gABI, "Symbol Table"), for names GDB cannot enumerate ----------
+def elf_symbols(path: str) -> dict[str, int]:
+    """Name -> value of the defined FUNC/OBJECT/NOTYPE symbols in an ELF64 little-endian
+    file's .symtab (labels such as `probe_insn_rdtsc` are NOTYPE). Empty if not ELF64."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return {}
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    out: dict[str, int] = {}
+    for _name, sh_type, _flags, _addr, off, size, link, _info, _align, entsize in sections:
+        if sh_type != 2 or not entsize:  # SHT_SYMTAB
+            continue
+        str_off = sections[link][4]
+        for i in range(size // entsize):
+            st_name, st_info, _other, st_shndx, st_value, _size = struct.unpack_from("<IBBHQQ", data, off + i * entsize)
+            if st_shndx == 0 or (st_info & 0xF) not in (0, 1, 2) or not st_name:  # undefined; NOTYPE/OBJECT/FUNC
+                continue
+            end = data.index(b"\0", str_off + st_name)
+            out.setdefault(data[str_off + st_name:end].decode("latin-1"), st_value)
+    return out
+
+
+def vmcb_exit_state(v: dict[str, int], efer: int) -> str | None:
+    """Why a VMCB holds no #VMEXIT to show yet, or None when its exit fields are real: with
+    EFER.SVME=0 no VMRUN has run (APM Vol. 2 15.4); an all-zero VMCB was never set up; exit
+    code 0 is CR0_READ, which can only be reported if CR0 reads are intercepted (APM Vol. 2
+    15.9, Table C-1), so with that intercept clear no exit has happened yet."""
+    if not efer & EFER_SVME:
+        return "EFER.SVME=0: SVM is off, no VMRUN has run (the VMCB is unused)"
+    if not (v["asid"] or v["intercept_misc2"] or v["rip"]):
+        return "not set up yet (ASID 0, no intercepts, RIP 0)"
+    if v["exit_code"] == 0 and not v["intercept_cr"] & 1:
+        return "no #VMEXIT yet (exit code 0 is CR0_READ, which is not intercepted)"
+    return None
