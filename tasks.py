@@ -75,8 +75,9 @@ def build(c, variant="normal"):
                       "lab/config.py KERNEL_ARGS, e.g. fault=hang)",
         "variant": "normal|lie: kernel build (default: normal; lie is a negative control)",
         "timeout": "S: seconds a boot may take before it is an error (default: 15)",
-        "view": "auto | table | scope | wide: side by side (made for 100 columns), one scope at a time, "
-                "or every column unfolded (default auto: table if it fits the terminal, else scope)",
+        "view": "auto|table|scope|wide: the checks side by side (made for 100 columns), one scope at a "
+                "time, or every column unfolded at its natural width (default: auto, the table if it fits "
+                "the terminal or $COLUMNS, else scope)",
     },
     iterable=["kernel_arg"],
     auto_shortflags=False,  # -h is help, not --hv-signature

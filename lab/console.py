@@ -28,7 +28,7 @@ from .judge import show
 STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yellow",
          "xpass": "magenta", "skip": "dim"}
 MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "x", "xpass": "X", "skip": "-"}
-SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-soft": "guest (soft)"}
+SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-vmx": "guest (VMX)", "guest-soft": "guest (soft)"}
 VIEWS = ("auto", "table", "scope", "wide")
 DESIGN_WIDTH = 100  # the width the table view is made for, and the default when piped
 RUN_GROUP = "run"  # the boot itself: listed last
