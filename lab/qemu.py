@@ -37,7 +37,8 @@ EXIT_OK = 1
 
 # CPU properties asked of QEMU itself (QOM), so expectations follow the configured model
 # rather than this machine: vendor string, feature flags, hypervisor leaves.
-CPU_PROPERTIES = ("vendor", "rdtscp", "svm", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id", "lm", "syscall")
+CPU_PROPERTIES = ("vendor", "rdtscp", "svm", "vmx", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id", "lm",
+                  "syscall")
 # QEMU's abort when KVM refuses IA32_ARCH_CAPABILITIES (MSR 0x10a) for a model that sets it
 # (docs/platform.md); the model boots without that MSR.
 ARCH_CAPABILITIES_ABORT = "failed to set MSR 0x10a"

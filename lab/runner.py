@@ -138,12 +138,16 @@ def preboot(cfg: RunConfig) -> PreBoot:
         # SDM Vol. 3A "Initializing IA-32e Mode", APM Vol. 2 14.6: long mode needs CPUID.80000001H:EDX.LM[29];
         # the multiboot entry enables it before anything else runs.
         return PreBoot(cfg, facts, skip=NO_LONG_MODE)
-    if cfg.host_mode == "svm" and not facts.get("svm", False):
-        # APM Vol. 2 15.4: EFER.SVME can be set only if CPUID Fn8000_0001_ECX[SVM] = 1.
-        raise ConfigError(
-            f"--host-mode svm: {cfg.label} has no SVM (CPUID 0x80000001 ECX[2]; QOM svm=false), so the "
-            f"SVM host cannot run the guest; use --host-mode auto or soft, or a CPU with SVM (TCG: qemu64,+svm)"
-        )
+    # APM Vol. 2 15.4: EFER.SVME can be set only if CPUID Fn8000_0001_ECX[SVM] = 1; SDM Vol. 3C
+    # 23.6: VMXON needs CPUID.1:ECX.VMX[5] = 1. A host the CPU cannot run is the user's error.
+    for mode, where, example in (("svm", "CPUID 0x80000001 ECX[2]", "TCG: qemu64,+svm"),
+                                 ("vmx", "CPUID 1 ECX[5]", "a KVM that nests VMX, or --accel bochs")):
+        if cfg.host_mode == mode and not facts.get(mode, False):
+            raise ConfigError(
+                f"--host-mode {mode}: {cfg.label} has no {mode.upper()} ({where}; QOM {mode}=false), so the "
+                f"{mode.upper()} host cannot run the guest; use --host-mode auto or soft, or a CPU with "
+                f"{mode.upper()} ({example})"
+            )
     if not facts.get("syscall", True):
         # SDM Vol. 2B SYSCALL/SYSRET, APM Vol. 2 6.1.1: #UD unless EFER.SCE=1, which needs
         # CPUID.80000001H:EDX.SYSCALL[11]: the firmware must not run them (their checks are

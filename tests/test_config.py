@@ -159,3 +159,15 @@ def test_keep_runs_must_be_a_positive_number(monkeypatch, value):
         runner.keep_runs()
     monkeypatch.setenv("LAB_KEEP_RUNS", "7")
     assert runner.keep_runs() == 7
+
+
+def test_clean_empties_the_runs_folder(tmp_path):
+    from lab import runner
+
+    base = tmp_path / "runs"
+    (base / "20260101-000000-1").mkdir(parents=True)
+    (base / "20260101-000000-1" / "serial.log").write_bytes(b"x" * 1000)
+    (base / "sweep-x").mkdir()
+    assert runner.clean_runs(base) == (2, 1000)
+    assert list(base.iterdir()) == []
+    assert runner.clean_runs(tmp_path / "missing") == (0, 0)

@@ -55,6 +55,15 @@ def test_svm_host_mode_needs_svm(monkeypatch, artifacts, qemu, kvm):
     assert preboot(cfg).skip == ""
 
 
+def test_vmx_host_mode_needs_vmx(monkeypatch, artifacts, qemu, kvm):
+    cfg = make_config("tcg", artifacts, qemu=qemu, kvm=kvm, host_mode="vmx")
+    fake_facts(monkeypatch, lm=True, syscall=True, svm=True, vmx=False)
+    with pytest.raises(ConfigError, match="has no VMX"):
+        preboot(cfg)
+    fake_facts(monkeypatch, lm=True, syscall=True, svm=False, vmx=True)  # negative control
+    assert preboot(cfg).skip == ""
+
+
 def test_skip_words_merge_into_one_argument():
     assert with_skips(("fault=hang",), ["rdtscp"]) == ("skip=rdtscp", "fault=hang")
     assert with_skips(("skip=syscall", "a=1"), ["rdtscp"]) == ("skip=rdtscp,syscall", "a=1")
