@@ -18,6 +18,7 @@ SYSTEM_PACKAGES = {
     "binutils": "objcopy",
     "make": "make",
     "gdb": "gdb",
+    "chromium": "chromium",  # the headless browser that checks the sweep's HTML page (tests)
 }
 
 
@@ -27,7 +28,7 @@ def _fail(message: str) -> Exit:
 
 @task
 def setup(c):
-    """Install the system packages the lab needs (QEMU, gcc, binutils, make, gdb) with apt-get."""
+    """Install the system packages the lab needs (QEMU, gcc, binutils, make, gdb, chromium) with apt-get."""
     missing = [pkg for pkg, prog in SYSTEM_PACKAGES.items() if shutil.which(prog) is None]
     if not missing:
         print("setup: all system packages present")

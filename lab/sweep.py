@@ -35,20 +35,19 @@ from .build import Artifacts
 from .config import ConfigError
 from .hostinfo import KvmStatus, kvm_status
 from .judge import STATUSES, Check
-from .runner import full_report, host_dict, make_config, run_one
+from .runner import NO_LONG_MODE, full_report, make_config, preboot, run_one
 
 ENGINES = ("tcg", "kvm")
 SWEEP_KEY = "sweep"  # the per-configuration report's extra section (docs/records.md contract + this)
 MERGED_NAMES = ("matrix.json", "matrix.junit.xml", "matrix.html")
 _VERSIONED = re.compile(r"-v\d+$")
 
-# The long-mode rule: the host kernel is 64-bit and enters IA-32e mode, which needs
-# CPUID 0x80000001 EDX[29] (SDM Vol. 3A 9.8.5; APM Vol. 2 14.6.1). QEMU names it `lm`.
-NO_LM = ("no long mode (QOM `lm`=false: CPUID 0x80000001 EDX[29]=0, SDM Vol. 3A 9.8.5); "
-         "the host kernel is 64-bit")
+# What the host kernel cannot run on is decided before the boot by the runner, from QOM
+# (lab/runner.py preboot: no long mode is a skip, no SYSCALL skips those probes).
+NO_LM = NO_LONG_MODE
 # KVM refuses some models unless IA32_ARCH_CAPABILITIES (MSR 0x10a) is left out: QEMU aborts
-# with this line. The documented fix (README "Sweep") is the property `-arch-capabilities`.
-MSR_10A = "failed to set MSR 0x10a"
+# with this line (docs/platform.md). The documented fix is the property `-arch-capabilities`.
+MSR_10A = "MSR 0x10a"
 ARCH_CAP_FIX = ",-arch-capabilities"
 
 
@@ -91,7 +90,6 @@ class SweepConfig:
     accel: str
     cpu: str  # the -cpu string: a model, or a model with a tweak's properties
     tweak: str = ""
-    long_mode: bool = True  # QOM `lm` for this -cpu on this accelerator, asked before any boot
     unavailable: tuple[str, ...] = ()  # QEMU's `unavailable-features` for the model here
     skip: str = ""  # why it cannot run at all (e.g. KVM not usable)
 
@@ -154,36 +152,6 @@ class _Qmp(contextlib.AbstractContextManager):
         self.close()
 
 
-def cpu_props(cpu: str) -> tuple[str, dict]:
-    """`-cpu` syntax as QMP model properties: `qemu32,+lm,vendor=X,kvm=off` ->
-    ("qemu32", {"lm": True, "vendor": "X", "kvm": False})."""
-    name, *words = cpu.split(",")
-    props: dict[str, object] = {}
-    for w in words:
-        if w[:1] in "+-":
-            props[w[1:]] = w[0] == "+"
-        else:
-            k, _, v = w.partition("=")
-            props[k] = {"on": True, "off": False, "true": True, "false": False}.get(v, v)
-    return name, props
-
-
-def catalog(qemu: str, accel: str, cpus: list[str] | None = None) -> tuple[list[dict], dict[str, bool]]:
-    """QEMU's model list for `accel` (`query-cpu-definitions`) and, for each of `cpus`, QOM
-    `lm` as QEMU expands that model with its properties (`query-cpu-model-expansion`)."""
-    with _Qmp(qemu, accel) as q:
-        defs = q.cmd("query-cpu-definitions")["return"]
-        names = [d["name"] for d in defs]
-        long_mode = {}
-        for cpu in cpus if cpus is not None else names:
-            name, props = cpu_props(cpu)
-            reply = q.cmd("query-cpu-model-expansion", {"type": "full", "model": {"name": name, "props": props}})
-            if "error" in reply:
-                raise ConfigError(f"QEMU ({accel}) refuses -cpu {cpu}: {reply['error'].get('desc')}")
-            long_mode[cpu] = bool(reply["return"]["model"]["props"].get("lm", False))
-    return defs, long_mode
-
-
 def parse_tweaks(text: str) -> list[Tweak]:
     if text in ("all", ""):
         return list(TWEAKS)
@@ -229,77 +197,98 @@ def plan(qemu: str, kvm: KvmStatus, *, accels: str = "all", models: str = "*", t
         names = sorted((d["name"] for d in defs if versions or not _VERSIONED.search(d["name"])), key=str.lower)
         names = [n for n in names if _matches(n, globs)]
         tw = [t for t in chosen_tweaks if accel in t.accels and _matches(t.model, globs) and t.model in unavailable]
-        cpus = names + [t.cpu for t in tw]
-        if not cpus:
-            continue
-        _, long_mode = catalog(qemu, accel, cpus)
-        out += [SweepConfig(accel, n, "", long_mode[n], unavailable[n]) for n in names]
-        out += [SweepConfig(accel, t.cpu, t.name, long_mode[t.cpu], unavailable[t.model]) for t in tw]
+        out += [SweepConfig(accel, n, "", unavailable[n]) for n in names]
+        out += [SweepConfig(accel, t.cpu, t.name, unavailable[t.model]) for t in tw]
     return out
 
 
 # -- one configuration ------------------------------------------------------------------------
 def _qemu_words(text: str) -> str:
-    """QEMU's own complaint (its `qemu-system-...:` lines) from an error text."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("qemu-system")]
-    return " | ".join(lines) if lines else text.strip().splitlines()[-1] if text.strip() else ""
+    """QEMU's own complaint from an error text: its `qemu-system-...:` lines if any, else the text."""
+    lines = [ln[ln.index("qemu-system"):].strip() for ln in text.splitlines() if "qemu-system" in ln]
+    return " | ".join(lines) if lines else " ".join(text.split())
 
 
-def _skip_report(cfg: SweepConfig, qemu: str, kvm: KvmStatus, reason: str, repro: str = "") -> dict:
-    label = f"{cfg.accel}/microvm/{cfg.cpu}"
-    check = Check("run.cpu", cfg.accel, "host", "run", {}, None, None, "skip", reason, config=label)
-    run = {"accel": cfg.accel, "machine": "microvm", "cpu": cfg.cpu, "config": label, "command": [],
-           "repro": repro, "exit": "skipped", "exit_detail": reason}
-    return report_mod.build(__version__, host_dict(qemu, kvm), [run], [check])
+def _skip_report(cfg: SweepConfig, qemu: str, kvm: KvmStatus, reason: str, cpu: str = "") -> dict:
+    label = f"{cfg.accel}/microvm/{cpu or cfg.cpu}"
+    check = Check("run.integrity", cfg.accel, "host", "run", {}, None, None, "skip", reason, config=label)
+    rep = full_report([], qemu, kvm, [check])
+    rep["runs"] = [{"accel": cfg.accel, "machine": "microvm", "cpu": cpu or cfg.cpu, "config": label, "command": [],
+                    "repro": "", "exit": "skipped", "exit_detail": reason}]
+    return rep
+
+
+def _error_report(cfg: SweepConfig, qemu: str, kvm: KvmStatus, why: str, cpu: str) -> dict:
+    label = f"{cfg.accel}/microvm/{cpu}"
+    check = Check("run.integrity", cfg.accel, "host", "run", {}, "complete", "no boot", "error",
+                  f"QEMU did not start: {why}", config=label)
+    rep = full_report([], qemu, kvm, [check])
+    rep["runs"] = [{"accel": cfg.accel, "machine": "microvm", "cpu": cpu, "config": label, "command": [],
+                    "repro": "", "exit": "error", "exit_detail": why}]
+    return rep
 
 
 def run_config(cfg: SweepConfig, *, art: Artifacts, qemu: str, kvm: KvmStatus, out_dir: Path,
                witness: str = "both", timeout_s: float = 15.0) -> dict:
-    """Run one configuration with the lab's runner, write `<accel>__<cpu>.json` into the
-    sweep folder, and return that report. Skips are decided before any boot where QEMU's
-    description says the host kernel cannot run; a KVM refusal over MSR 0x10a is retried
-    once with `-arch-capabilities`, and the retry is named in the report."""
+    """Run one configuration with the lab's runner (its pre-boot decision from QOM, then the
+    boot), write `<accel>__<cpu>.json` into the sweep folder, and return that report. A KVM
+    refusal over MSR 0x10a is retried once with `-arch-capabilities`, named in the report; a
+    model QEMU itself lists as unusable here and refuses to start is a skip in QEMU's words."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta: dict = {"accel": cfg.accel, "cpu": cfg.cpu, "tweak": cfg.tweak, "retry": None, "skip": None,
                   "unavailable_features": list(cfg.unavailable),
                   "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}  # which xdist worker ran it
-    if cfg.skip or not cfg.long_mode:
-        reason = cfg.skip or NO_LM
-        meta["skip"] = reason
-        rep = _skip_report(cfg, qemu, kvm, reason)
+    if cfg.skip:
+        meta["skip"] = cfg.skip
+        rep = _skip_report(cfg, qemu, kvm, cfg.skip)
     else:
-        cpu = cfg.cpu
-        outcome = _boot(cfg, cpu, art, qemu, kvm, out_dir / "runs" / cfg.slug, witness, timeout_s)
-        text = _failure_text(outcome)
-        if cfg.accel == "kvm" and MSR_10A in text and ARCH_CAP_FIX not in cpu:
-            cpu += ARCH_CAP_FIX
-            meta["retry"] = {"cpu": cpu, "why": _qemu_words(text)}
-            outcome = _boot(cfg, cpu, art, qemu, kvm, out_dir / "runs" / f"{cfg.slug}-retry", witness, timeout_s)
-            text = _failure_text(outcome)
-        if outcome.boot is None and cfg.unavailable and _qemu_words(text):
-            # QEMU listed the model as unusable on this accelerator and refused to start it.
-            reason = f"QEMU refuses this model on {cfg.accel} (unavailable: {', '.join(cfg.unavailable)}): {_qemu_words(text)}"
-            meta["skip"] = reason
-            rep = _skip_report(cfg, qemu, kvm, reason)
-        else:
-            rep = full_report([outcome], qemu, kvm, [])
+        rep = _attempt(cfg, cfg.cpu, art, qemu, kvm, out_dir / "runs" / cfg.slug, witness, timeout_s, meta)
+        if rep is None:
+            retry_cpu = cfg.cpu + ARCH_CAP_FIX
+            rep = _attempt(cfg, retry_cpu, art, qemu, kvm, out_dir / "runs" / f"{cfg.slug}-retry", witness,
+                           timeout_s, meta, retry=False)
     rep[SWEEP_KEY] = meta
     report_mod.write_json(rep, out_dir / f"{cfg.slug}.json")
     return rep
 
 
-def _boot(cfg: SweepConfig, cpu: str, art: Artifacts, qemu: str, kvm: KvmStatus, run_dir: Path,
-          witness: str, timeout_s: float):
+def _attempt(cfg: SweepConfig, cpu: str, art: Artifacts, qemu: str, kvm: KvmStatus, run_dir: Path,
+             witness: str, timeout_s: float, meta: dict, retry: bool = True) -> dict | None:
+    """One try: the report, or None when KVM refused MSR 0x10a and a retry should follow."""
     rc = make_config(cfg.accel, art, qemu=qemu, kvm=kvm, cpu=cpu, timeout_s=timeout_s)
-    return run_one(rc, run_dir, kvm, witness)
-
-
-def _failure_text(outcome) -> str:
-    return outcome.error + (outcome.boot.stderr if outcome.boot else "")
+    try:
+        pre = preboot(rc)
+    except ConfigError as exc:
+        text = str(exc)
+        if retry and cfg.accel == "kvm" and MSR_10A in text and ARCH_CAP_FIX not in cpu:
+            meta["retry"] = {"cpu": cpu + ARCH_CAP_FIX, "why": _qemu_words(text)}
+            return None
+        if cfg.unavailable:  # QEMU listed the model as unusable on this accelerator
+            meta["skip"] = (f"QEMU refuses this model on {cfg.accel} (unavailable: {', '.join(cfg.unavailable)}): "
+                            f"{_qemu_words(text)}")
+            return _skip_report(cfg, qemu, kvm, meta["skip"], cpu)
+        return _error_report(cfg, qemu, kvm, text, cpu)
+    if pre.skip:
+        meta["skip"] = pre.skip
+        return _skip_report(cfg, qemu, kvm, pre.skip, cpu)
+    outcome = run_one(pre.cfg, run_dir, kvm, witness)
+    text = outcome.error + (outcome.boot.stderr if outcome.boot else "")
+    if retry and cfg.accel == "kvm" and MSR_10A in text and ARCH_CAP_FIX not in cpu:
+        meta["retry"] = {"cpu": cpu + ARCH_CAP_FIX, "why": _qemu_words(text)}
+        return None
+    return full_report([outcome], qemu, kvm, [])
 
 
 def bad_checks(rep: dict) -> list[dict]:
     return [c for c in rep["checks"] if c["status"] in ("fail", "error")]
+
+
+def bad_lines(checks: list[dict], limit: int = 4) -> list[str]:
+    """The fail and error checks, one line each: a dead boot makes every check an error, so
+    its cause (run.integrity) comes first, then a few more and how many were left out."""
+    bad = sorted((c for c in checks if c["status"] in ("fail", "error")), key=lambda c: c["id"] != "run.integrity")
+    lines = [f"{c['status']} {c['id']}: {c['reason']}" for c in bad[:limit]]
+    return lines + ([f"... and {len(bad) - limit} more in the report"] if len(bad) > limit else [])
 
 
 # -- merging ------------------------------------------------------------------------------------
@@ -433,7 +422,6 @@ def exit_status(merged: dict) -> int:
 
 # -- outputs ------------------------------------------------------------------------------------
 STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yellow", "skip": "dim"}
-SHOWN_PER_CELL = 4  # non-pass checks printed per configuration; all of them are in its report
 
 
 def cell_text(cell: dict) -> str:
@@ -472,13 +460,8 @@ def render(merged: dict, console: Console) -> None:
                 skips.setdefault(cell["skip"], []).append(label)
             elif cell["status"] in ("fail", "error"):
                 console.print(Text(f"{cell['status']} {label}: {cell['report']}", style=STYLE[cell["status"]]))
-                bad = [n for n in cell["nonpass"] if n["status"] in ("fail", "error")]
-                # A dead boot makes every check an error: its cause (run.integrity) first, a few more, a count.
-                bad.sort(key=lambda n: n["id"] != "run.integrity")
-                for n in bad[:SHOWN_PER_CELL]:
-                    console.print(f"  {n['status']} {n['id']}: {n['reason']}", highlight=False)
-                if len(bad) > SHOWN_PER_CELL:
-                    console.print(f"  ... and {len(bad) - SHOWN_PER_CELL} more in the report", highlight=False)
+                for line in bad_lines(cell["nonpass"]):
+                    console.print(f"  {line}", highlight=False)
                 console.print(f"  reproduce: {cell['repro']}", highlight=False, soft_wrap=True)
     for reason, labels in skips.items():
         console.print(f"skip ({len(labels)}) {reason}: {', '.join(labels)}", style="dim", highlight=False)
@@ -526,7 +509,8 @@ def write_outputs(merged: dict, out_dir: Path) -> list[Path]:
 
 # -- the front door: one pytest run ------------------------------------------------------------
 SWEEP_TESTS = "tests/sweep"
-DURATIONS = "tests/sweep/durations.json"
+DURATIONS = "tests/sweep/durations.json"  # pytest-split's record (--store-durations) of a full sweep
+SPLIT_ALGORITHM = "least_duration"  # pytest-split's most even assignment
 
 
 @dataclass
@@ -558,7 +542,8 @@ def pytest_command(opts: SweepOptions, out: Path, python: str) -> list[str]:
     if opts.workers not in ("0", "1"):
         cmd += ["-n", opts.workers]
     if opts.splits:
-        cmd += [f"--splits={opts.splits}", f"--group={opts.group}", f"--durations-path={DURATIONS}"]
+        cmd += [f"--splits={opts.splits}", f"--group={opts.group}", f"--durations-path={DURATIONS}",
+                f"--splitting-algorithm={SPLIT_ALGORITHM}"]
     return cmd + opts.extra
 
 
@@ -636,6 +621,7 @@ def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
 
 def merge_main(folders: list[Path], out: Path, console: Console) -> int:
     merged = merge(folders)
+    out.mkdir(exist_ok=True)
     paths = write_outputs(merged, out)  # first: the files do not depend on the terminal
     render(merged, console)
     for p in paths:

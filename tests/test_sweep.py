@@ -46,6 +46,7 @@ def fake_report(accel: str, cpu: str, statuses: list[str], *, skip: str | None =
 
 def write(folder: Path, rep: dict) -> None:
     meta = rep[sweep.SWEEP_KEY]
+    folder.mkdir(parents=True, exist_ok=True)
     report.write_json(rep, folder / f"{sweep.SweepConfig(meta['accel'], meta['cpu']).slug}.json")
 
 
@@ -63,11 +64,6 @@ def two_folders(tmp_path):
 
 
 # -- planning ------------------------------------------------------------------------------------
-def test_cpu_props_follow_qemu_syntax():
-    assert sweep.cpu_props("qemu32,+lm,-svm,vendor=GenuineIntel,kvm=off,pmu=on") == (
-        "qemu32", {"lm": True, "svm": False, "vendor": "GenuineIntel", "kvm": False, "pmu": True})
-
-
 @pytest.mark.parametrize("call", [lambda: sweep.parse_tweaks("vendor,nosuch"), lambda: sweep.parse_accels("bochs"),
                                   lambda: sweep.parse_accels(",")])
 def test_unknown_choices_are_user_errors(call):
@@ -76,12 +72,11 @@ def test_unknown_choices_are_user_errors(call):
 
 
 @pytest.mark.tcg
-def test_plan_lists_qemus_models_and_asks_qom_for_long_mode(qemu, kvm):
-    cfgs = sweep.plan(qemu, kvm, accels="tcg", models="qemu*,486", tweaks="lm,no-lm")
-    by = {c.cpu: c for c in cfgs}
-    assert list(by) == ["486", "qemu32", "qemu64", "qemu32,+lm,+syscall", "qemu64,-lm"]
-    # QEMU's own expansion of each -cpu string, not a list of names: a tweak flips it.
-    assert [by[c].long_mode for c in by] == [False, False, True, True, False]
+def test_plan_lists_qemus_models_then_tweaks(qemu, kvm):
+    cfgs = sweep.plan(qemu, kvm, accels="tcg", models="qemu*,486,host", tweaks="lm,no-lm,kvm")
+    assert [c.cpu for c in cfgs] == ["486", "host", "qemu32", "qemu64", "qemu32,+lm,+syscall", "qemu64,-lm"]
+    assert [c.tweak for c in cfgs][-2:] == ["lm", "no-lm"]  # `kvm` is a KVM-only tweak
+    assert cfgs[1].unavailable == ("kvm",)  # QEMU's own word on `host` under TCG
     with_versions = sweep.plan(qemu, kvm, accels="tcg", models="qemu64*", tweaks="none", versions=True)
     assert [c.cpu for c in with_versions] == ["qemu64", "qemu64-v1"]
 
@@ -89,12 +84,12 @@ def test_plan_lists_qemus_models_and_asks_qom_for_long_mode(qemu, kvm):
 # -- one configuration ---------------------------------------------------------------------------
 @pytest.mark.tcg
 def test_no_long_mode_is_a_skip_before_any_boot(tmp_path, artifacts, qemu, kvm):
-    cfg = sweep.SweepConfig("tcg", "qemu32", long_mode=False)
-    rep = sweep.run_config(cfg, art=artifacts, qemu=qemu, kvm=kvm, out_dir=tmp_path, witness="serial")
-    assert rep[sweep.SWEEP_KEY]["skip"] == sweep.NO_LM
-    assert [c["status"] for c in rep["checks"]] == ["skip"]
-    assert not (tmp_path / "runs").exists()  # nothing booted
-    assert (tmp_path / "tcg__qemu32.json").is_file()
+    for cpu, skip in [("qemu32", sweep.NO_LM), ("qemu64,-lm", sweep.NO_LM), ("qemu32,+lm,+syscall", None)]:
+        rep = sweep.run_config(sweep.SweepConfig("tcg", cpu), art=artifacts, qemu=qemu, kvm=kvm, out_dir=tmp_path,
+                               witness="serial")
+        assert rep[sweep.SWEEP_KEY]["skip"] == skip, cpu  # QOM `lm` of that -cpu, not the model's name
+    assert [c["status"] for c in json.loads((tmp_path / "tcg__qemu32.json").read_text())["checks"]] == ["skip"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tcg__qemu32_+lm_+syscall"]  # only it booted
 
 
 @pytest.mark.tcg
@@ -123,7 +118,7 @@ def fake_qemu(tmp_path: Path, always: bool) -> str:
     script = tmp_path / "qemu-msr"
     cond = "true" if always else '! printf "%s" "$*" | grep -q -- "-arch-capabilities"'
     script.write_text(f"""#!/bin/sh
-if printf '%s' "$*" | grep -q -- '-kernel' && {cond}; then
+if printf '%s' "$*" | grep -q -- '-accel kvm -cpu' && {cond}; then
   echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x20000000" >&2
   echo "qemu-system-x86_64: ../target/i386/kvm/kvm.c:2930: kvm_buf_set_msrs: Assertion failed." >&2
   exit 134
@@ -140,7 +135,7 @@ def test_msr_10a_refusal_is_retried_with_the_documented_fix(tmp_path, artifacts,
     cfg = sweep.SweepConfig("kvm", "qemu64")
     rep = sweep.run_config(cfg, art=artifacts, qemu=qemu, kvm=kvm, out_dir=tmp_path / "s", witness="serial")
     retry = rep[sweep.SWEEP_KEY]["retry"]
-    assert retry["cpu"] == "qemu64,-arch-capabilities" and "failed to set MSR 0x10a" in retry["why"]
+    assert retry["cpu"] == "qemu64,-arch-capabilities" and "MSR 0x10a" in retry["why"]
     assert rep["runs"][0]["cpu"] == "qemu64,-arch-capabilities"
     assert not sweep.bad_checks(rep)
     cell = sweep.merge([tmp_path / "s"])["cells"]["qemu64"]["kvm"]
@@ -172,6 +167,14 @@ def test_merge_counts_statuses_deviations_and_retries(two_folders):
     assert merged["summary"]["by_status"] == {"pass": 2, "fail": 1, "xfail": 1, "xpass": 0, "skip": 1, "error": 1}
     assert merged["deviations"]["kvm_pvm-rdtsc-tsd-cpl3"]["configs"] == 1
     assert sweep.exit_status(merged) == 1
+
+
+def test_a_dead_boot_is_explained_by_its_cause_not_a_wall_of_errors():
+    checks = [{"id": f"host.p{i}", "status": "error", "reason": "no observation"} for i in range(40)]
+    checks.append({"id": "run.integrity", "status": "error", "reason": "boot exit-code: firmware exited with code 3"})
+    lines = sweep.bad_lines(checks + [{"id": "host.x", "status": "pass", "reason": ""}])
+    assert lines[0].startswith("error run.integrity: boot exit-code") and len(lines) == 5
+    assert lines[-1] == "... and 37 more in the report"
 
 
 def test_merge_exit_status_is_clean_only_without_fail_and_error(tmp_path):

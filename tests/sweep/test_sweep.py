@@ -13,10 +13,9 @@ pytestmark = pytest.mark.sweep
 def test_config(sweep_cfg: sweep.SweepConfig, sweep_env):
     rep = sweep.run_config(sweep_cfg, art=sweep_env["art"], qemu=sweep_env["qemu"], kvm=sweep_env["kvm"],
                            out_dir=sweep_env["dir"], witness=sweep_env["witness"], timeout_s=sweep_env["timeout"])
-    bad = sweep.bad_checks(rep)
-    if bad:
+    if sweep.bad_checks(rep):
         run = rep["runs"][0] if rep["runs"] else {}
-        lines = [f"{c['status']} {c['id']}: {c['reason']}" for c in bad]
+        lines = sweep.bad_lines(rep["checks"])
         pytest.fail("\n".join([*lines, f"reproduce: {run.get('repro', '')}"]), pytrace=False)
     skip = rep[sweep.SWEEP_KEY]["skip"]
     if skip:
