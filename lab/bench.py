@@ -130,6 +130,9 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
         with console.status("full invoke lab.run --accel all"):
             full = _time(lambda: subprocess.run(full_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, check=False), rounds)
     results["full_run_s"] = _stats(full)
+    from .sweep_bench import measure as sweep_measure  # the sweep: 1 against 2 workers, shard balance
+
+    results["sweep"] = sweep_measure(console)
     results["verdicts"] = _verdicts(results)
     return results
 
@@ -171,6 +174,10 @@ def _print(console: Console, r: dict) -> None:
         console.print(f"  {accel} min-max: floor {rng(a['floor_s'])}, serial {rng(a['lab_serial_s'])}, "
                       f"+GDB {rng(a['lab_gdb_s'])}", highlight=False)
     console.print(f"full invoke lab.run --accel all: {_fmt(r['full_run_s'])}")
+    if "sweep" in r:
+        from .sweep_bench import show as sweep_show
+
+        sweep_show(console, r["sweep"])
     for accel, a in r["accels"].items():
         for k, v in sorted(a["guest_costs_cycles"].items()):
             if k.endswith("_cycles"):
