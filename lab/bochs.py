@@ -82,10 +82,11 @@ def models(binary: str) -> tuple[str, ...]:
         return ()
     body = text.split("Supported CPU models:", 1)[1]
     names = []
-    for line in body.splitlines()[1:]:
-        if not line.strip():
+    for line in body.splitlines():
+        if line.strip():
+            names.append(line.strip())
+        elif names:  # the blank line after the list
             break
-        names.append(line.strip())
     return tuple(names)
 
 
