@@ -129,7 +129,8 @@ void hv_cpuid(const struct hv_config *c, u32 leaf, u32 subleaf, struct cpuid_reg
     }
     cpuid(leaf, subleaf, r);
     if (leaf == 1)
-        r->ecx |= 1u << 31;                 /* "hypervisor present" */
+        r->ecx = (r->ecx | 1u << 31)        /* "hypervisor present" */
+                 & ~(1u << 5);              /* no nested VMX for the guest */
     if (leaf == 0x80000001)
         r->ecx &= ~(1u << 2);               /* no nested SVM for the guest */
     if (leaf == 0x8000000a)
@@ -186,7 +187,7 @@ int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r)
     case LABHC_CPL_ENTER:
         rec_obs_begin(c->scope, "cpl-enter");
         rec_u64("cpl", r->rdi);
-        rec_str("via", via_name(r->rsi));
+        rec_str("via", r->rsi == LABHC_VIA_VMRUN && c->entry_via ? c->entry_via : via_name(r->rsi));
         rec_u64("obs", r->rdx & 3);
         rec_hex("cs", r->rdx);
         rec_end();

@@ -49,6 +49,7 @@ struct hv_ctx {
     const char *scope;      /* "guest-svm" */
     const char *exit_path;  /* name of the trapping path in cost keys: "vmexit" */
     const char *end;        /* why the guest ended: "done", "panic", ... (NULL: running) */
+    const char *entry_via;  /* the host's entry as cpl-enter names it (NULL: "vmrun") */
 };
 /* One OUT to LABHC_PORT: emit the record(s) it carries. Returns 1 when the
  * guest is finished (DONE or PANIC), else 0. */

@@ -9,6 +9,7 @@
 #include "svm.h"
 #include "hv_guest.h"
 #include "soft.h"
+#include "vmx.h"
 
 #define SCOPE      "guest-svm"
 #define ASID       1             /* ASID 0 is the host's: VMRUN fails with it (15.5.1) */
@@ -318,6 +319,16 @@ void hv_main(const struct bootinfo *bi)
     if (!strcmp(cfg.mode, "soft")) {   /* software trap-and-emulate host (soft.c) */
         soft_main(bi, &cfg, NULL);
         return;
+    }
+    /* Intel VMX (vmx.c) when forced, or for auto on a processor that has it. */
+    if (!strcmp(cfg.mode, "vmx") || !strcmp(cfg.mode, "auto")) {
+        const char *why_vmx;
+        if (!vmx_main(bi, &cfg, &why_vmx))
+            return;
+        if (!strcmp(cfg.mode, "vmx")) {
+            hv_info_none(&cfg, why_vmx);
+            return;
+        }
     }
     why = !strcmp(cfg.mode, "none") ? "host-mode-none"
         : strcmp(cfg.mode, "auto") && strcmp(cfg.mode, "svm") ? "bad-host-mode"

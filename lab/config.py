@@ -35,7 +35,7 @@ KERNEL_ARGS: dict[str, tuple[str, ...] | None] = {
     "hv-intercept-cpuid": _BOOL,
     "hv-intercept-rdtsc": _BOOL,
     "hv-npt": _BOOL,
-    "hv-fault": ("unknown-exit",),
+    "hv-fault": ("unknown-exit", "no-rdtsc-exit"),  # no-rdtsc-exit: firmware/vmx.c forgets that exit
     "soft-fault": ("no-emulate-rdtsc", "unknown-hlt"),
 }
 OWN_OPTION = {"hv-signature": "--hv-signature", "host-mode": "--host-mode"}
