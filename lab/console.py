@@ -169,25 +169,33 @@ def _fits(console: Console, renderable) -> bool:
     return _natural_width(console, renderable) <= console.width
 
 
-def _fold_lines(folded: list[Column], short: dict[str, str]) -> list[tuple[str, Text]]:
-    """One line per configuration and reason for the folded columns."""
-    merged: dict[tuple[str, str, str], list[Column]] = {}
-    counts: dict[tuple[str, str, str], int] = {}
+def _fold_lines(folded: list[Column], short: dict[str, str], dead: set[str]) -> list[tuple[str, Text]]:
+    """One line per configuration for its folded columns: each reason once, with the scopes
+    and the number of checks it covers. A dead boot's missing observations point at the
+    boot's own line, which gives the cause."""
+    worse = ("skip", "xfail", "xpass", "fail", "error")
+    per_config: dict[str, dict[tuple[str, str], list]] = {}
     for col in folded:
         for k, c in col.checks.items():
             if k == "run.integrity":
                 continue  # the boot line says how the boot ended
-            key = (col.config, c["status"], c["reason"])
-            if col not in merged.setdefault(key, []):
-                merged[key].append(col)
-            counts[key] = counts.get(key, 0) + 1
+            reason = c["reason"]
+            if c["status"] == "error" and col.config in dead:
+                reason = "no observation: the boot died (its cause below)"
+            entry = per_config.setdefault(col.config, {}).setdefault((c["status"], reason), [[], 0])
+            if col not in entry[0]:
+                entry[0].append(col)
+            entry[1] += 1
     lines = []
-    for (config, status, reason), cols in merged.items():
-        scopes = " + ".join(SCOPE_TITLE.get(c.scope, c.scope) for c in cols)
-        n = counts[(config, status, reason)]
-        plural = "columns" if len(cols) > 1 else "column"
-        lines.append((f"  {status}", Text(f"{short[config]} {scopes} ({plural} not shown), {n} "
-                                          f"check{'s' if n > 1 else ''}: {reason}", style=STYLE[status])))
+    for config, reasons in per_config.items():
+        parts = []
+        for (status, reason), (cols, n) in reasons.items():
+            scopes = " + ".join(SCOPE_TITLE.get(c.scope, c.scope) for c in cols)
+            what = "skipped" if status == "skip" else status + ("s" if n > 1 and status in ("error", "fail") else "")
+            parts.append(f"{scopes}: {n} {what}, {reason}")
+        status = max((st for st, _ in reasons), key=worse.index)
+        lines.append((f"  {status}", Text(f"{short[config]} columns not shown: " + "; ".join(parts),
+                                          style=STYLE[status])))
     return lines
 
 
@@ -225,7 +233,8 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
             for col, t in _scope_tables(shown, groups):
                 console.print(Text(f"{short[col.config]} {SCOPE_TITLE.get(col.scope, col.scope)}", style="bold"))
                 console.print(t)
-    _print_notes(console, _fold_lines(folded, short))
+    dead = {r["config"] for r in report["runs"] if r.get("exit") != "ok"}
+    _print_notes(console, _fold_lines(folded, short, dead))
 
     _why_not_pass(report, console, skip_columns=folded, short=short)
     _boots(report, console)
@@ -275,10 +284,10 @@ def _print_notes(console: Console, notes: list[tuple[str, Text]]) -> None:
 def _boots(report: dict, console: Console) -> None:
     for r in report["runs"]:
         console.print(f"[bold]{r['config']}[/] exit={r['exit']} wall={r['wall_s']} s", highlight=False)
-        if r["exit"] != "ok":  # a dead boot: the cause and the last thing it said
-            console.print(Text(f"  cause: {r['exit_detail']}", style="red"))
+        if r["exit"] != "ok":  # a dead boot: the cause and the last thing it said, one line
             last = last_serial_line(r)
-            console.print(Text(f"  last serial line: {last if last is not None else '(none)'}"), soft_wrap=True)
+            console.print(Text(f"  cause: {r['exit_detail']}; last serial line: {last if last is not None else '(none)'}",
+                               style="red"), soft_wrap=True)
         console.print(Text(f"  log: {r['log']}"), soft_wrap=True)
         for line in _cost_lines(r.get("costs", {})):
             console.print(f"  {line}")
