@@ -32,7 +32,9 @@ from .ids import check_id
 #            pushed for the return trap there.
 #   return:  the stub leaves the ring; obs = CPL of the code the CPU returned to.
 #   cpuid:   obs = bytes or a bit of the registers CPUID returned (CPL0 only).
-KINDS = ("outcome", "enter", "return", "cpuid")
+#   cpl-of:  obs = the CPL of the code the stub is in (from the CS of its trap).
+#   count:   obs = a count the host keeps (exits, traps) or its verdict: no stub, no witness.
+KINDS = ("outcome", "enter", "return", "cpuid", "cpl-of", "count")
 # How the ring is entered: IRETQ (SDM Vol. 3A 6.14.3) or SYSRETQ (SDM Vol. 2B SYSRET).
 ENTRIES = ("iretq", "sysret")
 
@@ -58,6 +60,7 @@ class Stub:
     rax: str = ""  # what RAX holds on entry: "" (nothing), "cr4" (the current CR4), or a number
     rcx: str = ""  # what RCX holds on entry: "" or a number (e.g. a CPUID subleaf)
     continue_at: bool = False  # a #UD at probe_insn_<name> is a checkpoint: resume after it
+    image: str = "host"  # "guest": the stub is in the guest kernel (guests/), not generated
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,10 @@ class Probe:
     gate: Gate | None = None
     needs: str = ""  # CPUID feature the instruction needs (a Facts field), e.g. "rdtscp"
     entry: str = "iretq"  # how the ring is entered (ENTRIES)
-    scope: str = "host"
+    scopes: tuple[str, ...] = ("host",)
     cpuid: tuple[int, int, str] | None = None  # (leaf, subleaf, "bytes:bdc" | "bit:c31")
-    witness: str = "trap"  # how GDB reads it: "trap" (exc_dispatch) | "none: why"
+    witness: str = "trap"  # how GDB reads it: "trap" (an IDT stub's stop) | "entry" (a stop at the
+    #                        stub's label) | "none: why" (everywhere) | per scope: {scope: ...}
 
     def instances(self) -> list[dict[str, str]]:
         keys = [k for k, _ in self.dims]
@@ -83,20 +87,21 @@ class Probe:
                 for combo in itertools.product(*(vals for _, vals in self.dims))]
 
 
+    def witness_in(self, scope: str) -> str:
+        return self.witness.get(scope, "trap") if isinstance(self.witness, dict) else self.witness
+
+
 @dataclass(frozen=True)
 class Row:
-    """One check: an entry at one point of its dimensions."""
+    """One check: an entry at one point of its dimensions, in one scope."""
 
     entry: Probe
     params: dict[str, str] = field(hash=False)
+    scope: str = "host"
 
     @property
     def id(self) -> str:
-        return check_id(self.entry.scope, self.entry.probe, self.params)
-
-    @property
-    def scope(self) -> str:
-        return self.entry.scope
+        return check_id(self.scope, self.entry.probe, self.params)
 
     @property
     def probe(self) -> str:
@@ -165,6 +170,77 @@ CATALOGUE: tuple[Probe, ...] = (
           cpuid=(0x40000000, 0, "bytes:bcd")),
 )
 
+
+# -- the guest kernel's probes (guests/guest), one declaration for the three hosts that run it --
+GUEST_SCOPES = ("guest-svm", "guest-vmx", "guest-soft")
+REF_GUEST_CPL_SVM = "APM Vol. 2 15.5.1: VMRUN loads the guest's CS and CPL from the VMCB: the guest runs at its own CPL0"
+REF_GUEST_CPL_VMX = ("SDM Vol. 3C 26.3.2.2: VM entry loads the guest's CS and SS from the guest-state area "
+                     "(CPL = SS.DPL): the guest runs at its own CPL0")
+REF_SOFT_CPL = ("Popek & Goldberg 1974: MOV from CS is sensitive but not privileged, so a deprivileged kernel "
+                "(ring compression 0->1) reads its real CPL1; SDM Vol. 3A 5.5")
+REF_GUEST_TSD = ("the guest's own CR4.TSD applies inside the guest: APM Vol. 2 15.7 (intercepts are checked after "
+                 "exceptions such as #GP for privilege); SDM Vol. 3C 25.1.1 (such exceptions take priority over "
+                 "VM exits); the software host keeps CR4.TSD=1 and emulates the guest's virtual TSD")
+REF_GUEST_CPUID = ("the host answers the guest's CPUID: APM Vol. 2 15.9/15.13 (intercept), SDM Vol. 3C 25.1.2 "
+                   "(CPUID exits unconditionally), CPUID faulting for the software host (Intel SDM Vol. 4 MSR 0xCE[31], "
+                   "0x140[0]; KVM emulates it, QEMU 7.2 TCG does not: the guest then sees the virtual CPU's own answer)")
+REF_INTERCEPT = ("an intercepted instruction exits to the host with its reason: APM Vol. 2 15.9-15.13, App. C; "
+                 "SDM Vol. 3C 24.6.2, 25.1.2-25.1.3, App. C; the software host: SDM Vol. 3A 5.9 / 6.15 "
+                 "(privileged and IOPL-sensitive instructions #GP at CPL1, the host emulates them)")
+REF_GUEST_END = "the guest ran all its probes and ended through its DONE report (docs/records.md)"
+_SOFT_GATE = ("none: the software host keeps the guest's CR4.TSD virtual (host memory, not CPU state) and "
+              "emulates what the gate decides")
+_HOST_ANSWERS = "none: the host, not the CPU, answers it (an exit or a trap the host emulates)"
+
+CATALOGUE += (
+    Probe("cpl-enter", "ring", "cpl-of", None, (("cpl", (0,)), ("via", ("vmrun",))), "guest_entered",
+          REF_GUEST_CPL_SVM, "the guest kernel runs at its own CPL0 under SVM", scopes=("guest-svm",),
+          witness="entry"),
+    Probe("cpl-enter", "ring", "cpl-of", None, (("cpl", (0,)), ("via", ("vmentry",))), "guest_entered",
+          REF_GUEST_CPL_VMX, "the guest kernel runs at its own CPL0 under VMX", scopes=("guest-vmx",),
+          witness="none: Bochs has no gdbstub"),
+    Probe("cpl-enter", "ring", "cpl-of", Stub("guest_kernel", "lgdt", image="guest"),
+          (("cpl", (1,)), ("via", ("ring-compression",))), "guest_entered", REF_SOFT_CPL,
+          "the guest kernel, which believes it runs at CPL0, runs at CPL1 under the software host",
+          scopes=("guest-soft",)),
+    Probe("cpl-enter", "ring", "enter", Stub("guest_enter", "mov %cs, %ax", image="guest"),
+          (("cpl", (3,)), ("via", ("iretq",))), "ring_entered", f"{REF_CPL}; {REF_IRET}",
+          "the guest's IRETQ to its CPL3", scopes=GUEST_SCOPES),
+    Probe("cpl-return", "ring", "return", Stub("guest_enter", "mov %cs, %ax", image="guest"),
+          (("from_cpl", (3,)), ("via", ("ud2",))), "guest_returned", REF_EXC_RETURN,
+          "an exception at the guest's CPL3 runs the guest's handler at the guest kernel's CPL",
+          scopes=GUEST_SCOPES,
+          witness={"guest-soft": "none: the software host builds the guest's exception frame (host memory, "
+                                 "not what the CPU pushed)"}),
+    Probe("rdtsc", "tsc", "outcome", Stub("guest_rdtsc", "rdtsc", image="guest"), (("tsd", (1, 0)), ("cpl", (3,))),
+          "tsc_read", f"{REF_RDTSC}; {REF_GUEST_TSD}", "RDTSC at the guest's CPL3 under the guest's own CR4.TSD",
+          gate=CR4_TSD, scopes=GUEST_SCOPES, witness={"guest-soft": _SOFT_GATE}),
+    Probe("rdtsc", "tsc", "outcome", None, (("tsd", (1,)), ("cpl", (0,))), "tsc_read", f"{REF_RDTSC}; {REF_GUEST_TSD}",
+          "RDTSC at the guest's CPL0 with its CR4.TSD set", gate=CR4_TSD, scopes=GUEST_SCOPES,
+          witness="none: at the guest's CPL0 RDTSC exits to (or is emulated by) the host: no trap in the guest"),
+    Probe("rdtsc-intercepted", "tsc", "count", None, (("cpl", (0,)), ("intercept", (1, 0))), "guest_tsc_value",
+          REF_INTERCEPT, "the RDTSC value the guest got: the host's (intercepted) or the CPU's", scopes=GUEST_SCOPES,
+          witness=_HOST_ANSWERS),
+    Probe("cpuid-vendor", "cpuid", "count", None, (("leaf", (0,)),), "vendor", f"{REF_VENDOR}; {REF_GUEST_CPUID}",
+          "CPUID leaf 0 as the guest sees it", scopes=GUEST_SCOPES, witness=_HOST_ANSWERS),
+    Probe("cpuid-hv-bit", "cpuid", "count", None, (), "guest_hv_bit", f"{REF_HV_BIT}; {REF_GUEST_CPUID}",
+          "the hypervisor bit as the guest sees it", scopes=GUEST_SCOPES, witness=_HOST_ANSWERS),
+    Probe("cpuid-hv-signature", "cpuid", "count", None, (), "guest_hv_signature", REF_GUEST_CPUID,
+          "CPUID 0x40000000 as the guest sees it: the lab host's signature", scopes=GUEST_SCOPES,
+          witness=_HOST_ANSWERS),
+    Probe("guest-end", "guest", "count", None, (), "guest_end", REF_GUEST_END, "the guest ran to its end",
+          scopes=GUEST_SCOPES, witness=_HOST_ANSWERS),
+    Probe("vmexit", "guest", "count", None, (("reason", ("cpuid", "rdtsc", "hlt", "ioio")),), "exit_seen",
+          REF_INTERCEPT, "each intercepted instruction exits at least once", scopes=("guest-svm",),
+          witness=_HOST_ANSWERS),
+    Probe("vmexit", "guest", "count", None, (("reason", ("cpuid", "rdtsc", "hlt", "io")),), "exit_seen",
+          REF_INTERCEPT, "each instruction the VMX host exits on exits at least once", scopes=("guest-vmx",),
+          witness=_HOST_ANSWERS),
+    Probe("trap", "guest", "count", None, (("reason", ("rdtsc", "out", "hlt", "mov-cr", "cpuid")),), "exit_seen",
+          REF_INTERCEPT, "each instruction the software host emulates traps at least once", scopes=("guest-soft",),
+          witness=_HOST_ANSWERS),
+)
+
 # What the `lie` build reports instead of the truth (a negative control both witnesses must
 # catch; every other record of that build is the truth).
 LIES = {
@@ -176,17 +252,19 @@ LIES = {
 
 
 def rows(scope: str = "host") -> list[Row]:
-    return [Row(p, params) for p in CATALOGUE if p.scope == scope for params in p.instances()]
+    return [Row(p, params, scope) for p in CATALOGUE if scope in p.scopes for params in p.instances()]
 
 
 def table_rows() -> list[Row]:
     """The rows the firmware runs from its table, in catalogue order."""
-    return [r for r in rows() if r.entry.stub is not None]
+    return [r for r in rows() if r.entry.stub is not None and r.entry.stub.image == "host"]
 
 
-def stubs() -> list[Stub]:
+def stubs(image: str | None = "host") -> list[Stub]:
     seen: dict[str, Stub] = {}
     for p in CATALOGUE:
+        if p.stub is not None and image is not None and p.stub.image != image:
+            continue
         if p.stub is not None:
             if p.stub.name in seen and seen[p.stub.name] != p.stub:
                 raise ValueError(f"stub {p.stub.name!r} declared twice with different bodies")
@@ -241,7 +319,7 @@ def firmware_sources() -> dict[str, str]:
         leaf, subleaf, decode = p.cpuid or (0, 0, "")
         lie = LIES.get(r.id, "")
         h.append(
-            f"    {{ {_c_str(p.scope)}, {_c_str(p.probe)}, {_c_str(p.family)}, {_KIND_C[p.kind]}, "
+            f"    {{ {_c_str(r.scope)}, {_c_str(p.probe)}, {_c_str(p.family)}, {_KIND_C[p.kind]}, "
             f"{index[p.stub.name]}, {r.cpl}, {int(p.entry == 'sysret')}, "
             f"{{ {', '.join(_c_str(k) for k in keys)} }}, {{ {', '.join(_c_str(v) for v in vals)} }}, "
             f"{gate.bit if gate else -1}, {r.gate_value if gate else 0}, "
@@ -264,10 +342,13 @@ def markdown_table() -> str:
     """One row per probe family and instruction: what it checks, its dimensions, rule source."""
     out = ["| probe | dimensions | what it checks | reference |", "|---|---|---|---|"]
     for p in CATALOGUE:
+        if p.kind == "count":
+            continue
         dims = ", ".join(f"{k} {'/'.join(str(v) for v in vals)}" for k, vals in p.dims) or "-"
         gate = f" (gate CR4.{p.gate.name})" if p.gate else ""
         needs = f"; needs CPUID `{p.needs}`" if p.needs else ""
-        out.append(f"| `{p.probe}` | {dims} | {p.summary}{gate}{needs} | {p.ref} |")
+        where = "" if p.scopes == ("host",) else f" ({', '.join(p.scopes)})"
+        out.append(f"| `{p.probe}`{where} | {dims} | {p.summary}{gate}{needs} | {p.ref} |")
     return "\n".join(out) + "\n"
 
 

@@ -15,30 +15,7 @@ from dataclasses import dataclass, field
 
 from .ids import check_id
 
-# -- references (Intel SDM = Intel 64 and IA-32 Architectures SDM; APM = AMD64 APM) --------
-# The host probes' references live with their entries in lab/catalogue.py; these serve the
-# guest scopes, whose probes the guest kernel runs.
-from .catalogue import (  # noqa: E402
-    REF_CPL, REF_EXC_RETURN, REF_HV_BIT, REF_IRET, REF_RDTSC, REF_VENDOR, Row, rows,
-)
-
-REF_GUEST_CPL = "APM Vol. 2 15.5.1: VMRUN loads the guest's CS and CPL from the VMCB: the guest runs at its own CPL0"
-REF_GUEST_TSD = (
-    "APM Vol. 2 15.7: instruction intercepts are checked after exceptions such as #GP for "
-    "privilege; the guest's own CR4.TSD applies inside the guest"
-)
-REF_GUEST_SIG = "APM Vol. 2 15.9/15.13: the host intercepts CPUID and answers leaf 0x40000000 itself"
-REF_GUEST_END = "the guest ran all its probes and ended through its DONE report (docs/records.md)"
-REF_SOFT_CPL = (
-    "Popek & Goldberg 1974: MOV from CS is sensitive but not privileged, so a deprivileged "
-    "kernel (ring compression 0->1) reads its real CPL1; SDM Vol. 3A 5.5"
-)
-REF_SOFT_TRAP = "SDM Vol. 3A 5.9 / 6.15: privileged and IOPL-sensitive instructions #GP at CPL1; the host emulates them"
-REF_SOFT_CPUID = (
-    "CPUID faulting (Intel SDM Vol. 4 MSR 0xCE[31], MSR 0x140[0]) makes CPL>0 CPUID #GP so the host can "
-    "answer; KVM emulates it, QEMU 7.2 TCG does not (the guest then sees the virtual CPU's own answer)"
-)
-REF_INTERCEPT = "APM Vol. 2 15.9-15.13, App. C: an intercepted instruction causes #VMEXIT with its exit code"
+from .catalogue import GUEST_SCOPES, Row, rows
 
 AT_LEAST_ONCE = ">=1"
 
@@ -169,136 +146,93 @@ def hv_signature(facts: Facts, info: dict[str, str] | None = None) -> str:
     return top if top is not None else "the highest basic leaf's data (info cpuid.top missing)"
 
 
+def _guest_skip(facts: Facts, scope: str) -> str | None:
+    """Why a guest scope does not run in this configuration (None: it runs)."""
+    host = scope.removeprefix("guest-")
+    if host == "svm" and not facts.svm:
+        if facts.accel == "kvm":
+            return f"no SVM under KVM ({facts.kvm_module or 'unknown module'} gives its guests no SVM)"
+        return "no SVM: this CPU model has none (CPUID 0x80000001 ECX[2]; QOM `svm`)"
+    if host == "vmx" and not facts.vmx:
+        return "no VMX: this CPU model has none (CPUID.1:ECX[5]; SDM Vol. 3C 23.6)"
+    if facts.guest_mode == host:
+        return None
+    if facts.guest_mode == "none":
+        return "host mode none: no guest runs"
+    if host == "soft":
+        return f"the {facts.guest_mode.upper()} host runs the guest (--host-mode soft forces the software host)"
+    return f"the {facts.guest_mode.upper() if facts.guest_mode != 'soft' else 'software'} host runs the guest"
+
+
 def _skip(facts: Facts, row: Row) -> str | None:
+    if row.scope != "host":
+        return _guest_skip(facts, row.scope)
     if row.entry.family == "syscall" and not facts.syscall:
         return "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)"
     return None
 
 
+def _soft(scope: str) -> bool:
+    return scope == "guest-soft"
+
+
+def _exit_seen(f: Facts, scope: str, p: dict) -> str | None:
+    """Each reason the host intercepts (or, soft: emulates) is seen at least once; RDTSC only
+    with the RDTSC intercept on, CPUID under the software host only with CPUID faulting."""
+    if p["reason"] == "rdtsc" and not f.guest_rdtsc_intercept:
+        return None
+    if p["reason"] == "cpuid" and _soft(scope) and not f.cpuid_faulting:
+        return None
+    return AT_LEAST_ONCE
+
+
+# rule name -> (facts, scope, params, info) -> expected value, or None: not a check here.
 RULES = {
-    "ring_entered": lambda f, p, i: p["cpl"],  # IRETQ/SYSRET load CS (and so the CPL) from the frame / STAR
-    "ring_returned": lambda f, p, i: "0",  # the #UD handler's gate and LSTAR's CS are DPL0
-    "privileged": lambda f, p, i: privileged(p["insn"], int(p["cpl"])),
-    "iopl_sensitive": lambda f, p, i: privileged(p["insn"], int(p["cpl"])),
-    "vendor": lambda f, p, i: vendor_bytes(f.vendor),
-    "hv_bit": lambda f, p, i: "1" if f.hypervisor else "0",
-    "hv_signature": lambda f, p, i: hv_signature(f, i),
+    "ring_entered": lambda f, s, p, i: p["cpl"],  # IRETQ/SYSRET load CS (so the CPL) from the frame / STAR
+    "ring_returned": lambda f, s, p, i: "0",  # the #UD handler's gate and LSTAR's CS are DPL0
+    "guest_entered": lambda f, s, p, i: p["cpl"],  # VMRUN/VM entry: its own CPL0; soft: CPL1
+    "guest_returned": lambda f, s, p, i: "1" if _soft(s) else "0",  # the guest kernel's CPL
+    "privileged": lambda f, s, p, i: privileged(p["insn"], int(p["cpl"])),
+    "iopl_sensitive": lambda f, s, p, i: privileged(p["insn"], int(p["cpl"])),
+    "vendor": lambda f, s, p, i: vendor_bytes(f.vendor),
+    "hv_bit": lambda f, s, p, i: "1" if f.hypervisor else "0",
+    "hv_signature": lambda f, s, p, i: hv_signature(f, i),
+    # The lab's hosts set the bit and answer 0x40000000 themselves; the software host only
+    # where CPUID faulting lets it see the guest's CPUID (Facts.cpuid_faulting).
+    "guest_hv_bit": lambda f, s, p, i: "1" if (not _soft(s) or f.cpuid_faulting or f.hypervisor) else "0",
+    "guest_hv_signature": lambda f, s, p, i: (f.hv_signature if (not _soft(s) or f.cpuid_faulting)
+                                              else hv_signature(f, i)),
+    "guest_tsc_value": lambda f, s, p, i: ((None if int(p["intercept"]) != f.guest_rdtsc_intercept else
+                                            "host-value" if f.guest_rdtsc_intercept else "native")),
+    "guest_end": lambda f, s, p, i: "done",
+    "exit_seen": lambda f, s, p, i: _exit_seen(f, s, p),
 }
 
 
-def _expected(facts: Facts, row: Row, info: dict[str, str]) -> str:
+def _expected(facts: Facts, row: Row, info: dict[str, str]) -> str | None:
     p = row.params
     if row.entry.rule == "tsc_read":
         present = getattr(facts, row.entry.needs) if row.entry.needs else True
         return tsc_read(row.probe, int(p["tsd"]), int(p["cpl"]), rdtscp_present=present,
                         protected=p.get("mode") != "real")
-    return RULES[row.entry.rule](facts, p, info)
+    return RULES[row.entry.rule](facts, row.scope, p, info)
+
+
+def scope_plan(facts: Facts, scope: str, info: dict[str, str] | None = None) -> list[Expectation]:
+    """One expectation per catalogue row of the scope (lab/catalogue.py), by the row's rule."""
+    out = []
+    for r in rows(scope):
+        expected = _expected(facts, r, info or {})
+        if expected is not None:
+            out.append(Expectation(scope, r.probe, r.params, expected, r.entry.ref, _skip(facts, r)))
+    return out
 
 
 def host_plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
-    """One expectation per catalogue row (lab/catalogue.py), by the row's rule."""
-    info = info or {}
-    return [Expectation(r.scope, r.probe, r.params, _expected(facts, r, info), r.entry.ref, _skip(facts, r))
-            for r in rows("host")]
-
-
-def guest_svm_plan(facts: Facts) -> list[Expectation]:
-    skip = None
-    if not facts.svm:
-        skip = "no SVM: this CPU model has none (CPUID 0x80000001 ECX[2]; QOM `svm`)"
-        if facts.accel == "kvm":
-            skip = f"no SVM under KVM ({facts.kvm_module or 'unknown module'} gives its guests no SVM)"
-    elif facts.guest_mode != "svm":
-        skip = f"host mode {facts.guest_mode}: the SVM host does not run"
-    s = "guest-svm"
-    rows = [
-        Expectation(s, "cpl-enter", _p(cpl=0, via="vmrun"), "0", REF_GUEST_CPL, skip),
-        Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
-        Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "0", REF_EXC_RETURN, skip),
-        Expectation(s, "cpuid-vendor", _p(leaf=0), vendor_bytes(facts.vendor), f"{REF_VENDOR}; passed through by the host",
-                    skip),
-        Expectation(s, "cpuid-hv-bit", {}, "1", f"{REF_HV_BIT}; set by the host", skip),
-        Expectation(s, "cpuid-hv-signature", {}, facts.hv_signature, REF_GUEST_SIG, skip),
-        Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; {REF_GUEST_TSD}", skip),
-        Expectation(s, "rdtsc", _p(tsd=0, cpl=3), "ok", REF_RDTSC, skip),
-        Expectation(s, "rdtsc", _p(tsd=1, cpl=0), "ok", REF_RDTSC, skip),
-        Expectation(s, "rdtsc-intercepted", _p(cpl=0, intercept=int(facts.guest_rdtsc_intercept)),
-                    "host-value" if facts.guest_rdtsc_intercept else "native", REF_INTERCEPT, skip),
-    ]
-    rows.append(Expectation(s, "guest-end", {}, "done", REF_GUEST_END, skip))
-    reasons = ("cpuid", "rdtsc", "hlt", "ioio") if facts.guest_rdtsc_intercept else ("cpuid", "hlt", "ioio")
-    for reason in reasons:
-        rows.append(Expectation(s, "vmexit", _p(reason=reason), AT_LEAST_ONCE, REF_INTERCEPT, skip))
-    return rows
-
-
-def guest_vmx_plan(facts: Facts) -> list[Expectation]:
-    """The VMX host's guest (firmware/vmx.c): the guest-svm checks, by the VMX rules (Intel SDM
-    Vol. 3C chapters 24-27). Self-contained: its references live here."""
-    ref_cpl = ("SDM Vol. 3C 26.3.2.2: VM entry loads the guest's CS and SS from the guest-state area "
-               "(CPL = SS.DPL): the guest runs at its own CPL0")
-    ref_tsd = ("SDM Vol. 3C 25.1.1: exceptions based on privilege level (RDTSC's #GP(0) under CR4.TSD) take "
-               "priority over VM exits; the guest's own CR4.TSD applies inside the guest")
-    ref_sig = "SDM Vol. 3C 25.1.2: CPUID causes a VM exit unconditionally; the host answers leaf 0x40000000"
-    ref_exit = ("SDM Vol. 3C 24.6.2 (HLT, RDTSC and unconditional I/O exiting), 25.1.2-25.1.3, App. C: "
-                "the instruction causes a VM exit with its basic exit reason")
-    skip = None
-    if not facts.vmx:
-        skip = "no VMX: this CPU model has none (CPUID.1:ECX[5]; SDM Vol. 3C 23.6)"
-    elif facts.guest_mode != "vmx":
-        skip = f"host mode {facts.guest_mode}: the VMX host does not run"
-    s = "guest-vmx"
-    tsc_value = "host-value" if facts.guest_rdtsc_intercept else "native"
-    rows = [
-        Expectation(s, "cpl-enter", _p(cpl=0, via="vmentry"), "0", ref_cpl, skip),
-        Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
-        Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "0", REF_EXC_RETURN, skip),
-        Expectation(s, "cpuid-vendor", _p(leaf=0), facts.vendor, f"{REF_VENDOR}; passed through by the host", skip),
-        Expectation(s, "cpuid-hv-bit", {}, "1", f"{REF_HV_BIT}; set by the host", skip),
-        Expectation(s, "cpuid-hv-signature", {}, facts.hv_signature, ref_sig, skip),
-        Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; {ref_tsd}", skip),
-        Expectation(s, "rdtsc", _p(tsd=0, cpl=3), "ok", REF_RDTSC, skip),
-        Expectation(s, "rdtsc", _p(tsd=1, cpl=0), "ok", REF_RDTSC, skip),
-        Expectation(s, "rdtsc-intercepted", _p(cpl=0, intercept=int(facts.guest_rdtsc_intercept)), tsc_value,
-                    "SDM Vol. 3C 25.1.3, 24.6.2: with RDTSC exiting the host supplies the value", skip),
-        Expectation(s, "guest-end", {}, "done", REF_GUEST_END, skip),
-    ]
-    reasons = ("cpuid", "rdtsc", "hlt", "io") if facts.guest_rdtsc_intercept else ("cpuid", "hlt", "io")
-    rows += [Expectation(s, "vmexit", _p(reason=r), AT_LEAST_ONCE, ref_exit, skip) for r in reasons]
-    return rows
-
-
-def guest_soft_plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
-    skip = None
-    if facts.guest_mode != "soft":
-        skip = (f"the {facts.guest_mode.upper()} host runs the guest (--host-mode soft forces the software host)"
-                if facts.guest_mode in ("svm", "vmx") else f"host mode {facts.guest_mode}: no guest")
-    s = "guest-soft"
-    faulting = facts.cpuid_faulting
-    hv_bit = "1" if faulting else ("1" if facts.hypervisor else "0")
-    sig = facts.hv_signature if faulting else hv_signature(facts, info)
-    rows = [
-        # The guest kernel believes it runs at CPL0; the software host put it at CPL1.
-        Expectation(s, "cpl-enter", _p(cpl=1, via="ring-compression"), "1", REF_SOFT_CPL, skip),
-        Expectation(s, "cpl-enter", _p(cpl=3, via="iretq"), "3", f"{REF_CPL}; {REF_IRET}", skip),
-        Expectation(s, "cpl-return", _p(from_cpl=3, via="ud2"), "1", f"{REF_SOFT_CPL}; {REF_EXC_RETURN}", skip),
-        Expectation(s, "cpuid-vendor", _p(leaf=0), vendor_bytes(facts.vendor), REF_VENDOR, skip),
-        Expectation(s, "cpuid-hv-bit", {}, hv_bit, f"{REF_HV_BIT}; {REF_SOFT_CPUID}", skip),
-        Expectation(s, "cpuid-hv-signature", {}, sig, REF_SOFT_CPUID, skip),
-        Expectation(s, "rdtsc", _p(tsd=1, cpl=3), "#GP(0)", f"{REF_RDTSC}; the host keeps CR4.TSD=1 and "
-                    "reflects the #GP into the guest's handler", skip),
-        Expectation(s, "rdtsc", _p(tsd=0, cpl=3), "ok", f"{REF_RDTSC}; emulated with the guest's virtual TSD=0", skip),
-        Expectation(s, "rdtsc", _p(tsd=1, cpl=0), "ok", f"{REF_RDTSC}; emulated: virtual CPL0", skip),
-        Expectation(s, "rdtsc-intercepted", _p(cpl=0, intercept=int(facts.guest_rdtsc_intercept)),
-                    "host-value" if facts.guest_rdtsc_intercept else "native", REF_SOFT_TRAP, skip),
-        Expectation(s, "guest-end", {}, "done", REF_GUEST_END, skip),
-    ]
-    for reason in ("rdtsc", "out", "hlt", "mov-cr") + (("cpuid",) if faulting else ()):
-        rows.append(Expectation(s, "trap", _p(reason=reason), AT_LEAST_ONCE, REF_SOFT_TRAP, skip))
-    return rows
+    return scope_plan(facts, "host", info)
 
 
 def plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
     """Every check of a boot. `info`: the firmware's `info` records, used only where the rule
     itself names the CPU's own answer (hv_signature's highest-basic-leaf case)."""
-    return host_plan(facts, info) + guest_svm_plan(facts) + guest_vmx_plan(facts) + guest_soft_plan(facts, info)
+    return [e for scope in ("host", *GUEST_SCOPES) for e in scope_plan(facts, scope, info)]

@@ -267,7 +267,7 @@ def _start_witness(gdb, machine: Machine, cfg: RunConfig, kvm: KvmStatus, qom: d
     exps = plan(facts)
     deviant = {e.id: d.observed for e in exps if (d := deviations.find(facts, e)) is not None}
     try:
-        gdb.start(witness_plan(cfg.accel, facts.kvm_module, exps, deviant))
+        gdb.start(witness_plan(cfg.accel, facts.kvm_module, exps, deviant), f"guest-{facts.guest_mode}")
     except (GdbError, GdbTimeout) as exc:
         gdb.error = f"GDB could not attach: {exc}"
         machine.resume()

@@ -49,6 +49,8 @@ class Capabilities:
     stops_above_cpl0: bool  # a breakpoint on CPL1-3 code stops GDB
     stops_in_guest: bool  # a breakpoint in a nested (SVM/VMX) guest stops GDB
     note: str
+    stops_in_soft_guest: bool = True  # breakpoints keep working while the software host runs its guest
+    soft_guest_note: str = ""
 
 
 def capabilities(accel: str, kvm_module: str | None) -> Capabilities:
@@ -62,6 +64,12 @@ def capabilities(accel: str, kvm_module: str | None) -> Capabilities:
     if accel == "kvm" and kvm_module in ("kvm_intel", "kvm_amd"):
         return Capabilities(kvm_module, False, HW_BREAKPOINT_SLOTS, True, False,
                             "hardware breakpoints at any CPL, none in a nested guest")
+    if kvm_module == "kvm_pvm":
+        return Capabilities(kvm_module, False, HW_BREAKPOINT_SLOTS, False, False,
+                            "hardware breakpoints on CPL0 code only", False,
+                            "kvm_pvm: a hardware breakpoint hit while the software host runs its guest reaches "
+                            "the guest as #DB instead of stopping GDB (measured: the boot ends with an unexpected "
+                            "#DB at the host's IDT stub; docs/gdb.md)")
     return Capabilities(kvm_module or accel, False, HW_BREAKPOINT_SLOTS, False, False,
                         "hardware breakpoints on CPL0 code only")
 
@@ -112,41 +120,65 @@ def _vector_of(value: str | None) -> int | None:
     return int(name[1:]) if name.startswith("V") and name[1:].isdigit() else None
 
 
+def _vector_set(exp, deviant: dict) -> set[int]:
+    vs = {_vector_of(exp.expected)} | ({_vector_of(deviant[exp.id])} if exp.id in deviant else set())
+    return {v for v in vs if v is not None}
+
+
 def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
                  deviant: dict[str, str | None] | None = None) -> WitnessPlan:
-    """Stops for every expected host check the accelerator lets GDB see. `expectations`:
-    the judge's plan (lab.expectations.plan); `deviant`: check id -> a known deviation's
-    value (None: the firmware does not run it), so its stop is planned for too."""
+    """Stops for every expected check the accelerator lets GDB see. `expectations`: the
+    judge's plan (lab.expectations.plan); `deviant`: check id -> a known deviation's value
+    (None: the firmware does not run it), so its stop is planned for too.
+
+    Host probes trap into the host's IDT stubs. A guest under SVM traps into its own IDT's
+    stubs (`guest_isr_stub_<n>`; needs stops inside a guest). A guest under the software host
+    traps into the host's IDT (the CPU's only IDT): the host stubs stay armed for it."""
     caps = capabilities(accel, kvm_module)
     deviant = deviant or {}
-    entries = {(r.scope, r.probe, tuple(r.params.items())): r.entry for r in catalogue.rows("host")}
-    wanted: dict[str, set[int]] = {}
+    entries = {(r.scope, r.probe, tuple(r.params.items())): r.entry
+               for scope in ("host", *catalogue.GUEST_SCOPES) for r in catalogue.rows(scope)}
+    host_vecs: dict[str, set[int]] = {}  # check id -> vectors of the host IDT it needs
+    guest_vecs: dict[str, set[int]] = {}  # ... of the guest's own IDT
+    entry_stops: dict[str, str] = {}  # check id -> label to stop at
     unwitnessed: dict[str, str] = {}
     for exp in expectations:
         entry = entries.get((exp.scope, exp.probe, tuple(exp.params.items())))
         if entry is None or exp.skip or (exp.id in deviant and deviant[exp.id] is None):
             continue
-        if entry.witness != "trap":
-            unwitnessed[exp.id] = entry.witness.removeprefix("none: ")
-            continue
-        vectors = {_vector_of(exp.expected)} | ({_vector_of(deviant[exp.id])} if exp.id in deviant else set())
-        wanted[exp.id] = {v for v in vectors if v is not None}
-    # TCG: every vector (the #BP path past the record renderer's own int3). KVM: the vectors
-    # the outcomes need, most needed first, while hardware slots last (one is `hv_main`'s).
-    if caps.hw_slots is None:
-        vectors = list(range(32))
-    else:
+        how = entry.witness_in(exp.scope)
+        if how.startswith("none"):
+            unwitnessed[exp.id] = how.removeprefix("none: ")
+        elif exp.scope == "guest-soft" and not caps.stops_in_soft_guest:
+            unwitnessed[exp.id] = caps.soft_guest_note
+        elif exp.scope in ("host", "guest-soft"):
+            host_vecs[exp.id] = _vector_set(exp, deviant)
+        elif not caps.stops_in_guest:
+            unwitnessed[exp.id] = f"{caps.name}: GDB cannot stop inside a nested guest"
+        elif how == "entry":
+            entry_stops[exp.id] = "guest_start"
+        else:
+            guest_vecs[exp.id] = _vector_set(exp, deviant)
+    hw = caps.hw_slots is not None
+    if hw:  # the vectors most checks need, while slots last (one goes to the end marker)
         need: dict[int, int] = {}
-        for vs in wanted.values():
+        for vs in host_vecs.values():
             for v in vs:
                 need[v] = need.get(v, 0) + 1
-        vectors = sorted(need, key=lambda v: (-need[v], v))[: caps.hw_slots - 1]
-    hw = caps.hw_slots is not None
+        vectors = sorted(sorted(need, key=lambda v: (-need[v], v))[: caps.hw_slots - 1])
+    else:  # TCG: every vector (#BP past the record renderer's own int3)
+        vectors = list(range(32))
     watches = [Watch("isr_stub_3_exc" if v == 3 else f"isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw)
-               for v in sorted(vectors)]
-    watches.append(Watch(END_OF_HOST_PROBES, "end", hw=hw, ends=tuple(w.location for w in watches)))
-    checks = []
-    for cid, vs in wanted.items():
+               for v in vectors]
+    # The host's probe phase ends at hv_main: its stubs go there, unless a guest under the
+    # software host (which traps into the same stubs) is to be witnessed too.
+    if not any(cid.startswith("guest-soft.") for cid in host_vecs):
+        watches.append(Watch(END_OF_HOST_PROBES, "end", hw=hw, ends=tuple(w.location for w in watches)))
+    if guest_vecs:
+        watches += [Watch(f"guest_isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw) for v in range(32)]
+    watches += [Watch(loc, "regs", hw=hw) for loc in sorted(set(entry_stops.values()))]
+    checks = list(entry_stops) + list(guest_vecs)
+    for cid, vs in host_vecs.items():
         missing = vs - set(vectors)
         if missing:
             unwitnessed[cid] = (f"{caps.name}: no hardware breakpoint left for vector "
@@ -174,9 +206,9 @@ class Stub:
     code: bytes  # the binary's bytes from insn to done
 
 
-def stubs_of(image: Image) -> dict[str, Stub]:
+def stubs_of(image: Image, which: str = "host") -> dict[str, Stub]:
     out = {}
-    for s in catalogue.stubs():
+    for s in catalogue.stubs(which):
         insn, done = image.symbols.get(f"probe_insn_{s.name}"), image.symbols.get(f"probe_done_{s.name}")
         if insn is not None and done is not None:
             out[s.name] = Stub(s.name, insn, done, image.read(insn, done - insn))
@@ -203,28 +235,44 @@ def _decode_cpuid(regs: dict, how: str) -> str:
     return str(regs[reg[spec[0]]] >> int(spec[1:]) & 1)
 
 
-def read_stops(stops: list[dict], image: Image, scope: str = "host") -> tuple[dict[str, list[Reading]], list[dict]]:
-    """Recorded stops -> (check id -> readings, in stop order; stops inside a probe stub that
-    no catalogue entry explains). Pure: tests feed it recorded or synthetic stops."""
-    stubs = stubs_of(image)
+def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
+               guest_scope: str | None = None) -> tuple[dict[str, list[Reading]], list[dict]]:
+    """Recorded stops -> (check id -> readings, in stop order; stops the reader could not
+    place). Pure: tests feed it recorded or synthetic stops.
+
+    A stop counts only where the CPU itself delivered it: the host's IDT stubs (host probes,
+    and a guest under the software host, whose traps the CPU delivers to the host's IDT) and
+    the guest's own IDT stubs for a guest under SVM/VMX (under the software host the host,
+    not the CPU, enters those)."""
+    host_stubs = stubs_of(image)
+    guest_stubs = stubs_of(guest, "guest") if guest is not None else {}
     lstar = image.symbols.get("syscall_entry")
     out: dict[str, list[Reading]] = {}
     stray: list[dict] = []
     checkpoint: dict | None = None  # the last checkpoint trap (SYSCALL stubs): CS and RSP there
     for stop in stops:
+        regs = stop.get("regs") or {}
+        if stop.get("kind") == "regs":  # a stop at a label: the CPL the CPU runs it at
+            for entry in catalogue.CATALOGUE:
+                if guest_scope in entry.scopes and entry.witness_in(guest_scope) == "entry":
+                    params, value = _params(entry, regs["cs"] & 3, regs, {}, "ok")
+                    _add(out, guest_scope, entry.probe, params, value,
+                         {"at": stop["at"], "cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}"})
+            continue
         if stop.get("kind") != "trap":
             continue
         frame = _frame(stop)
         if frame is None:
             continue
-        regs, rip, vector = stop["regs"], frame["rip"], stop["vector"]
+        rip, vector = frame["rip"], stop["vector"]
         cpl = frame["cs"] & 3
         evidence = {"vector": vector, "rip": f"{rip:#x}", "frame.cs": f"{frame['cs']:#x}",
                     "cs": f"{regs['cs']:#x}", "cr4": f"{regs['cr4']:#x}", "at": stop["at"]}
         if stop.get("at_rip"):
             evidence["bytes"] = stop["at_rip"][:8]
-        if rip == lstar and vector == 6:  # the LSTAR entry's return trap: the CPL SYSCALL reached
-            stub = stubs.get("return_syscall")
+        in_guest_idt = stop["at"].startswith("guest_")
+        if rip == lstar and vector == 6 and not in_guest_idt:  # the LSTAR entry's return trap
+            stub = host_stubs.get("return_syscall")
             linked = checkpoint is not None and checkpoint["rsp"] == frame["rsp"] and stub is not None \
                 and regs["rcx"] == stub.done  # SYSCALL saved the address after itself in RCX
             if not linked:
@@ -232,29 +280,36 @@ def read_stops(stops: list[dict], image: Image, scope: str = "host") -> tuple[di
                 continue
             params = {"from_cpl": str(checkpoint["cpl"]), "via": "syscall"}
             evidence.update({"from.cs": f"{checkpoint['cs']:#x}", "rcx": f"{regs['rcx']:#x}"})
-            _add(out, scope, "cpl-return", params, str(cpl), evidence)
+            _add(out, "host", "cpl-return", params, str(cpl), evidence)
             checkpoint = None
             continue
-        stub = next((s for s in stubs.values() if s.insn <= rip <= s.done), None)
-        if stub is None:
-            continue  # not a probe: the firmware's own traps (ring plumbing, the guest's host)
-        spec = next(s for s in catalogue.stubs() if s.name == stub.name)
+        scope, stubs, img = "host", host_stubs, image
+        stub = next((s for s in host_stubs.values() if s.insn <= rip <= s.done), None)
+        if stub is None or in_guest_idt:
+            stub = next((s for s in guest_stubs.values() if s.insn <= rip <= s.done), None)
+            scope, stubs, img = guest_scope, guest_stubs, guest
+            # Which IDT the CPU used for this guest: its own under SVM/VMX, the host's (soft).
+            if stub is not None and in_guest_idt == (guest_scope == "guest-soft"):
+                continue
+        if stub is None or scope is None:
+            continue  # not a probe: the firmware's own traps (ring plumbing, the hosts' work)
+        spec = next(s for s in catalogue.stubs(None) if s.name == stub.name)
         if spec.continue_at and rip == stub.insn and vector == 6:
             checkpoint = {"cpl": cpl, "cs": frame["cs"], "rsp": frame["rsp"]}
             continue
         completed = rip == stub.done and vector == 6
         # What the CPU executed at RIP must be what the binary has there.
         executed = bytes.fromhex(stop.get("at_rip") or "")
-        binary = image.read(rip, max(1, stub.done - rip))
+        binary = img.read(rip, max(1, stub.done - rip))
         value_suffix = ""
         if not completed and executed[: len(binary)] != binary:
             evidence["binary"] = binary.hex()
             value_suffix = f"@{executed[: len(binary)].hex()}"
         outcome = "ok" if completed else x86.exception_value(vector, frame["error_code"])
         for entry in catalogue.by_stub(stub.name):
-            params, value = _params(entry, cpl, regs, frame, outcome)
-            if params is None:
+            if scope not in entry.scopes or entry.witness_in(scope).startswith("none"):
                 continue
+            params, value = _params(entry, cpl, regs, frame, outcome)
             _add(out, scope, entry.probe, params, value + value_suffix, evidence)
     return out, stray
 
@@ -275,6 +330,8 @@ def _params(entry: catalogue.Probe, cpl: int, regs: dict, frame: dict, outcome: 
             raise ValueError(f"{entry.probe}: dimension {key} is neither CPU state nor fixed")
     if entry.kind == "outcome":
         return params, outcome
+    if entry.kind == "cpl-of":
+        return params, str(cpl)  # the CPL the CPU ran that code at, trap or not
     if outcome != "ok":
         return params, outcome  # the ring trip or CPUID stub faulted: that is the observation
     if entry.kind == "enter":
@@ -323,6 +380,7 @@ class GdbWitness:
         self.gdb_addr = gdb_addr
         self.accel = accel
         self.plan: WitnessPlan | None = None
+        self.guest_scope: str | None = None
         self.transcript = self.run_dir / "gdb.mi.log"
         self.stops_path = self.run_dir / "gdb.stops.jsonl"
         self.error: str | None = None  # why the session ended early, if it did
@@ -352,10 +410,12 @@ class GdbWitness:
             raise
         self._prepared = True
 
-    def start(self, plan: WitnessPlan) -> None:
-        """Attach to the paused QEMU, arm the plan and let the CPU run. Raises GdbError or
-        GdbTimeout if GDB cannot attach (GDB is then already gone)."""
+    def start(self, plan: WitnessPlan, guest_scope: str | None = None) -> None:
+        """Attach to the paused QEMU, arm the plan and let the CPU run. `guest_scope`: which
+        host runs the guest (guest-svm, guest-vmx, guest-soft), so its stops are placed.
+        Raises GdbError or GdbTimeout if GDB cannot attach (GDB is then already gone)."""
         self.plan = plan
+        self.guest_scope = guest_scope
         self.prepare()
         try:
             self._gdb.connect(self.gdb_addr)
@@ -412,7 +472,8 @@ class GdbWitness:
         stops = self.stops()
         if self.plan is None:
             return {}
-        found, stray = read_stops(stops, Image.load(self.host_elf))
+        guest = Image.load(self.guest_elf) if self.guest_elf else None
+        found, stray = read_stops(stops, Image.load(self.host_elf), guest, self.guest_scope)
         missing = [s for s in stops if "error" in s]
         if missing and not self.error:
             self.error = "; ".join(f"{s['at']}: {s['error']}" for s in missing)

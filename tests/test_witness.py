@@ -248,6 +248,9 @@ def test_gdb_agrees_on_every_witnessed_check(tmp_path, accel, qemu, kvm, no_left
     table = {r.id for r in catalogue.table_rows()}
     ran = {c.id for c in out.checks if c.id in table and c.status != "skip"}
     assert ran and witnessed >= ran  # every host probe that ran was read by GDB
+    if accel == "tcg":  # and the SVM guest's own traps, read at the guest's IDT
+        assert {"guest-svm.cpl-enter.cpl0.vmrun", "guest-svm.rdtsc.tsd1.cpl3", "guest-svm.rdtsc.tsd0.cpl3",
+                "guest-svm.cpl-enter.cpl3.iretq", "guest-svm.cpl-return.from3.ud2"} <= witnessed
     assert all(c.witnesses["gdb"] == c.witnesses["serial"] for c in out.checks if "gdb" in c.witnesses)
 
 
@@ -281,3 +284,48 @@ def test_both_witnesses_catch_the_lie_build(tmp_path, accel, qemu, kvm, no_lefto
     for cid, value in lies.items():
         assert cid in failed, cid
         assert "witnesses disagree" in failed[cid] and f"serial={value}" in failed[cid]
+
+
+# -- guests: which IDT the CPU used decides whose evidence a stop is ---------------------------
+@pytest.fixture(scope="module")
+def guest_image(artifacts):
+    return Image.load(artifacts.guest_symbols)
+
+
+def guest_trap(image, at, vector, stub, cs, cr4=0x20, done=False):
+    sym = image.symbols[f"probe_{'done' if done else 'insn'}_{stub}"]
+    stack = (b"\0" * 8 if vector in x86.EXC_WITH_ERROR_CODE else b"")
+    stack += b"".join(v.to_bytes(8, "little") for v in (sym, cs, 0x2, 0x8000, cs + 8))
+    regs = {"cs": 0x8, "rip": 0, "rsp": 0, "cr4": cr4, "efer": 0x1d01, "rax": 0, "rbx": 0, "rcx": 0, "rdx": 0}
+    return {"at": at, "kind": "trap", "vector": vector, "regs": regs, "stack": stack.hex(),
+            "at_rip": image.read(sym, 16).hex()}
+
+
+def test_a_guest_trap_counts_only_from_the_idt_the_cpu_used(image, guest_image):
+    gp = guest_trap(guest_image, "guest_isr_stub_13", 13, "guest_rdtsc", 0x2b, cr4=0x24)
+    # Under SVM the CPU delivers the guest's #GP to the guest's own IDT.
+    found, _ = read_stops([gp], image, guest_image, "guest-svm")
+    assert [r.value for r in found["guest-svm.rdtsc.tsd1.cpl3"]] == ["#GP(0)"]
+    # Under the software host the guest's stub is entered by the host's reflection: not evidence.
+    assert read_stops([gp], image, guest_image, "guest-soft")[0] == {}
+    # ... there the CPU delivers to the host's IDT: the guest's lgdt traps at CPL1.
+    lgdt = guest_trap(guest_image, "isr_stub_13", 13, "guest_kernel", 0x31)
+    found, _ = read_stops([lgdt], image, guest_image, "guest-soft")
+    assert [r.value for r in found["guest-soft.cpl-enter.cpl1.ring-compression"]] == ["1"]
+    # The software host's virtual CR4.TSD is not CPU state: its RDTSC rows have no reading.
+    ud = guest_trap(guest_image, "isr_stub_6", 6, "guest_rdtsc", 0x2b, done=True)
+    assert not any(k.startswith("guest-soft.rdtsc") for k in read_stops([ud], image, guest_image, "guest-soft")[0])
+
+
+@pytest.mark.parametrize("module,witnessed", [("kvm_intel", True), ("kvm_pvm", False)])
+def test_the_software_host_guest_is_planned_where_the_accelerator_allows(module, witnessed):
+    f = facts("kvm", module)
+    exps = plan(f)
+    p = witness_plan("kvm", module, exps, deviant(f, exps))
+    cid = "guest-soft.cpl-enter.cpl3.iretq"
+    assert (cid in p.checks) is witnessed
+    assert (cid in p.unwitnessed) is not witnessed
+    # The host's stubs end at hv_main only when no software-host guest needs them.
+    assert any(w.kind == "end" for w in p.watches) is not witnessed
+    tcg = witness_plan("tcg", None, plan(facts(svm=True)))
+    assert "guest-svm.rdtsc.tsd1.cpl3" in tcg.checks and "guest-svm.cpl-enter.cpl0.vmrun" in tcg.checks

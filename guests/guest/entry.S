@@ -26,7 +26,12 @@ guest_start:
     lea guest_stack_top(%rip), %rsp
     xor %edi, %edi
     mov %cs, %di                    /* CS as the host handed it: cpl-enter via=vmrun */
+    /* The guest kernel's first privileged instruction: under the software host it
+     * traps at the guest's real CPL1 (lab/catalogue.py stub guest_kernel). */
+    .globl probe_insn_guest_kernel, probe_done_guest_kernel
+probe_insn_guest_kernel:
     lgdt guest_gdtr(%rip)
+probe_done_guest_kernel:
     pushq $SEL_KCODE                /* reload CS from our own GDT (same ring) */
     lea 1f(%rip), %rax
     push %rax
@@ -46,6 +51,8 @@ guest_start:
  * (so struct gframe is uniform), then the vector. */
 .macro VEC n, err
     .balign 16
+    .globl guest_isr_stub_\n         /* the GDB witness stops here (TCG, SVM guest) */
+guest_isr_stub_\n:
 vec_\n:
     .if \err == 0
     pushq $0
@@ -111,21 +118,21 @@ guest_enter_user:
     push %rdi
     iretq
 
-/* Ring-3 stubs. Each ends with ud2 at a known label: #UD there means "the
- * probe's instruction completed". */
-    .globl user_read_cs, user_read_cs_ud2
-user_read_cs:
+/* Ring-3 stubs, named as the host's (lab/catalogue.py): probe_insn_<name> is
+ * the probed code, probe_done_<name> the ud2 right after it; #UD there means
+ * "the probe's instruction completed" (to the guest and to the GDB witness). */
+    .globl probe_insn_guest_enter, probe_done_guest_enter
+probe_insn_guest_enter:
     xor %eax, %eax
     mov %cs, %ax
     mov %rax, user_cs(%rip)         /* all guest pages are U/S=1 */
-user_read_cs_ud2:
+probe_done_guest_enter:
     ud2
 
-    .globl user_rdtsc, user_rdtsc_insn, user_rdtsc_ud2
-user_rdtsc:
-user_rdtsc_insn:
+    .globl probe_insn_guest_rdtsc, probe_done_guest_rdtsc
+probe_insn_guest_rdtsc:
     rdtsc
-user_rdtsc_ud2:
+probe_done_guest_rdtsc:
     ud2
 
 /* Identity map of the first 1 GiB with 2 MiB pages, U/S=1 everywhere so ring-3

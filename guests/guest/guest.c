@@ -43,10 +43,10 @@ void guest_longjmp(struct gjmp *b, int v) __attribute__((noreturn));
 void guest_enter_user(u64 rip, u64 rsp) __attribute__((noreturn));
 extern const u64 guest_vec_table[32];
 extern u64 guest_gdt_tss[2];
-extern char user_read_cs[], user_read_cs_ud2[];
-extern char user_rdtsc[], user_rdtsc_ud2[];
+extern char probe_insn_guest_enter[], probe_done_guest_enter[];
+extern char probe_insn_guest_rdtsc[], probe_done_guest_rdtsc[];
 
-volatile u64 user_cs;               /* written at CPL3 by user_read_cs */
+volatile u64 user_cs;               /* written at CPL3 by probe_insn_guest_enter */
 static struct tss64 tss __attribute__((aligned(16)));
 static struct idt_gate idt[32] __attribute__((aligned(16)));
 static u8 rsp0_stack[8192] __attribute__((aligned(16)));
@@ -156,11 +156,11 @@ static void probe_cpuid(void)
 static void probe_ring3(void)
 {
     user_cs = 0;
-    run_user(user_read_cs);
+    run_user(probe_insn_guest_enter);
     u64 back_cs = read_cs();
     hc(LABHC_CPL_ENTER, 3, LABHC_VIA_IRETQ, user_cs, 0, 0, 0);
     /* #UD at the stub's ud2 is the planned way back; anything else is reported as is */
-    u64 via = caught.vector == 6 && caught.rip == (u64)user_read_cs_ud2 ? LABHC_VIA_UD2
+    u64 via = caught.vector == 6 && caught.rip == (u64)probe_done_guest_enter ? LABHC_VIA_UD2
                                                                         : LABHC_VIA_FAULT;
     hc(LABHC_CPL_RETURN, 3, via, back_cs, caught.cs, caught.vector, 0);
     nprobes += 2;
@@ -185,8 +185,8 @@ static void probe_rdtsc(void)
     for (int i = 0; i < 2; i++) {   /* tsd = 1, then 0 */
         u64 tsd = 1 - i;
         write_cr4(tsd ? cr4 | CR4_TSD : cr4 & ~CR4_TSD);
-        run_user(user_rdtsc);
-        report_rdtsc(tsd, 3, caught.vector == 6 && caught.rip == (u64)user_rdtsc_ud2);
+        run_user(probe_insn_guest_rdtsc);
+        report_rdtsc(tsd, 3, caught.vector == 6 && caught.rip == (u64)probe_done_guest_rdtsc);
     }
 
     write_cr4(cr4 | CR4_TSD);
