@@ -19,6 +19,14 @@ SYSTEM_PACKAGES = {
     "make": "make",
     "gdb": "gdb",
     "chromium": "chromium",  # the headless browser that checks the sweep's HTML page (tests)
+    # Bochs, the third engine (docs/bochs.md), and its boot ISO; a file where a package has no program
+    "bochs": "bochs",
+    "bochs-term": "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_term_gui.so.0",
+    "bochsbios": "/usr/share/bochs/BIOS-bochs-latest",
+    "vgabios": "/usr/share/vgabios/vgabios.stdvga.bin",
+    "grub-pc-bin": "/usr/lib/grub/i386-pc/multiboot.mod",
+    "xorriso": "xorriso",
+    "mtools": "mformat",
 }
 
 
@@ -29,7 +37,8 @@ def _fail(message: str) -> Exit:
 @task
 def setup(c):
     """Install the system packages the lab needs (QEMU, gcc, binutils, make, gdb, chromium) with apt-get."""
-    missing = [pkg for pkg, prog in SYSTEM_PACKAGES.items() if shutil.which(prog) is None]
+    missing = [pkg for pkg, prog in SYSTEM_PACKAGES.items()
+               if not (os.path.exists(prog) if os.path.isabs(prog) else shutil.which(prog))]
     if not missing:
         print("setup: all system packages present")
         return
@@ -55,13 +64,22 @@ def build(c, variant="normal"):
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
     print(f"kernel: {art.kernel}\nsymbols: {art.symbols}\nguest: {art.guest}")
+    from lab import bochs
+
+    if not bochs.missing_reason():  # the Bochs boot ISO (docs/bochs.md), incremental too
+        try:
+            print(f"bochs iso: {bochs.default_iso(art)}")
+        except USER_ERRORS as exc:
+            raise _fail(str(exc)) from None
 
 
 @task(
     help={
-        "accel": "auto|tcg|kvm|all (default: all, every usable accelerator; auto: KVM if usable, else TCG)",
+        "accel": "auto|tcg|kvm|all|bochs|every (default: all, every usable QEMU accelerator; auto: KVM if "
+                 "usable, else TCG; bochs: Bochs alone; every: QEMU's and Bochs, Intel VMX and AMD SVM models)",
         "cpu": "MODEL[,+flag,-flag]: QEMU CPU model (default: qemu64,+svm for TCG, qemu64 for KVM; "
-               "list: qemu-system-x86_64 -cpu help)",
+               "list: qemu-system-x86_64 -cpu help); with --accel bochs a Bochs model (default: "
+               "corei7_skylake_x; list: bochs -help cpu)",
         "machine": "microvm|pc|q35: QEMU machine (default: microvm)",
         "json": "PATH: also write the JSON report here (default: only runs/<run>/report.json)",
         "junit": "PATH: write a JUnit XML report here (default: none)",
@@ -70,8 +88,8 @@ def build(c, variant="normal"):
         "witness": "serial|gdb|both (default: both, GDB confirms the serial verdicts)",
         "hv_signature": "TEXT: 12 ASCII bytes the lab's host shows its guest at CPUID 0x40000000 "
                         "(default: LabRingMinus)",
-        "host_mode": "auto|svm|soft|none: how the host runs its guest (default: auto, SVM if the CPU has it, "
-                     "else the software host)",
+        "host_mode": "auto|vmx|svm|soft|none: how the host runs its guest (default: auto, VMX or SVM if the "
+                     "CPU has it, else the software host)",
         "kernel_arg": "KEY=VALUE for the kernel command line, repeatable (default: none; keys: "
                       "lab/config.py KERNEL_ARGS, e.g. fault=hang)",
         "variant": "normal|lie: kernel build (default: normal; lie is a negative control)",

@@ -512,3 +512,12 @@ def engine_cpus(accels: list[str], cpu: str, *, every: bool) -> list[tuple[str, 
     if every and "bochs" in accels:
         out.append(("bochs", SVM_MODEL))
     return out
+
+
+def default_iso(art) -> Path:
+    """`invoke build`: the ISO of the default command line (what `--accel bochs` boots)."""
+    from .config import BOCHS, Module
+
+    cfg = RunConfig(accel=BOCHS, qemu=bochs_binary(), kernel=art.kernel, symbols=art.symbols,
+                    modules=(Module(art.guest),))
+    return build_iso(cfg)
