@@ -190,9 +190,14 @@ def clean(c, build=False):
             "json": "PATH: write the soak result here (default: runs/<soak>/soak.json)"})
 def soak(c, n=100, accel="all", witness="both", json=None):
     """Run the full matrix N times and report any flake (a status that changes, a fail, an error)."""
+    from lab.cli import USER_ERRORS
     from lab.soak import main as soak_main
 
-    sys.exit(soak_main(n=int(n), accel=accel, witness=witness, json_path=json))
+    try:
+        status = soak_main(n=int(n), accel=accel, witness=witness, json_path=json)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    sys.exit(status)
 
 
 @task(

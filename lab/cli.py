@@ -95,19 +95,21 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
                     kernel_args=opts.kernel_args, timeout_s=timeout)
         for a, cpu in bochs_mod.engine_cpus(accels, opts.cpu, every=opts.accel == bochs_mod.EVERY)
     ]
-    pres = preboot_all(cfgs)  # QEMU's description of each CPU model decides before any boot
-    booting = [p for p in pres if not p.skip]
-    run_root = new_run_root(Path(opts.runs_dir) if opts.runs_dir else None)
-    skipped_checks = [Check("run.accel", a, "host", "run", {}, None, None, "skip", why, config=a)
-                      for a, why in skipped] + [not_run_check(p) for p in pres if p.skip]
+    # From the first QEMU on (the pre-boot CPU query), Ctrl-C and SIGTERM stop everything cleanly.
     old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    run_root = None
     try:
+        pres = preboot_all(cfgs)  # the engine's description of each CPU model decides before any boot
+        booting = [p for p in pres if not p.skip]
+        run_root = new_run_root(Path(opts.runs_dir) if opts.runs_dir else None)
+        skipped_checks = [Check("run.accel", a, "host", "run", {}, None, None, "skip", why, config=a)
+                          for a, why in skipped] + [not_run_check(p) for p in pres if p.skip]
         outcomes = run_matrix([p.cfg for p in booting], run_root, kvm=kvm, witness=opts.witness)
     except _Terminated:
-        console.print(f"[red]terminated: QEMU and GDB were stopped; run folder {run_root}[/]")
+        console.print(f"[red]terminated: QEMU and GDB were stopped{_folder(run_root)}[/]")
         return 143, None
     except KeyboardInterrupt:
-        console.print(f"[red]interrupted: QEMU and GDB were stopped; run folder {run_root}[/]")
+        console.print(f"[red]interrupted: QEMU and GDB were stopped{_folder(run_root)}[/]")
         return 130, None
     finally:
         if old is not None:
@@ -125,6 +127,10 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         print(report_mod.tap(rep), end="")
     s = rep["summary"]
     return (1 if s["fail"] or s["error"] else 0), rep
+
+
+def _folder(run_root: Path | None) -> str:
+    return f"; run folder {run_root}" if run_root else " before any boot"
 
 
 def validate(opts: RunOptions) -> tuple[str, float]:

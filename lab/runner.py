@@ -158,8 +158,10 @@ def preboot(cfg: RunConfig) -> PreBoot:
 
 def preboot_all(cfgs: list[RunConfig]) -> list[PreBoot]:
     """Every configuration's pre-boot decision, side by side (each is a short QEMU start)."""
+    from . import bochs  # Bochs describes its models itself (lab/bochs.py)
+
     with ThreadPoolExecutor(max_workers=max(1, len(cfgs))) as pool:
-        return list(pool.map(preboot, cfgs))
+        return list(pool.map(lambda c: bochs.preboot(c) if c.accel == BOCHS else preboot(c), cfgs))
 
 
 def with_skips(kernel_args: tuple[str, ...], words: list[str]) -> tuple[str, ...]:
