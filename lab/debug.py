@@ -31,9 +31,9 @@ from .runner import make_config
 _SOCKETS = itertools.count()
 LAB_GDB_SCRIPT = Path(__file__).resolve().parent / "gdb" / "lab_gdb.py"
 DEFAULT_BREAK = {"host": "kmain", "guest": "guest_start"}
-# Under KVM without SVM the software host runs the guest at CPL1: its CPL0 trap handler is
-# where GDB can see the guest (each trap's frame holds the guest's RIP and CS).
-SOFT_GUEST_BREAK = "soft_trap"
+# Under KVM without SVM the software host runs the guest at CPL1: the IRETQ that enters it
+# is where GDB can see it (kvm_pvm: no stop in the guest's code nor in the host's trap path).
+SOFT_GUEST_BREAK = "soft_enter_iretq"
 
 # What GDB can and cannot do, keyed on the module that serves /dev/kvm (docs/gdb.md).
 KVM_GDB_LIMITS = {
@@ -79,14 +79,17 @@ def gdb_setup_commands(cfg: RunConfig, gdb_addr: str, *, scope: str = "host",
         cmds.append(f"lab-kvm {kvm_module or 'kvm'}")  # break/tbreak -> hardware breakpoints
     cmds.append(f"target remote {gdb_addr}")
     symbol = break_symbol or first_break(cfg.accel, scope)
-    cmds.append(f"{'hbreak' if cfg.accel == 'kvm' else 'break'} *{symbol}")
+    kind = "hbreak" if cfg.accel == "kvm" else "break"
+    if symbol == SOFT_GUEST_BREAK and not break_symbol:
+        kind = "thbreak"  # once: the guest's first entry
+    cmds.append(f"{kind} *{symbol}")
     cmds.append("set confirm on")
     return cmds
 
 
 def first_break(accel: str, scope: str) -> str:
     """Where the session stops first: kmain, or for the guest its first instruction; under
-    KVM (no SVM guest) the software host's trap handler, the guest's code being at CPL1."""
+    KVM (no SVM guest) the software host's IRETQ into it, the guest's code being at CPL1."""
     if scope == "guest" and accel == "kvm":
         return SOFT_GUEST_BREAK
     return DEFAULT_BREAK[scope]
@@ -95,22 +98,22 @@ def first_break(accel: str, scope: str) -> str:
 def check_break(cfg: RunConfig, symbol: str, kvm_module: str | None) -> None:
     """--break must name a symbol of the host or guest ELF (an address `0x...` is taken as
     is); under KVM not one GDB cannot stop at. One clear error before anything starts."""
+    symbols = dict(x86.elf_symbols(str(cfg.symbols)))
+    if cfg.guest_symbols and Path(cfg.guest_symbols).is_file():
+        symbols.update(x86.elf_symbols(str(cfg.guest_symbols)))
     if symbol.startswith("0x"):
         try:
             addr = int(symbol, 16)
         except ValueError:
             raise ConfigError(f"--break {symbol!r}: not a symbol or a hex address") from None
     else:
-        symbols = dict(x86.elf_symbols(str(cfg.symbols)))
-        if cfg.guest_symbols and Path(cfg.guest_symbols).is_file():
-            symbols.update(x86.elf_symbols(str(cfg.guest_symbols)))
         if symbol not in symbols:
             near = difflib.get_close_matches(symbol, list(symbols), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ConfigError(f"--break {symbol!r}: no such symbol in {Path(cfg.symbols).name}"
                               f"{' or ' + Path(cfg.guest_symbols).name if cfg.guest_symbols else ''}{hint}")
         addr = symbols[symbol]
-    why = lab_gdb.break_refusal(kvm_module if cfg.accel == "kvm" else None, addr)
+    why = lab_gdb.break_refusal(kvm_module if cfg.accel == "kvm" else None, addr, symbols)
     if why:
         raise ConfigError(f"--break {symbol}: {why}")
 
@@ -130,12 +133,18 @@ def session_notes(accel: str, scope: str, kvm_module: str | None, cpu: str) -> l
     if scope == "guest":
         why = (f"{module} gives its guests no SVM" if module == "kvm_pvm" else
                f"unless the CPU model ({cpu or 'qemu64'}) offers SVM (QOM `svm`)")
-        notes.append(
-            f"guest under KVM: {why}, so the software host runs the guest at CPL1 (its user code at "
-            "CPL3). Shown: every guest trap at soft_trap (CPL0): "
-            "`p/x f->rip`, `p/x f->cs` (the guest's CPL = f->cs & 3), `p/x f->vector`; the emulated "
-            "state in the vcpu. Not shown: the guest's own instructions (no stop at CPL1/CPL3), "
-            "and no VMCB (lab-vmcb: SVM is off).")
+        shown = ("Shown: the guest's entry, once, at soft_enter_iretq (CPL0): its RIP, CS (CPL = CS & 3), "
+                 "RFLAGS, RSP, SS in the IRETQ frame (`x/5gx $rsp`), and the host's state around the guest "
+                 "run (soft_main); the guest's records on serial.")
+        if module == "kvm_pvm":
+            hidden = ("Not shown under kvm_pvm: the guest's own instructions (no stop at CPL1/CPL3) and its "
+                      "traps: a breakpoint in the host's trap path (exc_dispatch, soft_trap, soft_exit_tramp) "
+                      "while the guest runs hands the CPU a #DB and ends the run; no VMCB (SVM is off).")
+        else:
+            hidden = (f"Not measured on {module}: stops in the guest's code or the host's trap path "
+                      "(soft_trap); no VMCB unless SVM runs the guest.")
+        notes.append(f"guest under KVM: {why}, so the software host runs the guest at CPL1 (its user code "
+                     f"at CPL3). {shown} {hidden}")
     return notes
 
 

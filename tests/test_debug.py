@@ -62,9 +62,9 @@ def missing_lines(expected: list[str], output: str) -> list[str]:
     return missing
 
 
-def run_batch(tmp_path: Path, accel: str, cmds: list[str], timeout: float = 60) -> str:
+def run_batch(tmp_path: Path, accel: str, cmds: list[str], timeout: float = 60, scope: str = "host") -> str:
     """A lab.debug session (same QEMU, same GDB setup) with `cmds` typed at the prompt."""
-    s = debug.plan_session(accel, run_dir=tmp_path / "run")
+    s = debug.plan_session(accel, scope, run_dir=tmp_path / "run")
     qemu = debug.start_qemu(s)
     try:
         argv = [s.gdb_cmd[0], "-q", "-nx", "-batch"] + [a for c in s.gdb_setup + cmds for a in ("-ex", c)]
@@ -110,6 +110,17 @@ def test_readme_walkthrough_kvm_works_as_written(tmp_path, artifacts, no_leftove
 
 
 # -- KVM sessions: hardware breakpoints, refusals, notes ------------------------------------
+@pytest.mark.gdb
+@pytest.mark.kvm
+def test_guest_scope_under_kvm_shows_the_guest_entry_and_the_run_completes(tmp_path, artifacts, no_leftovers):
+    out = run_batch(tmp_path, "kvm", ["continue", "x/2gx $rsp", "continue"], scope="guest")
+    m = re.search(r"Temporary breakpoint 1, soft_enter_iretq .*\n.*\n0x[0-9a-f]+:\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)", out)
+    assert m, out
+    assert lab_gdb.in_guest_window(int(m.group(1), 16)) and int(m.group(2), 16) & 3 == 1, out  # RIP, CS: CPL1
+    assert b" end count=" in (tmp_path / "run" / "serial.log").read_bytes(), out  # the boot still ends
+
+
+
 def test_kvm_session_declares_kvm_before_attaching(artifacts):
     s = debug.plan_session("kvm")
     kvm_at = next(i for i, c in enumerate(s.gdb_setup) if c.startswith("lab-kvm"))
@@ -119,7 +130,7 @@ def test_kvm_session_declares_kvm_before_attaching(artifacts):
 
 
 def test_guest_scope_under_kvm_stops_where_gdb_can(artifacts):
-    assert debug.plan_session("kvm", "guest").gdb_setup[-2] == "hbreak *soft_trap"
+    assert debug.plan_session("kvm", "guest").gdb_setup[-2] == "thbreak *soft_enter_iretq"
     assert debug.plan_session("tcg", "guest").gdb_setup[-2] == "break *guest_start"
 
 
@@ -128,7 +139,7 @@ def test_session_notes_say_what_cannot_work():
     assert "hardware breakpoints" in pvm and "CPL0 code only" in pvm and "exc_dispatch" in pvm
     assert "finish" in pvm
     guest = " ".join(debug.session_notes("kvm", "guest", "kvm_pvm", ""))
-    assert "soft_trap" in guest and "Not shown" in guest and "CPL1" in guest
+    assert "soft_enter_iretq" in guest and "Not shown under kvm_pvm" in guest and "CPL1" in guest
     other = " ".join(debug.session_notes("kvm", "host", "kvm_intel", ""))
     assert "kvm_pvm" not in other and "not measured" in other  # no kvm_pvm claim elsewhere
     tcg = " ".join(debug.session_notes("tcg", "host", "kvm_pvm", ""))
@@ -141,6 +152,10 @@ def test_break_refusal_rule():
     assert lab_gdb.break_refusal("kvm_pvm", outside) is None
     assert lab_gdb.break_refusal(None, inside) is None  # TCG stops anywhere
     assert lab_gdb.break_refusal("kvm_intel", inside) is None  # not claimed for other modules
+    syms = {"soft_trap": 0x106690, "soft_exit_tramp": 0x100767, "kmain": 0x1021f0}
+    assert "trap path" in lab_gdb.break_refusal("kvm_pvm", 0x106690, syms)
+    assert lab_gdb.break_refusal("kvm_pvm", 0x1021f0, syms) is None
+    assert lab_gdb.break_refusal(None, 0x106690, syms) is None
 
 
 @pytest.mark.parametrize("symbol, message", [

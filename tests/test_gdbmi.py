@@ -285,4 +285,4 @@ def test_print_only_prints_both_commands(capsys, artifacts):
     out = capsys.readouterr().out
     assert "-S" in out and "-gdb tcp:127.0.0.1:" in out and " -s " not in out
     assert "set architecture i386:x86-64" in out and "lab_gdb.py" in out and "break *kmain" in out
-    assert debug.plan_session("kvm", "guest").gdb_setup[-2] == "hbreak *soft_trap"  # no SVM guest under KVM
+    assert debug.plan_session("kvm", "guest").gdb_setup[-2] == "thbreak *soft_enter_iretq"  # no SVM guest under KVM

@@ -44,8 +44,8 @@ PROBE_POINTS = (
     ("syscall_entry", "LSTAR target, first instruction after SYSCALL"),
     ("svm_vmrun_insn", "the host's VMRUN"),
     ("svm_vmexit_return", "first host instruction after #VMEXIT: lab-vmcb shows the exit"),
-    ("soft_trap", "the software host's handler for every guest trap (CPL0): f->rip, f->cs"),
-    ("soft_enter_iretq", "the software host's last instruction before the guest"),
+    ("soft_trap", "the software host's handler for every guest trap (CPL0): f->rip, f->cs (TCG)"),
+    ("soft_enter_iretq", "the software host's last instruction before the guest: its IRETQ frame at $rsp"),
     ("guest_start", "the guest's first instruction (guest symbols)"),
 )
 
@@ -70,14 +70,27 @@ def in_guest_window(addr: int) -> bool:
     return GUEST_WINDOW[0] <= addr < GUEST_WINDOW[1]
 
 
-def break_refusal(module: str | None, addr: int | None) -> str | None:
-    """Why a breakpoint at `addr` cannot work under this KVM, or None. The guest's code runs
-    at CPL1/CPL3 under KVM (no SVM: the software host deprivileges it), and kvm_pvm stops
-    GDB on CPL0 code only (docs/gdb.md): the CPU would take a #DB instead."""
-    if module == "kvm_pvm" and addr is not None and in_guest_window(addr):
+# The software host's trap path (firmware/soft_trap.c, soft_run.S): CPL0 code, but entered
+# from the CPL1 guest's traps.
+SOFT_TRAP_PATH = ("soft_trap", "soft_exit_tramp")
+
+
+def break_refusal(module: str | None, addr: int | None, symbols: dict[str, int] | None = None) -> str | None:
+    """Why a breakpoint at `addr` cannot work under this KVM, or None. Measured under
+    kvm_pvm (docs/gdb.md): GDB stops on CPL0 code only, and the guest's code runs at CPL1/CPL3
+    under KVM (no SVM: the software host deprivileges it), so the CPU takes a #DB instead; a
+    hardware breakpoint in the software host's trap path also hands the CPU a #DB (an
+    unexpected #DB at soft_exit_tramp, nested exceptions at soft_trap) and ends the run."""
+    if module != "kvm_pvm" or addr is None:
+        return None
+    if in_guest_window(addr):
         return ("guest code runs at CPL1/CPL3 under KVM (the software host runs the guest) and kvm_pvm "
-                "stops GDB on CPL0 code only: a breakpoint there hands the guest a #DB. Break at "
-                "`soft_trap` (CPL0, every guest trap) and read f->rip and f->cs instead")
+                "stops GDB on CPL0 code only: a breakpoint there hands the guest a #DB. Stop at "
+                "`soft_enter_iretq` (the guest's entry: its RIP and CS are in the IRETQ frame at $rsp)")
+    trap_path = {symbols[n]: n for n in SOFT_TRAP_PATH if symbols and n in symbols}
+    if addr in trap_path:
+        return (f"`{trap_path[addr]}` is the software host's trap path: under kvm_pvm a hardware breakpoint "
+                "there hands the CPU a #DB and ends the run. Stop at `soft_enter_iretq` instead")
     return None
 
 
@@ -268,7 +281,7 @@ finish/until/advance (which plant a hidden software breakpoint) are refused."""
                     addr = int(sals[0].pc) if sals else None
                 except gdb.error as exc:
                     raise gdb.GdbError(f"{self.name} {where}: {exc}") from None
-            why = break_refusal(_state["kvm"], addr)
+            why = break_refusal(_state["kvm"], addr, _elf_symbols())
             if why:
                 raise gdb.GdbError(f"{self.name} {where}: refused: {why}")
             gdb.write(f"({self.name} -> {self.hw}: KVM takes hardware breakpoints only)\n")
