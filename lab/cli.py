@@ -11,6 +11,7 @@ from rich.console import Console
 
 from . import build as build_mod
 from . import console as console_mod
+from . import differential
 from . import report as report_mod
 from . import bochs as bochs_mod
 from .config import (ACCELS, BOCHS, HOST_MODES, MACHINES, ConfigError, check_cpu_model, check_kernel_arg,
@@ -115,6 +116,8 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     rep = full_report(outcomes, qemu, kvm, skipped_checks, opts.witness)
+    if len({o.cfg.accel for o in outcomes}) > 1:  # engines side by side (lab/differential.py)
+        rep["differential"] = differential.build(rep)
     report_mod.write_json(rep, run_root / "report.json")
     if opts.json:
         report_mod.write_json(rep, report_mod.check_target(opts.json, "--json"))
@@ -122,6 +125,8 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         report_mod.write_junit(rep, report_mod.check_target(opts.junit, "--junit"))
     if not opts.quiet:
         console_mod.render(rep, console, view=opts.view)  # a dead boot: its cause and last serial line
+        if "differential" in rep:
+            differential.render(rep["differential"], console)
         console.print(f"report: {run_root / 'report.json'}")
     if opts.tap:
         print(report_mod.tap(rep), end="")
@@ -162,4 +167,3 @@ def _main_thread() -> bool:
 
 
 USER_ERRORS = (ConfigError, ToolMissing, build_mod.BuildError)
-
