@@ -246,19 +246,10 @@ class Machine(contextlib.AbstractContextManager):
         )
         deadline = time.monotonic() + 10
         try:
-            _wait_for_path(self.qmp_path, self.proc, deadline)
+            self.qmp = _connect_qmp(self.qmp_path, self.proc, deadline)
             _wait_for_path(self.serial_path, self.proc, deadline)
         except BootError as exc:
             raise BootError(self._with_fix(f"{exc}\n{self.stderr_text()}")) from None
-        self.qmp = QEMUMonitorProtocol(self.qmp_path)
-        while True:  # the socket file exists from bind(); listen() follows a moment later
-            try:
-                self.qmp.connect(negotiate=True)
-                break
-            except Exception as exc:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise BootError(self._with_fix(f"QMP connection failed: {exc}\n{self.stderr_text()}")) from None
-                time.sleep(0.005)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.serial_path)
         self._log = open(self.run_dir / "serial.log", "wb")
