@@ -147,6 +147,17 @@ def test_dash_h_is_help_not_a_signature():
     assert proc.returncode == 0 and "--hv-signature" in proc.stdout and "Usage:" in proc.stdout
 
 
+def test_dash_h_is_help_for_every_task():
+    listing = subprocess.run([sys.executable, "-m", "invoke", "--list"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60).stdout
+    tasks = [line.split()[0] for line in listing.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert "lab.run" in tasks and "clean" in tasks
+    for name in tasks:
+        proc = subprocess.run([sys.executable, "-m", "invoke", name, "-h"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and proc.stdout.startswith("Usage:"), (name, proc.stderr[-500:])
+
+
 def test_help_shows_a_placeholder_and_default_for_every_value_option():
     proc = subprocess.run([sys.executable, "-m", "invoke", "--help", "lab.run"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
