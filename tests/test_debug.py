@@ -221,6 +221,9 @@ def test_lab_kvm_turns_break_into_hbreak_and_refuses_software_stoppers(artifacts
     for name in ("finish", "until", "advance"):
         assert f"{name}: refused under KVM" in out, out
     assert f"break *{lab_gdb.GUEST_WINDOW[0] + 0x40:#x}: refused: guest code runs at CPL1/CPL3" in out, out
+    out = gdb_batch("lab-kvm kvm_pvm", "break soft_trap", "break *soft_exit_tramp", "break exc_dispatch")
+    assert "break soft_trap: refused: `soft_trap` is the software host's trap path" in out, out
+    assert "break *soft_exit_tramp: refused" in out and "break exc_dispatch: refused" not in out, out
     assert not re.search(r"^Breakpoint \d+ at", out, re.M), out  # no software breakpoint set
 
 

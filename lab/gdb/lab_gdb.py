@@ -207,6 +207,8 @@ instead of decoding exit fields that hold nothing yet."""
                 gdb.write(x86.format_vmcb(v, addr) + "\n")
                 return
             gdb.write(f"VMCB at {addr:#x}: {state}\n")
+            if state.startswith("EFER.SVME=0"):
+                return
             if state.startswith("no #VMEXIT"):  # set up: intercepts and guest state are real
                 lines = x86.format_vmcb(v, addr).splitlines()
                 gdb.write("\n".join(lines[2:]) + "\n")
@@ -281,7 +283,12 @@ finish/until/advance (which plant a hidden software breakpoint) are refused."""
                     addr = int(sals[0].pc) if sals else None
                 except gdb.error as exc:
                     raise gdb.GdbError(f"{self.name} {where}: {exc}") from None
-            why = break_refusal(_state["kvm"], addr, _elf_symbols())
+            symbols = _elf_symbols()
+            block = gdb.current_progspace().block_for_pc(addr) if addr is not None else None
+            func = block.function.name if block is not None and block.function is not None else None
+            if func in SOFT_TRAP_PATH and func in symbols:
+                addr = symbols[func]  # `break soft_trap` lands after the prologue: same function
+            why = break_refusal(_state["kvm"], addr, symbols)
             if why:
                 raise gdb.GdbError(f"{self.name} {where}: refused: {why}")
             gdb.write(f"({self.name} -> {self.hw}: KVM takes hardware breakpoints only)\n")
