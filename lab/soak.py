@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
+from . import report
 from .cli import RunOptions, run_lab
 from .runner import new_run_root
 
@@ -45,9 +46,10 @@ def soak(n: int, opts: RunOptions, console: Console, root: Path | None = None) -
 
 def main(n: int = 100, accel: str = "all", witness: str = "both", json_path: str | None = None) -> int:
     console = Console()
+    target = report.check_target(json_path, "--json") if json_path else None  # before the first round
     result = soak(n, RunOptions(accel=accel, witness=witness, quiet=True), console)
-    out = Path(json_path) if json_path else Path(result["root"]) / "soak.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = target or Path(result["root"]) / "soak.json"
+    report._atomic_write(out, json.dumps(result, indent=2) + "\n")
     flakes = len(result["failed_rounds"]) + len(result["flaky_checks"])
     for r in result["failed_rounds"][:10]:
         console.print(f"[red]round {r['round']}[/] (run folder {r['run_dir']}):")

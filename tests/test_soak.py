@@ -57,3 +57,12 @@ def test_main_prints_the_failed_round_and_where_to_look(monkeypatch, tmp_path, c
     out = " ".join(capsys.readouterr().out.split())
     assert "round 0" in out and str(tmp_path / "soak" / "round-0") in out and "host.x: error no observation" in out
     assert (tmp_path / "soak" / "soak.json").exists()
+
+
+def test_bad_json_path_is_refused_before_the_first_round(monkeypatch, tmp_path):
+    from lab import soak as soak_mod
+    from lab.config import ConfigError
+
+    fake_rounds(monkeypatch, [])  # any round would raise StopIteration
+    with pytest.raises(ConfigError, match="does not exist"):
+        soak_mod.main(n=1, json_path=str(tmp_path / "missing" / "s.json"))
