@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import catalogue
+
 ACCELS = ("tcg", "kvm")  # QEMU accelerators
 # Bochs, a third x86 implementation, with Intel VMX models (lab/bochs.py, docs/bochs.md).
 BOCHS = "bochs"
@@ -21,8 +23,9 @@ HOST_MODES = ("auto", "vmx", "svm", "soft", "none")
 DEFAULT_SIGNATURE = "LabRingMinus"
 # Fault injection for the lab's own robustness tests (firmware/faults.c).
 FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "kvm-internal")
-# Probes the firmware leaves out when asked with `skip=` (firmware/README.md).
-SKIP_WORDS = ("rdtscp", "syscall")
+# Probes the firmware leaves out when asked with `skip=`: a probe name or a family of the
+# catalogue's table (firmware/probe.c matches either; lab/catalogue.py).
+SKIP_WORDS = tuple(sorted({w for r in catalogue.table_rows() for w in (r.probe, r.entry.family)}))
 _BOOL = ("0", "1")
 
 # The kernel command line keys `--kernel-arg` accepts: the one list of them (firmware/README.md

@@ -37,6 +37,14 @@ class Facts:
     hv_signature: str = "LabRingMinus"
     host_mode: str = "auto"
     guest_rdtsc_intercept: bool = True  # the host's RDTSC intercept (hv-intercept-rdtsc)
+    features: tuple[tuple[str, bool], ...] = ()  # every boolean QOM property of the model (CPUID bits)
+
+    def has(self, feature: str) -> bool:
+        """A CPUID feature by its QOM property name (`rdtscp`, `umip`, `pmu`, ...): what a
+        catalogue entry's `needs` names."""
+        if hasattr(self, feature) and isinstance(getattr(self, feature), bool):
+            return getattr(self, feature)
+        return dict(self.features).get(feature, False)
 
     @classmethod
     def from_qemu(cls, accel: str, kvm_module: str | None, qom: dict, *, hv_signature: str, host_mode: str,
@@ -54,6 +62,7 @@ class Facts:
             hv_signature=hv_signature,
             host_mode=host_mode,
             guest_rdtsc_intercept=guest_rdtsc_intercept,
+            features=tuple(sorted((k, v) for k, v in qom.items() if isinstance(v, bool))),
         )
 
     @property
@@ -107,14 +116,21 @@ def _p(**kw: object) -> dict[str, str]:
 
 
 # -- the rules: one function per catalogue `rule`, (facts, params, info) -> expected value ------
-def tsc_read(insn: str, tsd: int, cpl: int, *, rdtscp_present: bool = True, protected: bool = True) -> str:
-    """RDTSC/RDTSCP: #UD if RDTSCP is absent (decode-time, before privilege checks);
-    #GP(0) iff CR4.TSD=1 and CPL>0 and CR0.PE=1; otherwise it completes."""
-    if insn == "rdtscp" and not rdtscp_present:
+def cpl_gate(gate: int, cpl: int, *, present: bool = True, protected: bool = True) -> str:
+    """An instruction a control bit forbids outside CPL0 (RDTSC/RDTSCP under CR4.TSD, SDM
+    Vol. 2B; SGDT/SIDT/SLDT/SMSW/STR under CR4.UMIP, SDM Vol. 3A 2.5): #UD if the CPU lacks
+    it (decode-time, before privilege checks); #GP(0) iff the bit is set, CPL>0 and CR0.PE=1;
+    otherwise it completes."""
+    if not present:
         return "#UD"
-    if tsd and cpl > 0 and protected:
+    if gate and cpl > 0 and protected:
         return "#GP(0)"
     return "ok"
+
+
+def tsc_read(insn: str, tsd: int, cpl: int, *, rdtscp_present: bool = True, protected: bool = True) -> str:
+    """RDTSC/RDTSCP: RDTSCP needs CPUID.80000001H:EDX[27]; then the CR4.TSD rule."""
+    return cpl_gate(tsd, cpl, present=insn != "rdtscp" or rdtscp_present, protected=protected)
 
 
 def privileged(insn: str, cpl: int) -> str:
@@ -169,6 +185,10 @@ def _skip(facts: Facts, row: Row) -> str | None:
         return _guest_skip(facts, row.scope)
     if row.entry.family == "syscall" and not facts.syscall:
         return "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)"
+    gate = row.entry.gate
+    if gate and gate.needs and not facts.has(gate.needs):
+        return (f"CR4.{gate.name} is reserved on this CPU model (no `{gate.needs}`: setting it is a #GP(0), "
+                "SDM Vol. 3A 2.5): not run")
     return None
 
 
@@ -211,9 +231,9 @@ RULES = {
 
 def _expected(facts: Facts, row: Row, info: dict[str, str]) -> str | None:
     p = row.params
-    if row.entry.rule == "tsc_read":
-        present = getattr(facts, row.entry.needs) if row.entry.needs else True
-        return tsc_read(row.probe, int(p["tsd"]), int(p["cpl"]), rdtscp_present=present,
+    if row.entry.rule == "cpl_gate":
+        gate = row.entry.gate
+        return cpl_gate(int(p[gate.param]), int(p["cpl"]), present=facts.has(row.entry.needs) if row.entry.needs else True,
                         protected=p.get("mode") != "real")
     return RULES[row.entry.rule](facts, row.scope, p, info)
 

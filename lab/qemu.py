@@ -27,6 +27,7 @@ import pexpect
 import pexpect.fdpexpect
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from . import catalogue
 from .config import RunConfig
 
 # The firmware's last record; anchored to the line end because serial output arrives in chunks.
@@ -37,8 +38,10 @@ EXIT_OK = 1
 
 # CPU properties asked of QEMU itself (QOM), so expectations follow the configured model
 # rather than this machine: vendor string, feature flags, hypervisor leaves.
-CPU_PROPERTIES = ("vendor", "rdtscp", "svm", "vmx", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id", "lm",
-                  "syscall")
+# Plus every CPUID feature a catalogue entry or its gate needs (lab/catalogue.py).
+CPU_PROPERTIES = tuple(dict.fromkeys((
+    "vendor", "rdtscp", "svm", "vmx", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id", "lm", "syscall",
+    *catalogue.features_needed())))
 # QEMU's abort when KVM refuses IA32_ARCH_CAPABILITIES (MSR 0x10a) for a model that sets it
 # (docs/platform.md); the model boots without that MSR.
 ARCH_CAPABILITIES_ABORT = "failed to set MSR 0x10a"
