@@ -259,8 +259,8 @@ def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column],
     if not entries:
         return
     sampled = any(len(v) > 1 for v in entries.values())
-    console.print("[bold]Why not pass[/]" + (" (one sample check per configuration and reason; "
-                                             "+N: more checks with the same reason)" if sampled else ""))
+    console.print("[bold]Why not pass[/]" + (" (one sample check per configuration and reason; +N: more)"
+                                             if sampled else ""))
     notes = []
     for (config, status, reason), checks in entries.items():
         more = f" +{len(checks) - 1}" if len(checks) > 1 else ""
