@@ -80,3 +80,75 @@ def test_at_least_once():
     e = by_id(facts())["guest-svm.vmexit.cpuid"]
     assert e.expected == AT_LEAST_ONCE
     assert e.matches("3") and not e.matches("0") and not e.matches("x")
+
+
+# -- issue: CPUID 0x40000000 when the accelerator hides its leaves, and the `base` model -----
+TOP = "@\x02\0\0\x88\n\0\0\0\0\0\0"  # some highest basic leaf's EBX, ECX, EDX
+
+
+@pytest.mark.parametrize("vendor,want", [
+    ("GenuineIntel", TOP),  # Intel's rule: the highest basic leaf's data
+    ("CentaurHauls", TOP),  # any vendor KVM does not treat as AMD gets Intel's rule
+    ("", TOP),  # the `base` model's empty vendor too
+    ("AuthenticAMD", "\0" * 12),  # AMD's rule: zeros
+    ("HygonGenuine", "\0" * 12),
+])
+def test_kvm_hidden_signature_follows_kvms_vendor_rule(vendor, want):
+    f = facts(accel="kvm", kvm_module="kvm_intel", vendor=vendor, expose_kvm=False)
+    assert hv_signature(f, {"cpuid.top": TOP}) == want
+    # Shown, KVM's own leaf wins whatever the vendor; TCG answers the range itself.
+    assert hv_signature(facts(accel="kvm", kvm_module="kvm_amd", vendor=vendor)) == "KVMKVMKVM\0\0\0"
+    assert hv_signature(facts(vendor=vendor, tcg_cpuid=False), {"cpuid.top": TOP}) == "\0" * 12
+
+
+def test_a_missing_top_leaf_report_cannot_pass():
+    f = facts(accel="kvm", kvm_module="kvm_intel", vendor="GenuineIntel", expose_kvm=False)
+    assert hv_signature(f, {}) not in (TOP, "\0" * 12)
+
+
+@pytest.mark.parametrize("vendor,want", [("", "\0" * 12), ("AuthenticAMD", "AuthenticAMD"), ("Lab", "Lab" + "\0" * 9)])
+def test_the_vendor_rule_compares_twelve_bytes(vendor, want):
+    exp = {e.id: e for e in plan(facts(vendor=vendor))}["host.cpuid-vendor.leaf0"]
+    assert exp.expected == want and len(exp.expected) == 12
+
+
+def test_cpuid_faulting_is_kvms_whatever_the_module():
+    # KVM emulates MSR_PLATFORM_INFO[31] / MSR_MISC_FEATURES_ENABLES[0] for every guest; QEMU 7.2
+    # TCG implements neither, so the software host's guest sees TCG's own CPUID there.
+    assert all(facts(accel="kvm", kvm_module=m).cpuid_faulting for m in ("kvm_intel", "kvm_amd", "kvm_pvm"))
+    assert not facts().cpuid_faulting
+    soft = {e.id: e for e in plan(facts(host_mode="soft"))}
+    assert soft["guest-soft.cpuid-hv-signature"].expected == "TCGTCGTCGTCG"
+    assert "guest-soft.trap.cpuid" not in soft
+    kvm = {e.id: e for e in plan(facts(accel="kvm", kvm_module="kvm_intel", svm=False))}
+    assert kvm["guest-soft.cpuid-hv-signature"].expected == "LabRingMinus"
+    assert kvm["guest-soft.trap.cpuid"].expected == AT_LEAST_ONCE
+
+
+BOOTS = [
+    pytest.param("kvm", "qemu64,vendor=GenuineIntel,kvm=off", marks=pytest.mark.kvm),
+    pytest.param("kvm", "qemu64,vendor=AuthenticAMD,kvm=off", marks=pytest.mark.kvm),
+    pytest.param("tcg", "qemu64,tcg-cpuid=off", marks=pytest.mark.tcg),
+    # `base` has no vendor and no long mode: with the features the 64-bit host needs it boots.
+    pytest.param("tcg", "base,level=13,xlevel=0x80000008,+lm,+syscall,+pae,+pse,+msr,+tsc,+cx8,+pge,+apic,+nx,"
+                 "+fpu,+sse,+sse2,+fxsr,+mmx,+cmov,+de", marks=pytest.mark.tcg),
+]
+
+
+@pytest.mark.parametrize("accel,cpu", BOOTS)
+def test_the_cpuid_rules_hold_on_real_boots(tmp_path, accel, cpu, qemu, kvm, no_leftovers):
+    from lab import build
+    from lab.runner import make_config, preboot, run_one
+
+    cfg = preboot(make_config(accel, build.build(), qemu=qemu, kvm=kvm, cpu=cpu)).cfg
+    out = run_one(cfg, tmp_path / "run", kvm, "serial")
+    checks = {c.id: c for c in out.checks}
+    for cid in ("host.cpuid-vendor.leaf0", "host.cpuid-hv-signature", "run.integrity"):
+        assert checks[cid].status == "pass", (cid, checks[cid].expected, checks[cid].observed, checks[cid].reason)
+    sig = checks["host.cpuid-hv-signature"].observed
+    if "kvm=off" in cpu and "GenuineIntel" in cpu:
+        assert sig == out.transcript.info["cpuid.top"] and sig != "\0" * 12
+    elif "kvm=off" in cpu or "tcg-cpuid=off" in cpu:
+        assert sig == "\0" * 12
+    if cpu.startswith("base"):
+        assert checks["host.cpuid-vendor.leaf0"].observed == "\0" * 12
