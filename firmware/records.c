@@ -326,12 +326,15 @@ NORETURN void lab_exit(int code)
         in_record = 0;
     }
     serial_flush();
-    outb(0x501, (u8)code);   /* isa-debug-exit: QEMU exits with (code<<1)|1 */
-    /* Still here: no isa-debug-exit (Bochs). Let the UART drain (LSR bit 6:
-     * THR and shift register empty) or COM1 loses the tail, then Bochs'
-     * shutdown port ends the emulator (docs/bochs.md). No device there on QEMU. */
+    /* Let the UART drain (LSR bit 6: THR and shift register empty): an emulator
+     * that ends at the next write may otherwise lose the tail of COM1. */
     while (!(inb(0x3f8 + 5) & 0x40))
         __asm__ volatile("pause");
+    /* isa-debug-exit: QEMU exits with (code<<1)|1. Bochs has no such device;
+     * there 0x501 is its VGA BIOS panic port, which ends it for code != 0
+     * ("VGABIOS panic at vgabios.c, line <code>", docs/bochs.md). */
+    outb(0x501, (u8)code);
+    /* Still here (Bochs, code 0): its shutdown port ends it. No device there on QEMU. */
     for (const char *s = "Shutdown"; *s; s++)
         outb(0x8900, (u8)*s);
     /* Neither device: stop here (IF=0). */

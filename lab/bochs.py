@@ -52,6 +52,7 @@ IPS = 10_000_000
 SHUTDOWN = "Shutdown port: shutdown requested"
 _CPUID_LINE = re.compile(r"CPUID\[0x([0-9a-f]{8})\]: ([0-9a-f]{8}) ([0-9a-f]{8}) ([0-9a-f]{8}) ([0-9a-f]{8})")
 _PANIC = re.compile(r">>PANIC<< (.*)")
+_VGABIOS_PANIC = re.compile(r"VGABIOS panic at vgabios\.c, line (\d+)")
 # GRUB modules the ISO needs: the rest of GRUB stays out (a 0.9 MB ISO instead of 10 MB).
 GRUB_MODULES = "multiboot serial terminal"
 
@@ -388,6 +389,10 @@ class BochsMachine(contextlib.AbstractContextManager):
                 return "ok", "shutdown port (0x8900)"
             return "exit-code", ("the firmware stopped Bochs through its shutdown port without an `end` "
                                  "record (Bochs has no isa-debug-exit: the exit code is not visible)")
+        code = _VGABIOS_PANIC.search(panic.group(1)) if panic else None
+        if code:  # firmware/records.c lab_exit: port 0x501 is Bochs' VGA BIOS panic port
+            return "exit-code", (f"firmware exited with code {code.group(1)} through port 0x501 (Bochs' VGA "
+                                 f"BIOS panic port){'' if saw_end else ', without an `end` record'}")
         if rc is not None and rc < 0:
             return "killed", f"Bochs killed by signal {-rc}"
         if panic:

@@ -116,7 +116,7 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     rep = full_report(outcomes, qemu, kvm, skipped_checks, opts.witness)
-    if len({o.cfg.accel for o in outcomes}) > 1:  # engines side by side (lab/differential.py)
+    if BOCHS in {o.cfg.accel for o in outcomes} and len(outcomes) > 1:  # engines side by side (lab/differential.py)
         rep["differential"] = differential.build(rep)
     report_mod.write_json(rep, run_root / "report.json")
     if opts.json:

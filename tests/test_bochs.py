@@ -141,6 +141,12 @@ def test_triple_fault_is_a_crash(tmp_path, artifacts, kvm):
     assert out.boot.exit == "crash" and "triple fault" in out.boot.exit_detail
 
 
+def test_firmware_exit_code_is_read_back(tmp_path, artifacts, kvm):
+    out = boot(tmp_path, artifacts, kvm, kernel_args=("fault=exception",))
+    assert out.boot.exit == "exit-code" and "code 3" in out.boot.exit_detail  # LAB_EXIT_UNEXPECTED
+    assert "unexpected_exception" in out.transcript.info  # the UART drained before the exit
+
+
 def test_bochs_panic_is_a_clear_error(tmp_path, artifacts, kvm, monkeypatch):
     cfg = make_config("bochs", artifacts, qemu=bochs.bochs_binary(), kvm=kvm, cpu=INTEL)
     monkeypatch.setattr(bochs, "BIOS", tmp_path / "no-such-bios")
