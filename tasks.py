@@ -202,25 +202,26 @@ def soak(c, n=100, accel="all", witness="both", json=None):
 
 @task(
     help={
-        "accel": "all (default: tcg and kvm; a KVM that is not usable is a named skip) | tcg | kvm",
-        "models": "comma-separated globs over QEMU's CPU model names (default *), e.g. 'EPYC*,qemu64'",
-        "tweaks": "all (default) | none | some of: vendor,rdtscp,hypervisor,svm,svm-on,kvm,kvm-intel,"
-                  "tcg-cpuid,lm,no-lm,syscall,umip,pmu",
-        "witness": "serial | gdb | both (default both)",
-        "workers": "pytest-xdist workers: a number or auto (default 2; 1 = no xdist)",
-        "out": "sweep folder (default runs/sweep-<time>); must be new or empty",
+        "accel": "all|tcg|kvm (default: all, every usable one; a KVM that is not usable is a named skip)",
+        "models": "GLOBS: comma-separated globs over QEMU's CPU model names, e.g. 'EPYC*,qemu64' (default: *)",
+        "tweaks": "all|none|NAME,...: property tweaks (default: all): vendor, rdtscp, hypervisor, svm, svm-on, "
+                  "kvm, kvm-intel, tcg-cpuid, lm, no-lm, syscall, umip, pmu",
+        "witness": "serial|gdb|both (default: both)",
+        "workers": "N|auto: pytest-xdist workers (default: 2; 1 runs without xdist)",
+        "out": "DIR: the sweep folder, new or empty (default: runs/sweep-<time>)",
         "versions": "also QEMU's versioned model names (Skylake-Client-v1, ...)",
-        "qemu": "QEMU binary (default: $LAB_QEMU or qemu-system-x86_64)",
-        "variant": "kernel build: normal or lie (negative control)",
-        "timeout": "seconds a boot may take before it is an error (default 15)",
-        "splits": "pytest-split: number of shards N (with --group)",
-        "group": "pytest-split: which shard K to run, 1..N",
-    }
+        "qemu": "PATH: QEMU binary (default: $LAB_QEMU or qemu-system-x86_64)",
+        "variant": "normal|lie|lie-context|lie-skip: kernel build (default: normal; the others are negative controls)",
+        "timeout": "S: seconds a boot may take before it is an error (default: 15)",
+        "splits": "N: pytest-split shards (with --group; default: no split)",
+        "group": "K: which pytest-split shard to run, 1..N",
+    },
+    auto_shortflags=False,
 )
 def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2", out=None, versions=False,
           qemu=None, variant="normal", timeout="15", splits=None, group=None):
     """Every CPU model QEMU lists on every usable accelerator, plus tweaks: one pytest test per
-    configuration (xdist, pytest-split), then one merged matrix (table, JSON, JUnit, HTML)."""
+    configuration (xdist, pytest-split), then one merged matrix (table, JSON, JUnit, HTML). About 70-90 s."""
     from lab.cli import USER_ERRORS
     from lab.sweep import SweepOptions, sweep_main
     from rich.console import Console
@@ -236,9 +237,9 @@ def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2",
         raise Exit(code=status)
 
 
-@task(help={"dir": "a sweep folder (repeatable: one per worker machine or shard)",
-            "out": "where matrix.json, matrix.junit.xml and matrix.html go (default: the first --dir)"},
-      iterable=["dir"])
+@task(help={"dir": "DIR: a sweep folder (repeatable: one per worker machine or shard)",
+            "out": "DIR: where matrix.json, matrix.junit.xml and matrix.html go (default: the first --dir)"},
+      iterable=["dir"], auto_shortflags=False)
 def merge(c, dir=None, out=None):  # noqa: A002 - the option is --dir
     """Merge sweep folders (workers, shards) into one model x engine matrix: table, JSON, JUnit, HTML."""
     from lab.cli import USER_ERRORS

@@ -329,8 +329,8 @@ SUBSET = ["--sweep-models=qemu64,EPYC,qemu32", "--sweep-tweaks=none", "--sweep-w
 
 
 def sweep_pytest(out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pytest", sweep.SWEEP_TESTS, "-q", "-p", "no:cacheprovider",
-           f"--sweep-dir={out}", *SUBSET, *args]
+    cmd = [sys.executable, "-m", "pytest", sweep.SWEEP_TESTS, "-q", "-p", "no:cacheprovider", "-p",
+           "no:hypothesispytest", f"--sweep-dir={out}", *SUBSET, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
 
 
