@@ -10,14 +10,15 @@ reported as ratios against the floor measured alongside:
 - in-guest costs the firmware measured: CPUID native against through #VMEXIT / a trap.
 
 Targets are reported as figures (met or not); only `--check` turns a missed one into a
-non-zero exit. The figures go to `bench.json` in the run's folder under `runs/`, and
-`--update-readme` rewrites the README's performance block from them.
+non-zero exit. The figures go to `runs/bench-<time>-<pid>/bench.json`, and `--update-readme`
+rewrites the README's performance block from them (or from `--from-json last`).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -34,7 +35,7 @@ from .console import make_console
 from .hostinfo import kvm_status, qemu_binary
 from .qemu import build_command
 from .config import ConfigError
-from .runner import make_config, new_run_root, run_one
+from .runner import make_config, run_one
 
 TARGETS = {"lab_over_floor": 1.3, "gdb_added_s": 0.3, "full_run_s": 1.5}
 
@@ -67,6 +68,8 @@ def main(rounds: int = 5, check: bool = False, update_readme: bool = False, from
     run folder, and optionally rewrite the README's block. Exit 1 only for `check` and a
     missed target."""
     console = make_console()
+    if from_json == "last":
+        from_json = str(last_bench())
     if from_json:
         try:
             results = json.loads(Path(from_json).read_text())
@@ -77,7 +80,7 @@ def main(rounds: int = 5, check: bool = False, update_readme: bool = False, from
         if rounds < 1:
             raise ConfigError(f"--rounds {rounds}: at least 1")
         results = measure(rounds, console)
-        out = new_run_root() / "bench.json"
+        out = bench_folder() / "bench.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"figures: {out}")
     _print(console, results)
@@ -86,6 +89,22 @@ def main(rounds: int = 5, check: bool = False, update_readme: bool = False, from
         console.print("README.md: performance block rewritten from these figures")
     missed = [v for v in results["verdicts"] if not v["met"]]
     return 1 if check and missed else 0
+
+
+def bench_folder() -> Path:
+    """runs/bench-<time>-<pid>: outside lab.run's retention of its last runs, so the last
+    bench stays for `--from-json last` (`invoke clean` removes it)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = ROOT / "runs" / f"bench-{stamp}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def last_bench() -> Path:
+    found = sorted((ROOT / "runs").glob("bench-*/bench.json"))
+    if not found:
+        raise ConfigError("--from-json last: no bench under runs/ yet (run invoke bench)")
+    return found[-1]
 
 
 def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:

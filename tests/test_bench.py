@@ -66,3 +66,18 @@ def test_from_json_that_is_not_a_bench_is_a_clear_error(tmp_path):
     path.write_text("{}")
     with pytest.raises(ConfigError, match="not a bench.json"):
         bench.main(from_json=str(path))
+
+
+def test_last_bench_is_the_newest(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    with pytest.raises(ConfigError, match="no bench under runs/"):
+        bench.last_bench()
+    for stamp in ("20260101-000000-7", "20260102-000000-3"):
+        folder = tmp_path / "runs" / f"bench-{stamp}"
+        folder.mkdir(parents=True)
+        (folder / "bench.json").write_text(json.dumps(figures()))
+    assert bench.last_bench() == tmp_path / "runs" / "bench-20260102-000000-3" / "bench.json"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{bench.README_BEGIN}\n{bench.README_END}\n")
+    assert bench.main(update_readme=True, from_json="last") == 0
+    assert "0.93 s wall" in readme.read_text()
