@@ -117,44 +117,45 @@ def _value(v: str | None) -> str:
 
 
 # -- views ---------------------------------------------------------------------------------
-def _table(columns: list[Column], groups, short: dict[str, str], *, wide: bool) -> Table:
+def _rows(groups, has) -> list[tuple[Text | str, str | None]]:
+    """(label, row key) in group order: a bold group header (key None) over indented params,
+    or the bare probe name when it has no params. `has(key)`: the row has a cell to show."""
+    out: list[tuple[Text | str, str | None]] = []
+    for group, keys in groups:
+        present = [k for k in keys if has(k)]
+        if present and present != [group]:
+            out.append((Text(group, style="bold"), None))
+        out += [(k if k == group else "  " + k[len(group) + 1:], k) for k in present]
+    return out
+
+
+def _new_table(*titles: str) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
                   collapse_padding=True)
-    table.add_column("check", overflow="fold")
-    for col in columns:
-        table.add_column(f"{short[col.config]}\n{SCOPE_TITLE.get(col.scope, col.scope)}", overflow="fold")
-    for group, keys in groups:
-        present = [k for k in keys if any(k in col.checks for col in columns)]
-        if not present:
-            continue
-        if wide:
-            for k in present:
-                table.add_row(k, *[cell(col.checks[k], want=True) if k in col.checks else "" for col in columns])
-            continue
-        if present != [group]:
-            table.add_row(Text(group, style="bold"), *[""] * len(columns))
-        for k in present:
-            label = k if k == group else "  " + k[len(group) + 1:]
-            table.add_row(label, *[cell(col.checks[k]) if k in col.checks else "" for col in columns])
+    for title in titles:
+        table.add_column(title, overflow="fold")  # wrap a cell rather than cut it
+    return table
+
+
+def _table(columns: list[Column], groups, short: dict[str, str], *, wide: bool) -> Table:
+    table = _new_table("check", *(f"{short[c.config]}\n{SCOPE_TITLE.get(c.scope, c.scope)}" for c in columns))
+    has = lambda k: any(k in col.checks for col in columns)  # noqa: E731
+    rows = [(k, k) for _, keys in groups for k in keys if has(k)] if wide else _rows(groups, has)
+    for label, k in rows:
+        cells = [cell(col.checks[k], want=wide) if k in col.checks else "" for col in columns] if k else []
+        table.add_row(label, *(cells or [""] * len(columns)))
     return table
 
 
 def _scope_tables(columns: list[Column], groups) -> list[tuple[Column, Table]]:
     out = []
     for col in columns:
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
-                      collapse_padding=True)
-        for name in ("check", "observed", "expected"):
-            table.add_column(name, overflow="fold")
-        for group, keys in groups:
-            present = [k for k in keys if k in col.checks]
-            if not present:
-                continue
-            if present != [group]:
-                table.add_row(Text(group, style="bold"), "", "")
-            for k in present:
-                c = col.checks[k]
-                label = k if k == group else "  " + k[len(group) + 1:]
+        table = _new_table("check", "observed", "expected")
+        for label, k in _rows(groups, lambda k, col=col: k in col.checks):
+            c = col.checks.get(k) if k else None
+            if c is None:
+                table.add_row(label, "", "")
+            else:
                 table.add_row(label, cell(c), "" if c["status"] == "skip" else _value(c["expected"]))
         out.append((col, table))
     return out
