@@ -100,6 +100,15 @@ def test_bad_value_is_one_error_line_before_any_boot(tmp_path, wrapped_qemu, arg
     assert boots(log) == [], "QEMU was started for a bad input"
 
 
+def test_unknown_cpu_flag_is_one_error_line_from_the_pre_boot_query(tmp_path, wrapped_qemu):
+    """QEMU itself judges the flags: its CPU query (paused, no kernel) fails, nothing boots."""
+    wrapper, log = wrapped_qemu
+    proc = run_bad(tmp_path, wrapper, "--accel", "tcg", "--witness", "serial", "--cpu", "qemu64,+nosuchflag")
+    assert_one_error(proc, "Property 'qemu64-x86_64-cpu.nosuchflag' not found")
+    [query] = boots(log)
+    assert "-S" in query.split() and "-kernel" not in query
+
+
 def test_unwritable_report_folder_is_one_error_line(tmp_path, wrapped_qemu):
     wrapper, log = wrapped_qemu
     folder = read_only_folder(tmp_path)
