@@ -277,6 +277,8 @@ def test_page_opens_in_headless_chromium_with_one_row_per_model(two_folders, tmp
     dom = chromium(tmp_path, "broken", "--dump-dom", f"{broken.as_uri()}#tcg/nosuch").stdout
     problems = dom_problems(dom, merged, "tcg/nosuch")
     assert len(problems) == 2 and "rows" in problems[0]
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "profile-") not in ps  # no Chromium left behind
 
 
 # -- the front doors: bad input ------------------------------------------------------------------
