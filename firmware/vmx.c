@@ -396,12 +396,16 @@ int vmx_main(const struct bootinfo *bi, struct hv_config *cfg, const char **why)
     /* Controls (24.6-24.8), each adjusted to what the processor allows (A.3-A.5). */
     int no_rdtsc = cfg->fault && !strcmp(cfg->fault, "no-rdtsc-exit");   /* negative control */
     int want_ept = cfg->npt && (caps.ept_cap & EPT_CAP_WALK4) && (caps.ept_cap & EPT_CAP_2M);
+    /* A VPID tags the guest's TLB entries, so VM entries and exits need not flush them
+     * (28.1); without one every transition starts the guest on an empty TLB. */
+    int want_vpid = (caps.cpu2 >> 32 & CPU2_VPID) != 0;
     u32 missing = 0;
     u32 pin = adjust(caps.pin, 0, &missing);
     u32 cpu = adjust(caps.cpu, CPU_HLT_EXITING | CPU_UNCOND_IO_EXITING |
                      (cfg->intercept_rdtsc && !no_rdtsc ? CPU_RDTSC_EXITING : 0) |
-                     (want_ept ? CPU_SECONDARY : 0), &missing);
-    u32 cpu2 = cpu & CPU_SECONDARY ? adjust(caps.cpu2, want_ept ? CPU2_EPT : 0, &missing) : 0;
+                     (want_ept || want_vpid ? CPU_SECONDARY : 0), &missing);
+    u32 cpu2 = cpu & CPU_SECONDARY
+             ? adjust(caps.cpu2, (want_ept ? CPU2_EPT : 0) | (want_vpid ? CPU2_VPID : 0), &missing) : 0;
     u32 exitc = adjust(caps.exit, EXIT_HOST_64, &missing);
     u32 entry = adjust(caps.entry, ENTRY_IA32E_GUEST, &missing);
     int use_ept = (cpu2 & CPU2_EPT) != 0;
@@ -414,6 +418,7 @@ int vmx_main(const struct bootinfo *bi, struct hv_config *cfg, const char **why)
     rec_hex("hv.feature_control", caps.feature_control);
     rec_u64("hv.ept", (u64)use_ept);
     rec_u64("hv.ept_offered", (caps.cpu2 >> 32 & CPU2_EPT) ? 1 : 0);
+    rec_u64("hv.vpid", (cpu2 & CPU2_VPID) ? 1 : 0);
     rec_hex("hv.controls_missing", missing);
     rec_bytes("hv.signature", cfg->signature, 12);
     rec_u64("hv.signature_given", (u64)cfg->sig_len);
@@ -462,6 +467,8 @@ int vmx_main(const struct bootinfo *bi, struct hv_config *cfg, const char **why)
     vmwrite(CR0_MASK, 0);
     if (use_ept)
         vmwrite(EPT_POINTER, ept_init(caps.ept_cap));
+    if (cpu2 & CPU2_VPID)
+        vmwrite(VPID, 1);                       /* 0 is the host's (26.2.1.1) */
     vmcs_host_state();
     vmcs_guest_state(&img, CR4_PAE);
 

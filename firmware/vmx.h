@@ -44,6 +44,7 @@
 #define CPU_SECONDARY            (1u << 31)
 /* Secondary processor-based controls (24.6.2, table 24-7) */
 #define CPU2_EPT                 (1u << 1)
+#define CPU2_VPID                (1u << 5)
 /* VM-exit controls (24.7.1): a 64-bit host */
 #define EXIT_HOST_64             (1u << 9)
 /* VM-entry controls (24.8.1): a 64-bit guest */
@@ -91,6 +92,7 @@ enum vmcs_field {
     GUEST_FS_SEL = 0x808, GUEST_GS_SEL = 0x80a, GUEST_LDTR_SEL = 0x80c, GUEST_TR_SEL = 0x80e,
     HOST_ES_SEL = 0xc00, HOST_CS_SEL = 0xc02, HOST_SS_SEL = 0xc04, HOST_DS_SEL = 0xc06,
     HOST_FS_SEL = 0xc08, HOST_GS_SEL = 0xc0a, HOST_TR_SEL = 0xc0c,
+    VPID = 0x0000,    /* 16-bit control (24.6.12) */
     /* 64-bit */
     EPT_POINTER = 0x201a, GUEST_PHYS_ADDR = 0x2400,
     VMCS_LINK_POINTER = 0x2800, GUEST_DEBUGCTL = 0x2802,
