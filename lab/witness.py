@@ -160,14 +160,15 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
         else:
             guest_vecs[exp.id] = _vector_set(exp, deviant)
     hw = caps.hw_slots is not None
-    if hw:  # the vectors most checks need, while slots last (one goes to the end marker)
-        need: dict[int, int] = {}
-        for vs in host_vecs.values():
-            for v in vs:
-                need[v] = need.get(v, 0) + 1
-        vectors = sorted(sorted(need, key=lambda v: (-need[v], v))[: caps.hw_slots - 1])
-    else:  # TCG: every vector (#BP past the record renderer's own int3)
-        vectors = list(range(32))
+    # The vectors the expected outcomes need, most needed first, while hardware slots last
+    # (one goes to the end marker). TCG has no slot limit, but each breakpoint costs QEMU a
+    # re-translation of its page, so it gets the same derived set.
+    need: dict[int, int] = {}
+    for vs in host_vecs.values():
+        for v in vs:
+            need[v] = need.get(v, 0) + 1
+    ranked = sorted(need, key=lambda v: (-need[v], v))
+    vectors = sorted(ranked[: caps.hw_slots - 1] if hw else ranked)
     watches = [Watch("isr_stub_3_exc" if v == 3 else f"isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw)
                for v in vectors]
     # The host's probe phase ends at hv_main: its stubs go there, unless a guest under the
@@ -175,7 +176,8 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     if not any(cid.startswith("guest-soft.") for cid in host_vecs):
         watches.append(Watch(END_OF_HOST_PROBES, "end", hw=hw, ends=tuple(w.location for w in watches)))
     if guest_vecs:
-        watches += [Watch(f"guest_isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw) for v in range(32)]
+        gvecs = sorted({v for vs in guest_vecs.values() for v in vs})
+        watches += [Watch(f"guest_isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw) for v in gvecs]
     watches += [Watch(loc, "regs", hw=hw) for loc in sorted(set(entry_stops.values()))]
     checks = list(entry_stops) + list(guest_vecs)
     for cid, vs in host_vecs.items():
