@@ -13,6 +13,7 @@ Watch kinds:
 """
 
 import json
+import time
 
 import gdb
 
@@ -44,7 +45,7 @@ class _Watch(gdb.Breakpoint):
         if spec["kind"] == "end":
             return True
         regs = _registers()
-        stop = {"at": spec["location"], "kind": spec["kind"], "regs": regs}
+        stop = {"at": spec["location"], "kind": spec["kind"], "regs": regs, "t": round(time.monotonic(), 6)}
         if spec["kind"] == "trap":
             stop["vector"] = spec["vector"]
             stack = _memory(regs["rsp"], 48)
