@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -66,19 +66,22 @@ class Tweak:
 
 
 TWEAKS: tuple[Tweak, ...] = (
-    Tweak("vendor", "vendor: leaf 0 string (and the vendor-dependent out-of-range CPUID rule)", "qemu64,vendor=GenuineIntel"),
-    Tweak("rdtscp", "rdtscp: RDTSCP #UD or not", "qemu64,+rdtscp"),
-    Tweak("hypervisor", "hypervisor: CPUID.1:ECX[31]", "qemu64,-hypervisor"),
-    Tweak("svm", "svm: which host runs the guest (SVM or the software host)", "qemu64,-svm", ("tcg",)),
-    Tweak("svm-on", "svm: asked for where the accelerator may not offer it (QOM then says false)", "qemu64,+svm", ("kvm",)),
-    Tweak("kvm", "kvm: KVM's leaves at 0x40000000 hidden", "qemu64,kvm=off", ("kvm",)),
-    Tweak("kvm-intel", "kvm + vendor: KVM's out-of-range CPUID rule for an Intel vendor", "qemu64,vendor=GenuineIntel,kvm=off", ("kvm",)),
-    Tweak("tcg-cpuid", "tcg-cpuid: TCG's leaves at 0x40000000 hidden", "qemu64,tcg-cpuid=off", ("tcg",)),
-    Tweak("lm", "lm: long mode given to a 32-bit model", "qemu32,+lm,+syscall"),
-    Tweak("no-lm", "lm: long mode taken away (a pre-boot skip)", "qemu64,-lm"),
-    Tweak("syscall", "syscall: SYSCALL/SYSRET absent", "qemu64,-syscall"),
-    Tweak("umip", "umip: CR4.UMIP offered", "qemu64,+umip"),
-    Tweak("pmu", "pmu: performance counters offered", "qemu64,pmu=on"),
+    Tweak("vendor", "leaf 0 vendor string (and the vendor-dependent out-of-range CPUID rule)",
+          "qemu64,vendor=GenuineIntel"),
+    Tweak("rdtscp", "RDTSCP present: #UD or not", "qemu64,+rdtscp"),
+    Tweak("hypervisor", "CPUID.1:ECX[31]", "qemu64,-hypervisor"),
+    Tweak("svm", "which host runs the guest (SVM or the software host)", "qemu64,-svm", ("tcg",)),
+    Tweak("svm-on", "SVM asked for where the accelerator may not offer it (QOM then says false)", "qemu64,+svm",
+          ("kvm",)),
+    Tweak("kvm", "KVM's leaves at 0x40000000 hidden", "qemu64,kvm=off", ("kvm",)),
+    Tweak("kvm-intel", "KVM's out-of-range CPUID rule for an Intel vendor", "qemu64,vendor=GenuineIntel,kvm=off",
+          ("kvm",)),
+    Tweak("tcg-cpuid", "TCG's leaves at 0x40000000 hidden", "qemu64,tcg-cpuid=off", ("tcg",)),
+    Tweak("lm", "long mode given to a 32-bit model", "qemu32,+lm,+syscall"),
+    Tweak("no-lm", "long mode taken away (a pre-boot skip)", "qemu64,-lm"),
+    Tweak("syscall", "SYSCALL/SYSRET absent", "qemu64,-syscall"),
+    Tweak("umip", "CR4.UMIP offered", "qemu64,+umip"),
+    Tweak("pmu", "performance counters offered", "qemu64,pmu=on"),
 )
 TWEAK_NAMES = tuple(t.name for t in TWEAKS)
 
@@ -360,19 +363,14 @@ def merge(folders: list[Path]) -> dict:
         if SWEEP_KEY not in rep:
             continue
         meta = rep[SWEEP_KEY]
-        if meta["cpu"] == "*":  # a whole engine skipped (KVM not usable)
-            row_keys = None
-        else:
-            row_keys = [meta["cpu"]]
-        cell = _cell(rep, path)
+        row, engine = meta["cpu"], meta["accel"]  # row "*": an engine skipped as a whole (KVM not usable)
         if rep["host"] not in hosts:
             hosts.append(rep["host"])
         if meta.get("tweak"):
-            tweak_rows[meta["cpu"]] = meta["tweak"]
-        for row in row_keys or ["*"]:
-            if meta["accel"] in cells.get(row, {}):
-                raise ConfigError(f"two reports for {meta['accel']} {row}: {cells[row][meta['accel']]['report']} and {path}")
-            cells.setdefault(row, {})[meta["accel"]] = cell
+            tweak_rows[row] = meta["tweak"]
+        if engine in cells.get(row, {}):
+            raise ConfigError(f"two reports for {engine} {row}: {cells[row][engine]['report']} and {path}")
+        cells.setdefault(row, {})[engine] = _cell(rep, path)
     engines = [e for e in ENGINES if any(e in r for r in cells.values())]
     # An engine skipped as a whole fills every row of its column with that skip.
     for engine in engines:
@@ -455,7 +453,8 @@ def render(merged: dict, console: Console) -> None:
         for e, cell in merged["cells"][row["model"]].items():
             label = f"{e} {row['model']}"
             if cell["retry"]:
-                console.print(f"retried {label} as -cpu {cell['retry']['cpu']}: {cell['retry']['why']}", highlight=False)
+                retry = cell["retry"]
+                console.print(f"retried {label} as -cpu {retry['cpu']}: {retry['why']}", highlight=False)
             if cell["skip"]:
                 skips.setdefault(cell["skip"], []).append(label)
             elif cell["status"] in ("fail", "error"):
@@ -549,10 +548,6 @@ def pytest_command(opts: SweepOptions, out: Path, python: str) -> list[str]:
     return cmd + opts.extra
 
 
-def describe(opts: SweepOptions) -> str:
-    return shlex.join([f"{k}={v}" for k, v in asdict(opts).items() if v not in (None, [], False)])
-
-
 def _check_out(out: Path) -> None:
     """The sweep folder: new or empty of reports, its parent existing and writable."""
     if out.exists():
@@ -591,8 +586,11 @@ def validate(opts: SweepOptions, kvm: KvmStatus) -> tuple[Path, list[SweepConfig
     qemu = qemu_binary(opts.qemu)
     if opts.witness != "serial":
         require_tool("gdb")
-    out = Path(opts.out) if opts.out else ROOT / "runs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    stamp = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    out = Path(opts.out).resolve() if opts.out else ROOT / "runs" / stamp
     _check_out(out)
+    # pytest runs in the project folder: paths the user gave relative to theirs are made absolute.
+    opts.out, opts.qemu = str(out), os.path.abspath(qemu)
     cfgs = plan(qemu, kvm, accels=opts.accel, models=opts.models, tweaks=opts.tweaks, versions=opts.versions)
     if not [c for c in cfgs if c.cpu != "*"]:
         raise ConfigError(f"--models {opts.models!r} matches no CPU model QEMU lists")

@@ -217,7 +217,8 @@ def test_junit_has_one_case_per_configuration(two_folders, tmp_path):
     merged = sweep.merge(list(two_folders))
     sweep.write_junit(merged, tmp_path / "m.xml")
     suite = ET.parse(tmp_path / "m.xml").getroot()
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("6", "1", "1", "1")
+    counts = (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped"))
+    assert counts == ("6", "1", "1", "1")
     epyc_kvm = suite.find("testcase[@name='EPYC'][@classname='ringlab.sweep.kvm']")
     assert "reproduce: qemu-system-x86_64 -cpu EPYC" in epyc_kvm.find("error").text
     assert "retried as -cpu EPYC,-arch-capabilities" in epyc_kvm.find("system-out").text
