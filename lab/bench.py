@@ -114,7 +114,9 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
     kvm = kvm_status()
     art = build()
     accels = ["tcg"] + (["kvm"] if kvm.usable else [])
+    # The machine's load when the bench starts: these machines are shared, and it moves every figure.
     results: dict = {"rounds": rounds, "date": datetime.date.today().isoformat(), "kvm_module": kvm.module,
+                     "load_1min": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
                      "accels": {}, "targets": TARGETS}
     with tempfile.TemporaryDirectory(prefix="ringlab-bench-") as scratch:
         tmp = Path(scratch)
@@ -215,8 +217,9 @@ README_END = "<!-- bench:end -->"
 
 def readme_block(r: dict) -> str:
     """The README's performance table and sentences, from one bench.json."""
+    load = f", load average {r['load_1min']} on {r['cores']} cores" if "load_1min" in r else ""
     lines = [f"Latest figures ({r.get('date', 'undated')}, medians of {r['rounds']} rounds, "
-             f"KVM module {r.get('kvm_module') or 'none'}):", "",
+             f"KVM module {r.get('kvm_module') or 'none'}{load}):", "",
              "| | floor | lab serial | lab + GDB | naive | pc |", "|---|---|---|---|---|---|"]
     for accel, a in r["accels"].items():
         lines.append(
