@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -24,15 +25,29 @@ pytestmark = [pytest.mark.bochs, pytest.mark.skipif(bool(MISSING), reason=f"Boch
 INTEL, AMD = bochs.DEFAULT_MODEL, bochs.SVM_MODEL
 
 
-@pytest.fixture
-def no_bochs_left(tmp_path):
-    """No Bochs of this test left running (its command line names the run folder)."""
-    yield
+def bochs_left(tmp_path) -> list[str]:
+    """Bochs processes of this test: children of pytest, or naming the test's folder."""
     out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     me = str(os.getpid())
-    left = [row for row in out.splitlines()[1:] if "bochs" in row.split(None, 2)[-1]
-            and (str(tmp_path) in row or row.split()[1] == me)]
+    return [row for row in out.splitlines()[1:] if len(row.split(None, 2)) == 3
+            and "bochs" in row.split(None, 2)[2] and (str(tmp_path) in row or row.split()[1] == me)]
+
+
+@pytest.fixture
+def no_bochs_left(tmp_path):
+    """No Bochs of this test left running."""
+    yield
+    left = bochs_left(tmp_path)
     assert not left, f"left running: {left}"
+
+
+def test_negative_control_a_leftover_is_seen(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "bochs", str(tmp_path)])
+    try:
+        assert bochs_left(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def boot(tmp_path, art, kvm, cpu=INTEL, **kw):
