@@ -243,7 +243,7 @@ def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2",
 def merge(c, dir=None, out=None):  # noqa: A002 - the option is --dir
     """Merge sweep folders (workers, shards) into one model x engine matrix: table, JSON, JUnit, HTML."""
     from lab.cli import USER_ERRORS
-    from lab.sweep import check_merge_input, merge_main
+    from lab.sweep_merge import check_merge_input, merge_main
     from rich.console import Console
 
     try:

@@ -1,45 +1,38 @@
 """The sweep: every CPU model QEMU lists, on every usable accelerator, plus property tweaks
-that flip each fact the rules depend on; one lab boot per configuration, merged into one
-model x engine matrix.
+that flip each fact the rules depend on; one lab boot per configuration.
 
-This module plans the configurations (from QEMU's own model list), runs one of them (the
-lab's own runner, as `invoke lab.run` does) into a sweep folder as a JSON report, and
-merges the folders of any number of pytest workers or shards. Distribution is pytest's:
-`tests/sweep/` parametrizes one test per configuration, so pytest-xdist and pytest-split
-spread it; `invoke lab.sweep` is only the front door to that run.
+This module plans the configurations (from QEMU's own model list) and runs one of them (the
+lab's own runner, as `invoke lab.run` does) into a sweep folder as a JSON report; the
+folders of any number of workers or shards merge in lab/sweep_merge.py. Distribution is
+pytest's: `tests/sweep/` parametrizes one test per configuration, so pytest-xdist and
+pytest-split spread it; `invoke lab.sweep` is only the front door to that run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import os
 import re
 import shlex
 import subprocess
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from . import __version__, deviations
 from . import build as build_mod
 from . import report as report_mod
 from .build import Artifacts
 from .config import ConfigError
 from .hostinfo import KvmStatus, kvm_status
-from .judge import STATUSES, Check
+from .judge import Check
 from .runner import NO_LONG_MODE, full_report, make_config, preboot, run_one
 
 ENGINES = ("tcg", "kvm")
 SWEEP_KEY = "sweep"  # the per-configuration report's extra section (docs/records.md contract + this)
-MERGED_NAMES = ("matrix.json", "matrix.junit.xml", "matrix.html")
 _VERSIONED = re.compile(r"-v\d+$")
 
 # What the host kernel cannot run on is decided before the boot by the runner, from QOM
@@ -294,55 +287,6 @@ def bad_lines(checks: list[dict], limit: int = 4) -> list[str]:
     return lines + ([f"... and {len(bad) - limit} more in the report"] if len(bad) > limit else [])
 
 
-# -- merging ------------------------------------------------------------------------------------
-def _deviations_seen(rep: dict) -> list[str]:
-    """Names of the known deviations (lab/deviations.py) behind this report's xfail, xpass and
-    skip checks, matched as the judge matches them."""
-    module = rep["host"].get("kvm_module")
-    names = set()
-    for c in rep["checks"]:
-        if c["status"] not in ("xfail", "xpass", "skip"):
-            continue
-        for d in deviations.DEVIATIONS:
-            if (d.accel == c["accel"] and d.kvm_module == (module if c["accel"] == "kvm" else None)
-                    and d.scope == c["scope"] and d.probe == c["probe"]
-                    and all(c["params"].get(k) == v for k, v in d.params.items())):
-                names.add(d.name)
-    return sorted(names)
-
-
-def _cell(rep: dict, path: Path) -> dict:
-    meta = rep[SWEEP_KEY]
-    counts = dict.fromkeys(STATUSES, 0)
-    for c in rep["checks"]:
-        counts[c["status"]] += 1
-    if counts["error"]:
-        status = "error"
-    elif counts["fail"]:
-        status = "fail"
-    elif meta.get("skip"):
-        status = "skip"
-    elif counts["xfail"] or counts["xpass"]:
-        status = "xfail"
-    else:
-        status = "pass"
-    run = rep["runs"][0] if rep["runs"] else {}
-    return {
-        "status": status,
-        "counts": counts,
-        "deviations": _deviations_seen(rep),
-        "cpu": run.get("cpu", meta["cpu"]),
-        "tweak": meta.get("tweak", ""),
-        "retry": meta.get("retry"),
-        "skip": meta.get("skip"),
-        "repro": run.get("repro", ""),
-        "run_dir": run.get("run_dir", ""),
-        "report": str(path),
-        "nonpass": [{k: c[k] for k in ("id", "status", "expected", "observed", "reason")}
-                    for c in rep["checks"] if c["status"] != "pass"],
-    }
-
-
 def report_files(folders: list[Path]) -> list[Path]:
     """The per-configuration reports in sweep folders (not the merged outputs, not run folders)."""
     files: dict[Path, None] = {}
@@ -350,160 +294,6 @@ def report_files(folders: list[Path]) -> list[Path]:
         for p in sorted(Path(folder).glob("*__*.json")):
             files[p.resolve()] = None
     return list(files)
-
-
-def merge(folders: list[Path]) -> dict:
-    """All workers' and shards' reports -> one matrix: model x engine -> counts, status, the
-    deviations seen, the non-pass checks and how to reproduce."""
-    cells: dict[str, dict[str, dict]] = {}
-    tweak_rows: dict[str, str] = {}
-    hosts: list[dict] = []
-    for path in report_files(folders):
-        rep = json.loads(path.read_text())
-        if SWEEP_KEY not in rep:
-            continue
-        meta = rep[SWEEP_KEY]
-        row, engine = meta["cpu"], meta["accel"]  # row "*": an engine skipped as a whole (KVM not usable)
-        if rep["host"] not in hosts:
-            hosts.append(rep["host"])
-        if meta.get("tweak"):
-            tweak_rows[row] = meta["tweak"]
-        if engine in cells.get(row, {}):
-            raise ConfigError(f"two reports for {engine} {row}: {cells[row][engine]['report']} and {path}")
-        cells.setdefault(row, {})[engine] = _cell(rep, path)
-    engines = [e for e in ENGINES if any(e in r for r in cells.values())]
-    # An engine skipped as a whole fills every row of its column with that skip.
-    for engine in engines:
-        whole = cells.get("*", {}).get(engine)
-        if whole:
-            for row in cells:
-                cells[row].setdefault(engine, whole)
-    if len(cells) > 1:
-        cells.pop("*", None)
-    rows = sorted(cells, key=lambda r: (r in tweak_rows, r.lower()))
-    summary = {"configs": sum(len(c) for c in cells.values()), "by_status": dict.fromkeys(STATUSES, 0),
-               "checks": dict.fromkeys(STATUSES, 0)}
-    dev_seen: dict[str, int] = {}
-    for row in rows:
-        for cell in cells[row].values():
-            summary["by_status"][cell["status"]] += 1
-            for k, v in cell["counts"].items():
-                summary["checks"][k] += v
-            for d in cell["deviations"]:
-                dev_seen[d] = dev_seen.get(d, 0) + 1
-    reasons = {d.name: d.reason for d in deviations.DEVIATIONS}
-    return {
-        "lab_version": __version__,
-        "hosts": hosts,
-        "engines": engines,
-        "rows": [{"model": r, "tweak": tweak_rows.get(r, "")} for r in rows],
-        "cells": cells,
-        "deviations": {d: {"configs": n, "reason": reasons.get(d, "")} for d, n in sorted(dev_seen.items())},
-        "summary": summary,
-    }
-
-
-def matrix_view(merged: dict) -> dict:
-    """What must not depend on how the sweep was spread: per cell its status, counts,
-    deviations and non-pass checks (not paths, walls or the order files were written)."""
-    return {
-        row: {e: (c["status"], c["counts"], c["deviations"], sorted((n["id"], n["status"]) for n in c["nonpass"]))
-              for e, c in cells.items()}
-        for row, cells in merged["cells"].items()
-    }
-
-
-def exit_status(merged: dict) -> int:
-    s = merged["summary"]["by_status"]
-    return 1 if s["fail"] or s["error"] or not merged["cells"] else 0
-
-
-# -- outputs ------------------------------------------------------------------------------------
-STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yellow", "skip": "dim"}
-
-
-def cell_text(cell: dict) -> str:
-    """Compact counts: `✓45 x3 -23` (pass, xfail, skip), fails and errors first when present."""
-    n = cell["counts"]
-    if cell["status"] == "skip" and not n["pass"]:
-        return "- skip"
-    parts = [f"✗{n['fail']}" if n["fail"] else "", f"!{n['error']}" if n["error"] else "", f"✓{n['pass']}",
-             f"x{n['xfail']}" if n["xfail"] else "", f"X{n['xpass']}" if n["xpass"] else "",
-             f"-{n['skip']}" if n["skip"] else ""]
-    return " ".join(p for p in parts if p) + (" ʳ" if cell.get("retry") else "")
-
-
-def render(merged: dict, console: Console) -> None:
-    """The matrix for a terminal: one row per model, one column per engine, then every
-    non-pass configuration named with its reason (skips grouped by reason)."""
-    engines = merged["engines"]
-    table = Table(header_style="bold", pad_edge=False, title="sweep: model x engine (checks per status)")
-    table.add_column("model", no_wrap=True, overflow="fold")
-    for e in engines:
-        table.add_column(e, no_wrap=True)
-    for row in merged["rows"]:
-        cells = merged["cells"][row["model"]]
-        table.add_row(row["model"], *[Text(cell_text(cells[e]), style=STYLE[cells[e]["status"]]) if e in cells
-                                      else Text("") for e in engines])
-    console.print(table)
-    console.print("legend: ✓ pass  x xfail (known deviation)  X xpass  - skip  ✗ fail  ! error  ʳ retried",
-                  highlight=False)
-    skips: dict[str, list[str]] = {}
-    for row in merged["rows"]:
-        for e, cell in merged["cells"][row["model"]].items():
-            label = f"{e} {row['model']}"
-            if cell["retry"]:
-                retry = cell["retry"]
-                console.print(f"retried {label} as -cpu {retry['cpu']}: {retry['why']}", highlight=False)
-            if cell["skip"]:
-                skips.setdefault(cell["skip"], []).append(label)
-            elif cell["status"] in ("fail", "error"):
-                console.print(Text(f"{cell['status']} {label}: {cell['report']}", style=STYLE[cell["status"]]))
-                for line in bad_lines(cell["nonpass"]):
-                    console.print(f"  {line}", highlight=False)
-                console.print(f"  reproduce: {cell['repro']}", highlight=False, soft_wrap=True)
-    for reason, labels in skips.items():
-        console.print(f"skip ({len(labels)}) {reason}: {', '.join(labels)}", style="dim", highlight=False)
-    for name, d in merged["deviations"].items():
-        console.print(f"deviation {name} ({d['configs']} configurations): {d['reason']}", style="yellow",
-                      highlight=False)
-    s = merged["summary"]
-    line = "  ".join(f"{k}={v}" for k, v in s["by_status"].items() if k != "xpass")
-    bad = s["by_status"]["fail"] + s["by_status"]["error"]
-    console.print(f"[{'bold red' if bad else 'bold green'}]configurations={s['configs']}  {line}[/]")
-
-
-def write_junit(merged: dict, path: Path) -> None:
-    """One testcase per configuration (classname = engine, name = model)."""
-    by = merged["summary"]["by_status"]
-    suite = ET.Element("testsuite", name="ring-lab-sweep", tests=str(merged["summary"]["configs"]),
-                       failures=str(by["fail"]), errors=str(by["error"]), skipped=str(by["skip"]))
-    for row in merged["rows"]:
-        for engine, cell in merged["cells"][row["model"]].items():
-            case = ET.SubElement(suite, "testcase", classname=f"ringlab.sweep.{engine}", name=row["model"])
-            bad = "\n".join(f"{n['status']} {n['id']}: {n['reason']}" for n in cell["nonpass"]
-                            if n["status"] in ("fail", "error"))
-            if cell["status"] in ("fail", "error"):
-                tag = "failure" if cell["status"] == "fail" else "error"
-                ET.SubElement(case, tag, message=f"{cell_text(cell)}").text = f"{bad}\nreproduce: {cell['repro']}"
-            elif cell["status"] == "skip":
-                ET.SubElement(case, "skipped", message=cell["skip"] or "skip")
-            if cell["deviations"] or cell["retry"]:
-                extra = [f"deviations: {', '.join(cell['deviations'])}"] if cell["deviations"] else []
-                extra += [f"retried as -cpu {cell['retry']['cpu']}: {cell['retry']['why']}"] if cell["retry"] else []
-                ET.SubElement(case, "system-out").text = "\n".join(extra)
-    ET.indent(suite)
-    report_mod._atomic_write(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
-
-
-def write_outputs(merged: dict, out_dir: Path) -> list[Path]:
-    from .sweep_html import write_html
-
-    paths = [out_dir / n for n in MERGED_NAMES]
-    report_mod.write_json(merged, paths[0])
-    write_junit(merged, paths[1])
-    write_html(merged, paths[2])
-    return paths
 
 
 # -- the front door: one pytest run ------------------------------------------------------------
@@ -600,6 +390,7 @@ def validate(opts: SweepOptions, kvm: KvmStatus) -> tuple[Path, list[SweepConfig
 def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
     """`invoke lab.sweep`: one pytest run over the configurations, then the merged matrix."""
     from .build import ROOT
+    from .sweep_merge import merge_main  # here: lab/sweep_merge.py imports this module
 
     kvm = kvm_status()
     out, cfgs = validate(opts, kvm)
@@ -617,32 +408,3 @@ def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
     status = merge_main([out], out, console)
     console.print(f"sweep wall time: {wall:.1f} s (pytest exit {rc})", highlight=False)
     return status or rc
-
-
-def merge_main(folders: list[Path], out: Path, console: Console) -> int:
-    merged = merge(folders)
-    out.mkdir(exist_ok=True)
-    paths = write_outputs(merged, out)  # first: the files do not depend on the terminal
-    render(merged, console)
-    for p in paths:
-        console.print(f"merged: {p}", highlight=False)
-    return exit_status(merged)
-
-
-def check_merge_input(folders: list[str], out: str | None) -> tuple[list[Path], Path]:
-    if not folders:
-        raise ConfigError("lab.merge needs at least one --dir FOLDER (a sweep folder)")
-    paths = [Path(f) for f in folders]
-    for p in paths:
-        if not p.is_dir():
-            raise ConfigError(f"--dir {p}: not a folder")
-        if not report_files([p]):
-            raise ConfigError(f"--dir {p}: holds no sweep reports (<accel>__<cpu>.json)")
-    target = Path(out) if out else paths[0]
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"--out {target}: exists and is not a folder")
-    if not target.exists() and not target.parent.is_dir():
-        raise ConfigError(f"--out {target}: the folder {target.parent} does not exist")
-    if not os.access(target if target.exists() else target.parent, os.W_OK):
-        raise ConfigError(f"--out {target}: not writable")
-    return paths, target

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import report as report_mod
-from .sweep import cell_text
+from .sweep_merge import cell_text
 
 COLOUR = {"pass": "#c8f0c8", "xfail": "#fff0a0", "skip": "#e4e4e4", "fail": "#ffb0b0", "error": "#ff7070"}
 

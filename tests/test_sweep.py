@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from lab import report, sweep
+from lab import report, sweep, sweep_merge
 from lab.build import ROOT
 from lab.config import ConfigError
 from lab.judge import Check
@@ -138,8 +138,8 @@ def test_msr_10a_refusal_is_retried_with_the_documented_fix(tmp_path, artifacts,
     assert retry["cpu"] == "qemu64,-arch-capabilities" and "MSR 0x10a" in retry["why"]
     assert rep["runs"][0]["cpu"] == "qemu64,-arch-capabilities"
     assert not sweep.bad_checks(rep)
-    cell = sweep.merge([tmp_path / "s"])["cells"]["qemu64"]["kvm"]
-    assert cell["retry"] and sweep.cell_text(cell).endswith("ʳ")
+    cell = sweep_merge.merge([tmp_path / "s"])["cells"]["qemu64"]["kvm"]
+    assert cell["retry"] and sweep_merge.cell_text(cell).endswith("ʳ")
 
 
 @pytest.mark.kvm
@@ -153,7 +153,7 @@ def test_msr_10a_refusal_that_the_fix_does_not_cure_is_an_error(tmp_path, artifa
 
 # -- merging and outputs -------------------------------------------------------------------------
 def test_merge_counts_statuses_deviations_and_retries(two_folders):
-    merged = sweep.merge(list(two_folders))
+    merged = sweep_merge.merge(list(two_folders))
     cells = merged["cells"]
     assert [r["model"] for r in merged["rows"]] == ["EPYC", "qemu32", "qemu64", "qemu64,kvm=off"]
     assert cells["qemu64"]["tcg"]["status"] == "pass"
@@ -166,7 +166,7 @@ def test_merge_counts_statuses_deviations_and_retries(two_folders):
     assert merged["rows"][-1]["tweak"] == "kvm" and "tcg" not in cells["qemu64,kvm=off"]
     assert merged["summary"]["by_status"] == {"pass": 2, "fail": 1, "xfail": 1, "xpass": 0, "skip": 1, "error": 1}
     assert merged["deviations"]["kvm_pvm-rdtsc-tsd-cpl3"]["configs"] == 1
-    assert sweep.exit_status(merged) == 1
+    assert sweep_merge.exit_status(merged) == 1
 
 
 def test_a_dead_boot_is_explained_by_its_cause_not_a_wall_of_errors():
@@ -180,33 +180,33 @@ def test_a_dead_boot_is_explained_by_its_cause_not_a_wall_of_errors():
 def test_merge_exit_status_is_clean_only_without_fail_and_error(tmp_path):
     write(tmp_path, fake_report("tcg", "qemu64", ["pass"]))
     write(tmp_path, fake_report("tcg", "qemu32", [], skip=sweep.NO_LM))
-    assert sweep.exit_status(sweep.merge([tmp_path])) == 0
+    assert sweep_merge.exit_status(sweep_merge.merge([tmp_path])) == 0
     write(tmp_path, fake_report("tcg", "EPYC", ["pass", "error"]))  # negative control
-    assert sweep.exit_status(sweep.merge([tmp_path])) == 1
+    assert sweep_merge.exit_status(sweep_merge.merge([tmp_path])) == 1
 
 
 def test_merge_refuses_two_reports_for_one_configuration(tmp_path):
     write(tmp_path / "a", fake_report("tcg", "qemu64", ["pass"]))
     write(tmp_path / "b", fake_report("tcg", "qemu64", ["fail"]))
     with pytest.raises(ConfigError, match="two reports"):
-        sweep.merge([tmp_path / "a", tmp_path / "b"])
-    assert sweep.merge([tmp_path / "a", tmp_path / "a"])["summary"]["configs"] == 1  # same folder twice
+        sweep_merge.merge([tmp_path / "a", tmp_path / "b"])
+    assert sweep_merge.merge([tmp_path / "a", tmp_path / "a"])["summary"]["configs"] == 1  # same folder twice
 
 
 def test_an_engine_skipped_as_a_whole_fills_its_column(tmp_path):
     write(tmp_path, fake_report("tcg", "qemu64", ["pass"]))
     write(tmp_path, fake_report("tcg", "EPYC", ["pass"]))
     write(tmp_path, fake_report("kvm", "*", [], skip="KVM not usable: no /dev/kvm"))
-    merged = sweep.merge([tmp_path])
+    merged = sweep_merge.merge([tmp_path])
     assert set(merged["cells"]) == {"qemu64", "EPYC"}
     assert all(c["kvm"]["skip"] == "KVM not usable: no /dev/kvm" for c in merged["cells"].values())
 
 
 @pytest.mark.parametrize("width", [80, 100, 120])
 def test_table_fits_the_terminal_without_cutting_a_model(two_folders, width):
-    merged = sweep.merge(list(two_folders))
+    merged = sweep_merge.merge(list(two_folders))
     out = io.StringIO()
-    sweep.render(merged, Console(file=out, width=width, color_system=None))
+    sweep_merge.render(merged, Console(file=out, width=width, color_system=None))
     table = [ln for ln in out.getvalue().splitlines() if ln.startswith(("│", "┃", "┏", "└", "┡"))]
     assert table and all(len(ln) <= width for ln in table)
     for row in merged["rows"]:
@@ -214,8 +214,8 @@ def test_table_fits_the_terminal_without_cutting_a_model(two_folders, width):
 
 
 def test_junit_has_one_case_per_configuration(two_folders, tmp_path):
-    merged = sweep.merge(list(two_folders))
-    sweep.write_junit(merged, tmp_path / "m.xml")
+    merged = sweep_merge.merge(list(two_folders))
+    sweep_merge.write_junit(merged, tmp_path / "m.xml")
     suite = ET.parse(tmp_path / "m.xml").getroot()
     counts = (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped"))
     assert counts == ("6", "1", "1", "1")
@@ -230,7 +230,7 @@ def test_html_is_one_static_file(two_folders, tmp_path):
     rep = json.loads((a / "tcg__evil.json").read_text())
     rep["checks"][0]["reason"] = "</script><script>alert(1)</script>"
     report.write_json(rep, a / "tcg__evil.json")
-    text = page(sweep.merge([a, b]))
+    text = page(sweep_merge.merge([a, b]))
     assert text.count('<tr class="model"') == 5
     assert text.count("</script>") == 2  # a reason cannot end the data element
     assert not re.search(r"""(src|href)=|https?://|@import""", text)  # no external assets
@@ -260,7 +260,7 @@ def dom_problems(dom: str, merged: dict, shown: str) -> list[str]:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package chromium; invoke setup)")
 def test_page_opens_in_headless_chromium_with_one_row_per_model(two_folders, tmp_path):
-    merged = sweep.merge(list(two_folders))
+    merged = sweep_merge.merge(list(two_folders))
     html = tmp_path / "matrix.html"
     html.write_text(page(merged))
     url = f"{html.as_uri()}#kvm/EPYC"  # the link form of a click on that cell
@@ -318,12 +318,23 @@ def test_merge_bad_input_is_one_error_line(tmp_path, folder):
     assert list(tmp_path.iterdir()) == []  # nothing written into an empty folder
 
 
+@pytest.mark.tcg
+def test_the_front_door_runs_pytest_then_merges(tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_invoke("lab.sweep", "--accel", "tcg", "--models", "qemu64,qemu32", "--tweaks", "none",
+                      "--witness", "serial", "--workers", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "-m pytest tests/sweep" in proc.stdout and "configurations=2" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["runs", "tcg__qemu32.json", "tcg__qemu64.json", *sweep_merge.MERGED_NAMES])
+
+
 def test_merge_writes_json_junit_html_and_fails_on_a_fail(two_folders, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     proc = run_invoke("lab.merge", "--dir", str(two_folders[0]), "--dir", str(two_folders[1]), "--out", str(out))
     assert proc.returncode == 1, proc.stderr  # EPYC fails and errs
-    assert sorted(p.name for p in out.iterdir()) == sorted(sweep.MERGED_NAMES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(sweep_merge.MERGED_NAMES)
     assert json.loads((out / "matrix.json").read_text())["summary"]["configs"] == 6
 
 
@@ -358,10 +369,10 @@ def test_spreading_the_sweep_does_not_change_the_matrix(tmp_path, artifacts):
         if name == "split":  # each shard ran a part, together all of it
             parts = [len(sweep.report_files([f])) for f in folders]
             assert all(parts) and sum(parts) == len(sweep.report_files(folders))
-            one_shard = sweep.matrix_view(sweep.merge(folders[:1]))  # negative control: a shard missing
+            one_shard = sweep_merge.matrix_view(sweep_merge.merge(folders[:1]))  # negative control: a shard missing
         workers = {json.loads(p.read_text())[sweep.SWEEP_KEY]["worker"] for p in sweep.report_files(folders)}
         assert workers == ({"gw0", "gw1"} if name in ("xdist", "popen-gateways") else {""}), name  # really spread
-        views[name] = sweep.matrix_view(sweep.merge(folders))
+        views[name] = sweep_merge.matrix_view(sweep_merge.merge(folders))
     assert views["single"]["qemu64"]["tcg"][0] == "pass" and views["single"]["qemu32"]["tcg"][0] == "skip"
     for name, view in views.items():
         assert view == views["single"], name
@@ -376,8 +387,8 @@ def test_a_failing_configuration_fails_its_sweep_test(tmp_path, lie_artifacts):
                            "--sweep-tweaks=none", "--sweep-witness=serial", "--sweep-variant=lie"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "1 failed" in proc.stdout, proc.stdout[-2000:]
-    merged = sweep.merge([tmp_path])
-    assert merged["cells"]["qemu64"]["tcg"]["status"] == "fail" and sweep.exit_status(merged) == 1
+    merged = sweep_merge.merge([tmp_path])
+    assert merged["cells"]["qemu64"]["tcg"]["status"] == "fail" and sweep_merge.exit_status(merged) == 1
 
 
 def test_the_committed_durations_name_the_sweep_tests():
