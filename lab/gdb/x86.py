@@ -1,5 +1,5 @@
 """Pure decoders for what the GDB side reads: control-register bits, exception values in
-the record notation, the AMD VMCB, the firmware's `current_probe` and exception frame.
+the record notation and the AMD VMCB.
 
 Standard library only: this module is imported both by the lab (lab.witness) and by the
 script GDB sources (lab_gdb.py runs inside GDB's own Python).
@@ -43,41 +43,6 @@ def exception_value(vector: int, error_code: int = 0) -> str:
     if vector not in EXC_WITH_ERROR_CODE:
         return name
     return f"{name}({error_code:#x})" if error_code else f"{name}(0)"
-
-
-# -- the firmware's structures (firmware/include/lab.h) -------------------------------------
-# struct exc_frame: r15..rax (15 GPRs), vector, error_code, then the hardware IRETQ frame.
-EXC_FRAME_FIELDS = (
-    "r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8",
-    "rbp", "rdi", "rsi", "rdx", "rcx", "rbx", "rax",
-    "vector", "error_code", "rip", "cs", "rflags", "rsp", "ss",
-)
-EXC_FRAME_SIZE = 8 * len(EXC_FRAME_FIELDS)
-
-
-def decode_exc_frame(raw: bytes) -> dict[str, int]:
-    return dict(zip(EXC_FRAME_FIELDS, struct.unpack_from(f"<{len(EXC_FRAME_FIELDS)}Q", raw)))
-
-
-# struct current_probe { u32 magic, id, cpl, tsd; char name[16]; char param[16]; }
-CURRENT_PROBE_SIZE = 48
-CURRENT_PROBE_MAGIC = 0x4C414221
-
-
-def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("latin-1")
-
-
-def decode_current_probe(raw: bytes) -> dict[str, object]:
-    magic, pid, cpl, tsd = struct.unpack_from("<4I", raw)
-    return {
-        "valid": magic == CURRENT_PROBE_MAGIC,
-        "id": pid,
-        "cpl": cpl,
-        "tsd": tsd,
-        "name": _cstr(raw[16:32]),
-        "param": _cstr(raw[32:48]),
-    }
 
 
 # -- AMD SVM VMCB (APM Vol. 2 Appendix B) ---------------------------------------------------
