@@ -53,7 +53,8 @@ def setup(c):
     c.run(f"{sudo}apt-get install -y -qq --no-install-recommends {' '.join(missing)}", env=env, hide="out")
 
 
-@task(help={"variant": "normal, or lie (a kernel that reports wrong observations: a negative control)"})
+@task(help={"variant": "normal (default), or a negative control: lie (wrong values), lie-context (runs probes "
+                       "at another CPL/CR4 than it reports), lie-skip (reports probes it never ran)"})
 def build(c, variant="normal"):
     """Build the host kernel and the guest (incremental)."""
     from lab.build import build as do_build
@@ -92,7 +93,7 @@ def build(c, variant="normal"):
                      "CPU has it, else the software host)",
         "kernel_arg": "KEY=VALUE for the kernel command line, repeatable (default: none; keys: "
                       "lab/config.py KERNEL_ARGS, e.g. fault=hang)",
-        "variant": "normal|lie: kernel build (default: normal; lie is a negative control)",
+        "variant": "normal|lie|lie-context|lie-skip: kernel build (default: normal; the others are negative controls)",
         "timeout": "S: seconds a boot may take before it is an error (default: 15)",
         "view": "auto|table|scope|wide: the checks side by side (made for 100 columns), one scope at a "
                 "time, or every column unfolded at its natural width (default: auto, the table if it fits "
