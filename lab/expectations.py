@@ -67,9 +67,12 @@ class Facts:
 
     @property
     def guest_mode(self) -> str:
-        """Which host runs the guest: SVM when the CPU has it, else the software host."""
+        """Which host runs the guest (firmware/svm.c hv_main): auto picks VMX, then SVM, then the
+        software host; a forced SVM or VMX host the CPU lacks runs no guest (`hv=none`)."""
         if self.host_mode == "auto":
-            return "vmx" if self.vmx else "svm" if self.svm else "soft"  # firmware/vmx.c: hv_main
+            return "vmx" if self.vmx else "svm" if self.svm else "soft"
+        if self.host_mode in ("svm", "vmx") and not getattr(self, self.host_mode):
+            return "none"
         return self.host_mode
 
     @property
@@ -174,6 +177,8 @@ def _guest_skip(facts: Facts, scope: str) -> str | None:
     if facts.guest_mode == host:
         return None
     if facts.guest_mode == "none":
+        if facts.host_mode in ("svm", "vmx"):
+            return f"--host-mode {facts.host_mode} on a CPU without {facts.host_mode.upper()}: no guest runs"
         return "host mode none: no guest runs"
     if host == "soft":
         return f"the {facts.guest_mode.upper()} host runs the guest (--host-mode soft forces the software host)"

@@ -152,3 +152,12 @@ def test_the_cpuid_rules_hold_on_real_boots(tmp_path, accel, cpu, qemu, kvm, no_
         assert sig == "\0" * 12
     if cpu.startswith("base"):
         assert checks["host.cpuid-vendor.leaf0"].observed == "\0" * 12
+
+
+def test_a_forced_host_the_cpu_lacks_runs_no_guest_and_says_so():
+    f = facts(accel="kvm", kvm_module="kvm_intel", svm=False, host_mode="svm")
+    assert f.guest_mode == "none"
+    skips = {e.id: e.skip for e in plan(f) if e.scope != "host"}
+    assert all(skips.values())
+    assert "without SVM: no guest runs" in skips["guest-soft.guest-end"]
+    assert "SVM host runs the guest" not in " ".join(skips.values())
