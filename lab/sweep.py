@@ -15,6 +15,7 @@ import fnmatch
 import os
 import re
 import shlex
+import signal
 import subprocess
 import tempfile
 import time
@@ -100,28 +101,37 @@ class SweepConfig:
 
 # -- what QEMU offers -----------------------------------------------------------------------
 class _Qmp(contextlib.AbstractContextManager):
-    """A QEMU with no machine (`-M none`) for questions about CPU models, on one accelerator."""
+    """A QEMU with no machine (`-M none`) for questions about CPU models, on one accelerator.
+    Leaving the `with` block, or an interruption while it starts, always ends that QEMU."""
 
     def __init__(self, qemu: str, accel: str):
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
+        self.accel = accel
         self.dir = tempfile.mkdtemp(prefix=f"ringlab-{os.getpid()}-")
-        path = os.path.join(self.dir, "qmp.sock")
+        self.path = os.path.join(self.dir, "qmp.sock")
         self.proc = subprocess.Popen(
             [qemu, "-M", "none", "-accel", accel, "-nodefaults", "-no-user-config", "-display", "none",
-             "-qmp", f"unix:{path},server=on,wait=off", "-S"],
+             "-qmp", f"unix:{self.path},server=on,wait=off", "-S"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.qmp = QEMUMonitorProtocol(self.path)
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> None:
         deadline = time.monotonic() + 10
-        self.qmp = QEMUMonitorProtocol(path)
         while True:
             try:
                 self.qmp.connect(negotiate=True)
-                break
+                return
             except Exception as exc:  # noqa: BLE001 - the socket appears a moment after start
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()  # QEMU has ended: its stderr can be read to the end
                     err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
-                    self.close()
-                    raise ConfigError(f"QEMU ({accel}) could not list its CPU models: {err or exc}") from None
+                    raise ConfigError(f"QEMU ({self.accel}) could not list its CPU models: {err or exc}") from None
                 time.sleep(0.005)
 
     def cmd(self, name: str, args: dict | None = None) -> dict:
@@ -137,8 +147,6 @@ class _Qmp(contextlib.AbstractContextManager):
         kill_group(self.proc)
         with contextlib.suppress(Exception):
             self.qmp.close()
-        if self.proc.stderr:
-            self.proc.stderr.close()
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.dir, "qmp.sock"))
         with contextlib.suppress(OSError):
@@ -146,6 +154,8 @@ class _Qmp(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self.close()
+        if self.proc.stderr:
+            self.proc.stderr.close()
 
 
 def parse_tweaks(text: str) -> list[Tweak]:
@@ -387,6 +397,32 @@ def validate(opts: SweepOptions, kvm: KvmStatus) -> tuple[Path, list[SweepConfig
     return out, cfgs
 
 
+def _run_pytest(cmd: list[str], cwd: Path) -> int:
+    """pytest in its own process group. Ctrl-C or SIGTERM reach it as SIGINT, which pytest and
+    its xdist workers turn into KeyboardInterrupt: every boot tears its QEMU and GDB down."""
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True)
+    stopped = 0
+
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        nonlocal stopped
+        stopped = 128 + signum
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=60 if stopped else None)
+                break
+            except subprocess.TimeoutExpired:  # pytest did not stop within a minute
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return stopped or rc
+
+
 def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
     """`invoke lab.sweep`: one pytest run over the configurations, then the merged matrix."""
     from .build import ROOT
@@ -400,8 +436,11 @@ def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
     console.print(f"sweep: {len(cfgs)} configurations into {out}", highlight=False)
     console.print(f"pytest: {shlex.join(cmd)}", highlight=False, soft_wrap=True)
     t0 = time.monotonic()
-    rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
+    rc = _run_pytest(cmd, ROOT)
     wall = time.monotonic() - t0
+    if rc in (130, 143):
+        console.print(f"[red]sweep stopped: pytest ended its boots; the reports so far are in {out}[/]")
+        return rc
     if not report_files([out]):
         console.print(f"[red]the pytest run wrote no report (pytest exit {rc})[/]")
         return rc or 1

@@ -9,8 +9,10 @@ import io
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -327,6 +329,27 @@ def test_the_front_door_runs_pytest_then_merges(tmp_path):
     assert "-m pytest tests/sweep" in proc.stdout and "configurations=2" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["runs", "tcg__qemu32.json", "tcg__qemu64.json", *sweep_merge.MERGED_NAMES])
+
+
+@pytest.mark.tcg
+def test_sigterm_stops_the_sweep_and_leaves_no_qemu(tmp_path):
+    qemu = tmp_path / "qemu-sweep"  # a name of our own, to find this test's QEMUs in ps
+    qemu.symlink_to(shutil.which("qemu-system-x86_64"))
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "lab.sweep", "--accel", "tcg", "--tweaks", "none",
+                             "--witness", "serial", "--qemu", str(qemu), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.is_dir() and sweep.report_files([out])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "sweep stopped" in text, text[-2000:]
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(qemu) not in ps
 
 
 def test_merge_writes_json_junit_html_and_fails_on_a_fail(two_folders, tmp_path):
