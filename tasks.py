@@ -155,12 +155,13 @@ def test(c, args=""):
     c.run(f"{sys.executable} -m pytest {args}", pty=False)
 
 
-@task(help={"rounds": "N: rounds per measurement (default: 5, about 35 s in all on 2 cores; 1: about 10 s)",
+@task(help={"rounds": "N: rounds per measurement (default: 5, about 35 s in all on 2 cores; 1: about 10 s; "
+                      "the sweep's part adds about 50 s)",
             "check": "exit 1 if a timing target is missed (default: report the figures only)",
             "update_readme": "rewrite the README's performance block from these figures",
             "from_json": "PATH|last: use this bench.json (last: the newest under runs/) instead of measuring"})
 def bench(c, rounds=5, check=False, update_readme=False, from_json=None):
-    """Time the lab against the floor and a naive runner (about 35 s); figures in runs/bench-*/bench.json.
+    """Time the lab against the floor and a naive runner (about 90 s); figures in runs/bench-*/bench.json.
 
     The floor is a bare QEMU boot of the lab's kernel; the naive runner boots once per check."""
     from lab.bench import main as bench_main
@@ -221,8 +222,10 @@ def soak(c, n=100, accel="all", witness="both", json=None):
 )
 def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2", out=None, versions=False,
           qemu=None, variant="normal", timeout="15", splits=None, group=None):
-    """Every CPU model QEMU lists on every usable accelerator, plus tweaks: one pytest test per
-    configuration (xdist, pytest-split), then one merged matrix (table, JSON, JUnit, HTML). About 70-90 s."""
+    """Every CPU model QEMU lists, on every usable accelerator, plus tweaks (about 70-90 s).
+
+    One pytest test per configuration (pytest-xdist, pytest-split), then one merged matrix
+    (table, JSON, JUnit, HTML)."""
     from lab.cli import USER_ERRORS
     from lab.sweep import SweepOptions, sweep_main
     from rich.console import Console
