@@ -19,7 +19,7 @@ from .build import ROOT
 from .sweep import DURATIONS, SPLIT_ALGORITHM, SweepOptions, pytest_command
 
 # A subset with both vendors, several families, a pre-boot skip, under TCG and KVM.
-BENCH_MODELS = "qemu64,qemu32,EPYC,Opteron_G4,Haswell,Skylake-Client,Conroe,Icelake-Server"
+BENCH_MODELS = "qemu64,qemu32,EPYC,Opteron_G4,Haswell,Skylake-Client"
 
 
 def _timed(cmd: list[str]) -> float:
