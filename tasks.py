@@ -156,12 +156,12 @@ def test(c, args=""):
 
 
 @task(help={"rounds": "N: rounds per measurement (default: 5, about 35 s in all on 2 cores; 1: about 10 s; "
-                      "the sweep's part adds about 50 s)",
+                      "the sweep's part adds about 20 s)",
             "check": "exit 1 if a timing target is missed (default: report the figures only)",
             "update_readme": "rewrite the README's performance block from these figures",
             "from_json": "PATH|last: use this bench.json (last: the newest under runs/) instead of measuring"})
 def bench(c, rounds=5, check=False, update_readme=False, from_json=None):
-    """Time the lab against the floor and a naive runner (about 90 s); figures in runs/bench-*/bench.json.
+    """Time the lab against the floor and a naive runner (about 55 s); figures in runs/bench-*/bench.json.
 
     The floor is a bare QEMU boot of the lab's kernel; the naive runner boots once per check."""
     from lab.bench import main as bench_main
