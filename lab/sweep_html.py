@@ -23,7 +23,7 @@ table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 8px;white
 td.cell{cursor:pointer;font-family:monospace}td.cell:hover{outline:2px solid #333}
 """ + "".join(f"td.st-{k}{{background:{v}}}" for k, v in COLOUR.items()) + """
 #detail{position:sticky;top:1em;padding:.5em;border:1px solid #333;min-height:2em;max-width:70em;
-white-space:pre-wrap;overflow-wrap:anywhere;font-family:monospace}
+max-height:90vh;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere;font-family:monospace}
 """
 
 _SCRIPT = """

@@ -40,6 +40,14 @@ def _deviations_seen(rep: dict) -> list[str]:
     return sorted(names)
 
 
+_RANK = {"error": 0, "fail": 1, "xpass": 2, "xfail": 3, "skip": 4, "pass": 5}
+
+
+def _worst_first(check: dict) -> tuple:
+    """A boot's cause (run.integrity) first, then errors, fails, ... (the report's order within)."""
+    return (check["id"] != "run.integrity", _RANK[check["status"]])
+
+
 def _cell(rep: dict, path: Path) -> dict:
     meta = rep[SWEEP_KEY]
     counts = dict.fromkeys(STATUSES, 0)
@@ -68,7 +76,7 @@ def _cell(rep: dict, path: Path) -> dict:
         "run_dir": run.get("run_dir", ""),
         "report": str(path),
         "nonpass": [{k: c[k] for k in ("id", "status", "expected", "observed", "reason")}
-                    for c in rep["checks"] if c["status"] != "pass"],
+                    for c in sorted(rep["checks"], key=_worst_first) if c["status"] != "pass"],
     }
 
 
