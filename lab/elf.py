@@ -13,6 +13,7 @@ from elftools.elf.elffile import ELFFile
 class Image:
     path: Path
     symbols: dict[str, int] = field(default_factory=dict)  # global and local, name -> address
+    bits: int = 64  # ELFCLASS: 32 for the 32-bit host kernel (its exception frames are 4-byte words)
     _segments: list[tuple[int, bytes]] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -20,6 +21,7 @@ class Image:
         img = cls(Path(path))
         with open(img.path, "rb") as fh:
             elf = ELFFile(fh)
+            img.bits = elf.elfclass
             symtab = elf.get_section_by_name(".symtab")
             for sym in symtab.iter_symbols() if symtab else ():
                 if sym.name and sym["st_info"]["type"] in ("STT_NOTYPE", "STT_FUNC", "STT_OBJECT"):

@@ -117,13 +117,13 @@ static inline void wrmsr(u32 msr, u64 v)
 {
     __asm__ volatile("wrmsr" :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
 }
-static inline u64 read_cr0(void) { u64 v; __asm__ volatile("mov %%cr0,%0" : "=r"(v)); return v; }
-static inline u64 read_cr2(void) { u64 v; __asm__ volatile("mov %%cr2,%0" : "=r"(v)); return v; }
-static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3,%0" : "=r"(v)); return v; }
-static inline u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4,%0" : "=r"(v)); return v; }
-static inline void write_cr0(u64 v) { __asm__ volatile("mov %0,%%cr0" :: "r"(v) : "memory"); }
-static inline void write_cr3(u64 v) { __asm__ volatile("mov %0,%%cr3" :: "r"(v) : "memory"); }
-static inline void write_cr4(u64 v) { __asm__ volatile("mov %0,%%cr4" :: "r"(v) : "memory"); }
+static inline u64 read_cr0(void) { unsigned long v; __asm__ volatile("mov %%cr0,%0" : "=r"(v)); return v; }
+static inline u64 read_cr2(void) { unsigned long v; __asm__ volatile("mov %%cr2,%0" : "=r"(v)); return v; }
+static inline u64 read_cr3(void) { unsigned long v; __asm__ volatile("mov %%cr3,%0" : "=r"(v)); return v; }
+static inline u64 read_cr4(void) { unsigned long v; __asm__ volatile("mov %%cr4,%0" : "=r"(v)); return v; }
+static inline void write_cr0(u64 v) { __asm__ volatile("mov %0,%%cr0" :: "r"((unsigned long)v) : "memory"); }
+static inline void write_cr3(u64 v) { __asm__ volatile("mov %0,%%cr3" :: "r"((unsigned long)v) : "memory"); }
+static inline void write_cr4(u64 v) { __asm__ volatile("mov %0,%%cr4" :: "r"((unsigned long)v) : "memory"); }
 static inline u16 read_cs(void) { u16 v; __asm__ volatile("mov %%cs,%0" : "=r"(v)); return v; }
 static inline u16 read_ss(void) { u16 v; __asm__ volatile("mov %%ss,%0" : "=r"(v)); return v; }
 static inline u64 read_rflags(void) { u64 v; __asm__ volatile("pushfq; pop %0" : "=r"(v)); return v; }
@@ -210,8 +210,13 @@ struct try_state_s { volatile u32 faulted, vector; volatile u64 error_code, rip,
 extern struct try_state_s try_state;
 void try_reset(void);
 struct exc_result try_result(void);
+#ifdef __x86_64__
 #define LAB_EXTABLE(from, to) \
     ".pushsection .extable,\"a\"\n .balign 8\n .quad " #from ", " #to "\n .popsection\n"
+#else   /* the 32-bit host kernel (arch32/): the same 16-byte entries */
+#define LAB_EXTABLE(from, to) \
+    ".pushsection .extable,\"a\"\n .balign 8\n .long " #from ", 0, " #to ", 0\n .popsection\n"
+#endif
 #define TRY_INSN(res, insn) do { \
     try_reset(); \
     __asm__ volatile("1: " insn "\n2:\n" LAB_EXTABLE(1b, 2b) \
