@@ -4,7 +4,7 @@
 #include "probe.h"
 #include "probes.gen.h"
 
-void probe_call(u64 cpl, void *rip, u64 rax, u64 rcx, u64 sysret);   /* ring.S */
+void probe_call(u64 cpl, void *rip, u64 rax, u64 rcx, u64 sysret, u64 rflags);   /* ring.S */
 extern char syscall_entry[];
 
 const char *probe_running;
@@ -12,12 +12,13 @@ static volatile int probe_active;
 static const struct probe_stub *probe_cur;
 static struct probe_result probe_res;
 
-struct probe_result probe_run(const struct probe_stub *s, int cpl, int sysret)
+struct probe_result probe_run(const struct probe_stub *s, int cpl, int sysret, u64 rflags)
 {
     memset(&probe_res, 0, sizeof(probe_res));
     probe_cur = s;
     probe_active = 1;
-    probe_call((u64)cpl, s->insn, s->rax_is_cr4 ? read_cr4() : s->rax, s->rcx, (u64)sysret);
+    u64 rax = s->rax_is_cr4 ? read_cr4() | s->rax : s->rax;   /* rax: bits to OR into CR4 */
+    probe_call((u64)cpl, s->insn, rax, s->rcx, (u64)sysret, rflags);
     probe_active = 0;
     return probe_res;
 }
@@ -57,9 +58,70 @@ static struct exc_result as_exc(const struct probe_result *r)
     return e;
 }
 
+/* WRMSR that reports a #GP instead of taking it (an MSR the CPU does not have). */
+static int wrmsr_safe(u32 msr, u64 v)
+{
+    try_reset();
+    __asm__ volatile("1: wrmsr\n2:\n" LAB_EXTABLE(1b, 2b)
+                     :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+    return try_state.faulted;
+}
+
+/* What a gate saves to restore after the probe. */
+struct gate_save { u64 value; };
+
+static u64 gate_apply(const struct probe_gate *g, int val, struct gate_save *save)
+{
+    u64 bit = 1ull << g->bit;
+    switch (g->kind) {
+    case GATE_CR4:
+        save->value = read_cr4();
+        write_cr4(val ? save->value | bit : save->value & ~bit);
+        break;
+    case GATE_MSR:
+        save->value = rdmsr(g->reg);
+        wrmsr_safe(g->reg, val ? save->value | bit : save->value & ~bit);
+        break;
+    case GATE_IOPL:
+        return (u64)(val & 3) << 12;   /* RFLAGS.IOPL of the IRETQ frame */
+    case GATE_IOMAP:
+        save->value = tss_iomap[g->reg / 8];
+        if (val)
+            tss_iomap[g->reg / 8] &= (u8)~(1u << (g->reg % 8));   /* clear: allowed */
+        else
+            tss_iomap[g->reg / 8] |= (u8)(1u << (g->reg % 8));
+        break;
+    }
+    return 0;
+}
+
+static void gate_restore(const struct probe_gate *g, const struct gate_save *save)
+{
+    if (g->kind == GATE_CR4)
+        write_cr4(save->value);
+    else if (g->kind == GATE_MSR)
+        wrmsr_safe(g->reg, save->value);
+    else if (g->kind == GATE_IOMAP)
+        tss_iomap[g->reg / 8] = (u8)save->value;
+}
+
+/* A `skip=` word names a probe, a family, or a param value (`iopl=3`). */
 static int skipped(const struct probe_row *r)
 {
-    return cmdline_list_has("skip", r->probe) || cmdline_list_has("skip", r->family);
+    if (cmdline_list_has("skip", r->probe) || cmdline_list_has("skip", r->family))
+        return 1;
+    for (int k = 0; k < 4 && r->keys[k][0]; k++) {
+        char word[40];
+        size_t n = strlen(r->keys[k]), m = strlen(r->vals[k]);
+        if (n + m + 2 > sizeof(word))
+            continue;
+        memcpy(word, r->keys[k], n);
+        word[n] = '=';
+        memcpy(word + n + 1, r->vals[k], m + 1);
+        if (cmdline_list_has("skip", word))
+            return 1;
+    }
+    return 0;
 }
 
 /* The observation, as docs/records.md spells it. */
@@ -112,13 +174,14 @@ void probes_run_table(void)
     for (int i = 0; i < PROBE_NROWS; i++) {
         const struct probe_row *r = &probe_rows[i];
         if (skipped(r)) {
-            if (strcmp(last_skip, r->probe)) {
+            if (strcmp(last_skip, r->probe)) {   /* once per run of rows of one probe */
                 rec_info_str("skipped", r->probe);
                 last_skip = r->probe;
             }
             continue;
         }
-        int cpl = r->cpl, gate = r->gate_val, run = 1;
+        last_skip = "";
+        int cpl = r->cpl, gate = r->gates[0].val, run = 1;
 #ifdef LAB_LIE_CONTEXT
         /* Negative control: runs the CPL3 RDTSC rows at CPL1 and the TSD=1 CPL0 row
          * with TSD clear, and records what the row says, not what ran. */
@@ -129,7 +192,7 @@ void probes_run_table(void)
 #endif
 #ifdef LAB_LIE_SKIP
         /* Negative control: reports `ok` for the TSD=0 RDTSC rows without running them. */
-        if (!strcmp(r->probe, "rdtsc") && r->gate_bit >= 0 && !gate)
+        if (!strcmp(r->probe, "rdtsc") && r->gates[0].kind == GATE_CR4 && !gate)
             run = 0;
 #endif
         struct probe_result res;
@@ -138,12 +201,15 @@ void probes_run_table(void)
         res.done = 1;
         probe_running = r->probe;
         if (run) {
-            u64 cr4 = read_cr4(), bit = r->gate_bit >= 0 ? 1ull << r->gate_bit : 0;
-            if (bit)
-                write_cr4(gate ? (cr4 | bit) : (cr4 & ~bit));
-            res = probe_run(&probe_stubs[r->stub], cpl, r->sysret);
-            if (bit)
-                write_cr4(cr4);
+            struct gate_save save[2];
+            u64 cr4 = read_cr4(), rflags = 0x2;   /* IF=0 */
+            for (int g = 0; g < 2; g++)
+                rflags |= gate_apply(&r->gates[g], g ? r->gates[g].val : gate, &save[g]);
+            res = probe_run(&probe_stubs[r->stub], cpl, r->sysret, rflags);
+            for (int g = 1; g >= 0; g--)
+                gate_restore(&r->gates[g], &save[g]);
+            if (read_cr4() != cr4)
+                write_cr4(cr4);   /* a stub that wrote CR4 itself (cr4-reserved) */
         }
         probe_running = 0;
         record(r, &res, bytes);

@@ -45,10 +45,11 @@ ring_entry:
 ring_return_ud2:
     ud2
 
-/* void probe_call(u64 cpl, void *rip, u64 rax, u64 rcx, u64 use_sysret)
+/* void probe_call(u64 cpl, void *rip, u64 rax, u64 rcx, u64 use_sysret, u64 rflags)
  * Saves the kernel context like ring_call, then starts a probe stub (probe.h)
  * at `rip` on ring `cpl`'s fixed stack with RAX and RCX as given: CPL0 by a
- * jump, CPL1-3 by IRETQ (or SYSRETQ to CPL3). The stub ends in a trap whose
+ * jump, CPL1-3 by IRETQ with RFLAGS as given (IF=0; the IOPL a probe asks
+ * for), or SYSRETQ to CPL3. The stub ends in a trap whose
  * handler (exc.c -> probe.c) resumes the kernel context via ring_resume, which
  * returns from this call. */
     .globl probe_call
@@ -58,6 +59,7 @@ probe_call:
     mov %rsi, %r12                  /* stub */
     mov %rdx, %r13                  /* RAX for the stub */
     mov %rcx, %r14                  /* RCX for the stub */
+    mov %r9, %r15                   /* RFLAGS for IRETQ */
     lea ring_stack_tops(%rip), %rax
     mov (%rax,%rdi,8), %r9          /* this ring's fixed stack */
     test %rdi, %rdi
@@ -74,7 +76,7 @@ probe_call:
     mov (%rax,%rdi,8), %r11         /* SS with RPL = cpl */
     pushq %r11                      /* SS */
     pushq %r9                       /* RSP */
-    pushq $0x2                      /* RFLAGS: IF=0, IOPL=0 */
+    pushq %r15                      /* RFLAGS */
     pushq %r10                      /* CS */
     pushq %r12                      /* RIP */
     mov %r13, %rax

@@ -33,6 +33,13 @@ def build_dir(variant: str) -> Path:
     return ROOT / "firmware" / "build" / ("" if variant == "normal" else variant)
 
 
+def host32_of(kernel: Path | str) -> tuple[Path, Path]:
+    """The 32-bit host kernel built next to a 64-bit one (firmware/Makefile `i386`: booted
+    when the CPU model has no long mode): (the ELF QEMU boots, the ELF with symbols)."""
+    fw = Path(kernel).parent / "i386"
+    return fw / "host.elf32", fw / "host32.elf"
+
+
 def artifacts(variant: str = "normal") -> Artifacts:
     fw = build_dir(variant)
     gb = ROOT / "guests" / "build"
@@ -55,5 +62,6 @@ def build(variant: str = "normal") -> Artifacts:
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _make(ROOT / "guests")
-        _make(ROOT / "firmware", f"PYTHON={sys.executable}", *(() if variant == "normal" else (f"VARIANT={variant}",)))
+        _make(ROOT / "firmware", f"PYTHON={sys.executable}", *(() if variant == "normal" else (f"VARIANT={variant}",)),
+              "all", "i386")  # i386: the 32-bit host for models without long mode
     return artifacts(variant)

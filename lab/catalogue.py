@@ -19,6 +19,7 @@ Adding a probe: docs/probes.md "Adding a probe".
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +42,18 @@ ENTRIES = ("iretq", "sysret")
 
 @dataclass(frozen=True)
 class Gate:
-    """A control bit that gates the instruction: set (1) or clear (0) for the probe."""
+    """A control the firmware sets around the probe, and GDB reads back at the stop:
+    cr4   a CR4 bit (GDB: CR4 at the stop)
+    msr   a bit of MSR `msr` (GDB cannot read MSRs through QEMU's gdbstub)
+    iopl  RFLAGS.IOPL of the ring the stub runs in (GDB: the RFLAGS the CPU pushed)
+    iomap the TSS I/O bitmap bit of port `bit`, 1 = allowed (GDB: the bitmap at `tss_iomap`)"""
 
-    reg: str  # "cr4" (the firmware writes it around the probe; GDB reads it at the stop)
+    reg: str
     bit: int
-    name: str  # the bit's name in the manuals, e.g. "TSD"
+    name: str  # its name in the manuals, e.g. "TSD"
     param: str  # the record param that says its value, e.g. "tsd"
-    needs: str = ""  # the CPUID feature (QOM property) without which the bit is reserved
+    needs: str = ""  # the CPUID feature without which it is reserved ("accel:x": Facts.x)
+    msr: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class Stub:
     rcx: str = ""  # what RCX holds on entry: "" or a number (e.g. a CPUID subleaf)
     continue_at: bool = False  # a #UD at probe_insn_<name> is a checkpoint: resume after it
     image: str = "host"  # "guest": the stub is in the guest kernel (guests/), not generated
+    asm32: str = ""  # the 32-bit host kernel's text when `asm` names 64-bit registers (else `asm`)
 
 
 @dataclass(frozen=True)
@@ -75,10 +82,12 @@ class Probe:
     ref: str  # Intel SDM / AMD APM section
     summary: str  # one line for the docs
     gate: Gate | None = None
+    gate2: Gate | None = None  # a second control (the I/O bitmap next to IOPL)
     needs: str = ""  # CPUID feature the instruction needs (a Facts field), e.g. "rdtscp"
     entry: str = "iretq"  # how the ring is entered (ENTRIES)
     scopes: tuple[str, ...] = ("host",)
     cpuid: tuple[int, int, str] | None = None  # (leaf, subleaf, "bytes:bdc" | "bit:c31")
+    long_mode_only: bool = False  # 64-bit mode only (SYSCALL/SYSRETQ): the 32-bit host neither has nor runs it
     witness: str = "trap"  # how GDB reads it: "trap" (an IDT stub's stop) | "entry" (a stop at the
     #                        stub's label) | "none: why" (everywhere) | per scope: {scope: ...}
 
@@ -87,6 +96,10 @@ class Probe:
         return [dict(zip(keys, (str(v) for v in combo), strict=True))
                 for combo in itertools.product(*(vals for _, vals in self.dims))]
 
+
+    @property
+    def gates(self) -> tuple[Gate, ...]:
+        return tuple(g for g in (self.gate, self.gate2) if g is not None)
 
     def witness_in(self, scope: str) -> str:
         return self.witness.get(scope, "trap") if isinstance(self.witness, dict) else self.witness
@@ -139,24 +152,23 @@ CATALOGUE: tuple[Probe, ...] = (
     Probe("cpl-enter", "ring", "enter", Stub("enter_iretq", ""), (("cpl", RINGS), ("via", ("iretq",))),
           "ring_entered", f"{REF_CPL}; {REF_IRET}", "IRETQ to ring n: the first instruction there runs at CPL n"),
     Probe("cpl-enter", "syscall", "enter", Stub("enter_sysret", ""), (("cpl", (3,)), ("via", ("sysret",))),
-          "ring_entered", f"{REF_CPL}; {REF_SYSRET}", "SYSRETQ enters CPL3", entry="sysret"),
+          "ring_entered", f"{REF_CPL}; {REF_SYSRET}", "SYSRETQ enters CPL3", entry="sysret",
+          long_mode_only=True),
     Probe("cpl-return", "ring", "return", Stub("return_ud2", ""), (("from_cpl", RINGS), ("via", ("ud2",))),
           "ring_returned", REF_EXC_RETURN, "an exception (#UD) from ring n runs its handler at CPL0"),
     Probe("cpl-return", "syscall", "return", Stub("return_syscall", "ud2\n    syscall", continue_at=True),
           (("from_cpl", RINGS), ("via", ("syscall",))),
-          "ring_returned", REF_SYSCALL, "SYSCALL from ring n reaches the LSTAR entry at CPL0"),
+          "ring_returned", REF_SYSCALL, "SYSCALL from ring n reaches the LSTAR entry at CPL0", long_mode_only=True),
     Probe("priv-insn", "priv", "outcome", Stub("hlt", "hlt"), (("insn", ("hlt",)), ("cpl", RINGS)),
           "privileged", REF_PRIV, "HLT needs CPL0"),
-    Probe("priv-insn", "priv", "outcome", Stub("cli", "cli"), (("insn", ("cli",)), ("cpl", RINGS)),
-          "iopl_sensitive", REF_CLI, "CLI needs CPL <= IOPL (IOPL=0)"),
     Probe("priv-insn", "priv", "outcome", Stub("mov_cr4", "mov %rax, %cr4", rax="cr4"),
           (("insn", ("mov-cr4",)), ("cpl", RINGS)),
           "privileged", REF_PRIV, "MOV to CR4 (its current value) needs CPL0"),
     Probe("rdtsc", "tsc", "outcome", Stub("rdtsc", "rdtsc"), (("tsd", (0, 1)), ("cpl", CPLS)),
-          "cpl_gate", REF_RDTSC, "RDTSC under CR4.TSD", gate=CR4_TSD),
+          "cpl_gate", REF_RDTSC, "RDTSC under CR4.TSD", gate=CR4_TSD, needs="tsc"),
     Probe("rdtsc", "tsc", "outcome", None, (("tsd", (1,)), ("cpl", (0,)), ("mode", ("real",))),
           "cpl_gate", f"{REF_RDTSC}; SDM Vol. 3A 20.1 (real-address mode)",
-          "RDTSC with CR4.TSD=1 in real mode (CR0.PE=0): no fault", gate=CR4_TSD,
+          "RDTSC with CR4.TSD=1 in real mode (CR0.PE=0): no fault", gate=CR4_TSD, needs="tsc",
           witness="none: runs at boot in real mode, before the IDT the witness reads frames from"),
     Probe("rdtscp", "tsc", "outcome", Stub("rdtscp", "rdtscp"), (("tsd", (0, 1)), ("cpl", CPLS)),
           "cpl_gate", REF_RDTSCP, "RDTSCP under CR4.TSD; #UD without the CPUID bit", gate=CR4_TSD,
@@ -169,6 +181,53 @@ CATALOGUE: tuple[Probe, ...] = (
           Stub("cpuid_hv_signature", "cpuid", rax="0x40000000", rcx="0"), (),
           "hv_signature", REF_HV_SIG, "CPUID 0x40000000: the hypervisor's signature",
           cpuid=(0x40000000, 0, "bytes:bcd")),
+)
+
+# -- the privilege atlas: user instructions a control forbids outside CPL0 (or CPL <= IOPL) --
+CR4_UMIP = Gate("cr4", 11, "UMIP", "umip", needs="umip")  # reserved without UMIP
+CR4_PCE = Gate("cr4", 8, "PCE", "pce")
+IOPL = Gate("iopl", 12, "IOPL", "iopl")
+IO_PORT = 0x80  # an unused port (POST codes): reading or writing it changes nothing
+IOMAP = Gate("iomap", IO_PORT, "I/O bitmap", "allow")
+CPUID_FAULTING = Gate("msr", 0, "CPUID_FAULTING", "faulting", needs="accel:cpuid-faulting", msr=0x140)
+REF_UMIP = ("SDM Vol. 3A 2.5: CR4.UMIP=1 makes SGDT, SIDT, SLDT, SMSW and STR #GP(0) at CPL>0; "
+            "SDM Vol. 2B/2A each instruction")
+REF_RESERVED = "SDM Vol. 3A 2.5 and Vol. 2A MOV to CR4: setting a reserved CR4 bit is #GP(0)"
+REF_RDPMC = ("SDM Vol. 2B RDPMC: #GP(0) if CPL>0 and CR4.PCE=0, or if ECX names no counter "
+             "(no PMU: no counter); APM Vol. 3 RDPMC")
+REF_IOPL = ("SDM Vol. 1 18.5.1, Vol. 2A CLI/STI: #GP(0) if CPL > IOPL (CR4.VME=PVI=0); IRETQ from CPL0 "
+            "loads RFLAGS.IOPL")
+REF_IO = ("SDM Vol. 1 18.5.1-18.5.2, Vol. 3A 6.15 (#GP): IN/OUT at CPL > IOPL need the port's bit clear in "
+          "the TSS I/O permission bitmap, else #GP(0)")
+REF_CPUID_FAULT = ("Intel SDM Vol. 4 2.17: MSR_PLATFORM_INFO 0xCE[31] offers CPUID faulting, "
+                   "MSR_MISC_FEATURES_ENABLES 0x140[0] enables it: CPUID at CPL>0 is then #GP(0)")
+_NO_MSR = "none: GDB cannot read MSR 0x140 (the gate) through QEMU's gdbstub"
+
+CATALOGUE += tuple(
+    Probe(name, "umip", "outcome", Stub(name, asm), (("umip", (0, 1)), ("cpl", CPLS)), "cpl_gate", REF_UMIP,
+          f"{name.upper()} under CR4.UMIP", gate=CR4_UMIP)
+    for name, asm in (("sgdt", "sgdt -16(%rsp)"), ("sidt", "sidt -16(%rsp)"), ("sldt", "sldt %ax"),
+                      ("smsw", "smsw %ax"), ("str", "str %ax"))
+) + (
+    Probe("cr4-reserved", "cr4-reserved", "outcome", Stub("mov_cr4_umip", "mov %rax, %cr4", rax="cr4|0x800"),
+          (("bit", ("umip",)), ("cpl", (0,))), "cr4_reserved", REF_RESERVED,
+          "setting CR4.UMIP: allowed with UMIP, a reserved bit without"),
+    Probe("rdpmc", "pmc", "outcome", Stub("rdpmc", "rdpmc", rcx="0"),
+          (("counter", (0,)), ("pce", (0, 1)), ("cpl", CPLS)), "rdpmc", REF_RDPMC,
+          "RDPMC of counter 0 under CR4.PCE", gate=CR4_PCE),
+    Probe("cpuid", "cpuid-faulting", "outcome", Stub("cpuid_fault", "cpuid", rax="0", rcx="0"),
+          (("faulting", (0, 1)), ("cpl", CPLS)), "cpl_gate", REF_CPUID_FAULT, "CPUID under CPUID faulting",
+          gate=CPUID_FAULTING, witness=_NO_MSR),
+    Probe("iopl-insn", "iopl", "outcome", Stub("cli", "cli"), (("insn", ("cli",)), ("iopl", (0, 3)), ("cpl", RINGS)),
+          "iopl_sensitive", REF_IOPL, "CLI against RFLAGS.IOPL", gate=IOPL),
+    Probe("iopl-insn", "iopl", "outcome", Stub("sti", "sti"), (("insn", ("sti",)), ("iopl", (0, 3)), ("cpl", RINGS)),
+          "iopl_sensitive", REF_IOPL, "STI against RFLAGS.IOPL", gate=IOPL),
+    Probe("io", "io", "outcome", Stub("inb", f"inb ${IO_PORT:#x}, %al"),
+          (("insn", ("in",)), ("iopl", (0, 3)), ("allow", (0, 1)), ("cpl", RINGS)), "io_allowed", REF_IO,
+          f"IN from port {IO_PORT:#x} against IOPL and the TSS I/O bitmap", gate=IOPL, gate2=IOMAP),
+    Probe("io", "io", "outcome", Stub("outb", f"outb %al, ${IO_PORT:#x}"),
+          (("insn", ("out",)), ("iopl", (0, 3)), ("allow", (0, 1)), ("cpl", RINGS)), "io_allowed", REF_IO,
+          f"OUT to port {IO_PORT:#x} against IOPL and the TSS I/O bitmap", gate=IOPL, gate2=IOMAP),
 )
 
 
@@ -249,6 +308,12 @@ LIES = {
     "host.cpl-enter.cpl3.sysret": "0",
     "host.rdtsc.tsd1.cpl3": "ok",
     "host.cpuid-vendor.leaf0": "LieLieLieLie",
+    # one row per family of the privilege atlas, where every accelerator here faults
+    "host.sgdt.umip1.cpl3": "ok",
+    "host.rdpmc.counter0.pce0.cpl3": "ok",
+    "host.cpuid.faulting1.cpl2": "ok",
+    "host.iopl-insn.sti.iopl0.cpl3": "ok",
+    "host.io.in.iopl0.allow0.cpl3": "ok",
 }
 
 
@@ -275,13 +340,14 @@ def stubs(image: str | None = "host") -> list[Stub]:
 
 def features_needed() -> list[str]:
     """The CPUID features (QOM property names) the entries and their gates need."""
-    return sorted({f for p in CATALOGUE for f in (p.needs, p.gate.needs if p.gate else "") if f})
+    return sorted({f for p in CATALOGUE for f in (p.needs, *(g.needs for g in p.gates))
+                   if f and not f.startswith("accel:")})
 
 
 def gate_skips(has) -> list[str]:
     """Families the firmware must not run on a CPU without their gate's feature: setting a
     reserved CR4 bit is a #GP(0) at CPL0 (SDM Vol. 3A 2.5). `has(feature) -> bool`."""
-    return sorted({p.family for p in CATALOGUE if p.gate and p.gate.needs and not has(p.gate.needs)})
+    return sorted({p.family for p in CATALOGUE for g in p.gates if g.needs and not has(g.needs)})
 
 
 def by_stub(name: str) -> list[Probe]:
@@ -300,15 +366,32 @@ def _c_num(s: str) -> str:
     return s if s else "0"
 
 
-def firmware_sources() -> dict[str, str]:
+_GATE_C = {"cr4": "GATE_CR4", "msr": "GATE_MSR", "iopl": "GATE_IOPL", "iomap": "GATE_IOMAP"}
+
+
+def _c_gate(g: Gate, value: str) -> str:
+    reg = g.msr if g.reg == "msr" else g.bit if g.reg == "iomap" else 0
+    bit = g.bit if g.reg in ("cr4", "msr") else 0
+    return f"{{ {_GATE_C[g.reg]}, {reg:#x}, {bit}, {int(value)} }}"
+
+
+def to_32bit(asm: str) -> str:
+    """A stub's text for the 32-bit host: 64-bit register names become their 32-bit halves
+    (%rsp -> %esp, %rax -> %eax), so one entry serves both kernels; `Stub.asm32` overrides."""
+    return re.sub(r"%r([abcd]x|sp|bp|si|di)\b", r"%e\1", asm)
+
+
+def firmware_sources(bits: int = 64) -> dict[str, str]:
     """`probes.gen.S` (one stub per probed instruction, each with its two labels) and
-    `probes.gen.h` (the row table the firmware iterates)."""
+    `probes.gen.h` (the row table the firmware iterates). `bits=32`: the same table with
+    the stubs' 32-bit text (`Stub.asm32`) for the 32-bit host kernel (firmware/arch32)."""
     asm = ["/* Generated from lab/catalogue.py by `python3 -m lab.catalogue`: do not edit. */",
            '#include "asm.h"', "    .text"]
     for s in stubs():
         asm += [f"    .globl probe_insn_{s.name}, probe_done_{s.name}", "    .balign 16",
                 f"probe_insn_{s.name}:"]
-        asm += [f"    {line.strip()}" for line in s.asm.splitlines() if line.strip()]
+        text = (s.asm32 or to_32bit(s.asm)) if bits == 32 else s.asm
+        asm += [f"    {line.strip()}" for line in text.splitlines() if line.strip()]
         asm += [f"probe_done_{s.name}:", "    ud2"]
     h = ["/* Generated from lab/catalogue.py by `python3 -m lab.catalogue`: do not edit. */",
          "#ifndef PROBES_GEN_H", "#define PROBES_GEN_H", '#include "probe.h"', ""]
@@ -316,34 +399,36 @@ def firmware_sources() -> dict[str, str]:
         h.append(f"extern char probe_insn_{s.name}[], probe_done_{s.name}[];")
     h += ["", "static const struct probe_stub probe_stubs[] = {"]
     for s in stubs():
-        rax_cr4 = s.rax == "cr4"
+        rax_cr4 = s.rax.startswith("cr4")  # "cr4" or "cr4|BITS": the current CR4, BITS set
+        rax = s.rax.partition("|")[2] if rax_cr4 else s.rax
         h.append(f"    {{ probe_insn_{s.name}, probe_done_{s.name}, {int(rax_cr4)}, "
-                 f"{_c_num('' if rax_cr4 else s.rax)}, {_c_num(s.rcx)}, {int(s.continue_at)} }},")
+                 f"{_c_num(rax)}, {_c_num(s.rcx)}, {int(s.continue_at)} }},")
     h += ["};", f"#define PROBE_NSTUBS {len(stubs())}", "", "static const struct probe_row probe_rows[] = {"]
     index = {s.name: i for i, s in enumerate(stubs())}
-    for r in table_rows():
+    table = [r for r in table_rows() if bits == 64 or not r.entry.long_mode_only]
+    for r in table:
         p = r.entry
         keys = list(r.params)
         vals = [r.params[k] for k in keys]
         keys += [""] * (4 - len(keys))
         vals += [""] * (4 - len(vals))
-        gate = p.gate
+        gates = [_c_gate(g, r.params[g.param]) for g in p.gates] + ["{ GATE_NONE, 0, 0, 0 }"] * (2 - len(p.gates))
         leaf, subleaf, decode = p.cpuid or (0, 0, "")
         lie = LIES.get(r.id, "")
         h.append(
             f"    {{ {_c_str(r.scope)}, {_c_str(p.probe)}, {_c_str(p.family)}, {_KIND_C[p.kind]}, "
             f"{index[p.stub.name]}, {r.cpl}, {int(p.entry == 'sysret')}, "
             f"{{ {', '.join(_c_str(k) for k in keys)} }}, {{ {', '.join(_c_str(v) for v in vals)} }}, "
-            f"{gate.bit if gate else -1}, {r.gate_value if gate else 0}, "
+            f"{{ {', '.join(gates)} }}, "
             f"{_c_str(decode)}, {_c_str(lie)} }},"
         )
-    h += ["};", f"#define PROBE_NROWS {len(table_rows())}", "", "#endif", ""]
+    h += ["};", f"#define PROBE_NROWS {len(table)}", "", "#endif", ""]
     return {"probes.gen.S": "\n".join(asm) + "\n", "probes.gen.h": "\n".join(h)}
 
 
-def write_firmware_sources(out_dir: Path) -> None:
+def write_firmware_sources(out_dir: Path, bits: int = 64) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in firmware_sources().items():
+    for name, text in firmware_sources(bits).items():
         path = out_dir / name
         if not path.exists() or path.read_text() != text:  # keep make's timestamps when unchanged
             path.write_text(text)
@@ -357,7 +442,7 @@ def markdown_table() -> str:
         if p.kind == "count":
             continue
         dims = ", ".join(f"{k} {'/'.join(str(v) for v in vals)}" for k, vals in p.dims) or "-"
-        gate = f" (gate CR4.{p.gate.name})" if p.gate else ""
+        gate = "".join(f" (gate {'CR4.' if g.reg == 'cr4' else ''}{g.name})" for g in p.gates)
         needs = f"; needs CPUID `{p.needs}`" if p.needs else ""
         where = "" if p.scopes == ("host",) else f" ({', '.join(p.scopes)})"
         out.append(f"| `{p.probe}`{where} | {dims} | {p.summary}{gate}{needs} | {p.ref} |")
@@ -381,5 +466,7 @@ if __name__ == "__main__":  # make: python3 -m lab.catalogue OUT_DIR; docs: --do
             (root / name).write_text(docs_text((root / name).read_text()))
     elif len(sys.argv) == 2:
         write_firmware_sources(Path(sys.argv[1]))
+    elif len(sys.argv) == 3 and sys.argv[2] == "--bits=32":
+        write_firmware_sources(Path(sys.argv[1]), 32)
     else:
-        sys.exit("usage: python3 -m lab.catalogue OUT_DIR | --docs")
+        sys.exit("usage: python3 -m lab.catalogue OUT_DIR [--bits=32] | --docs")

@@ -25,7 +25,8 @@ DEFAULT_SIGNATURE = "LabRingMinus"
 FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "kvm-internal")
 # Probes the firmware leaves out when asked with `skip=`: a probe name or a family of the
 # catalogue's table (firmware/probe.c matches either; lab/catalogue.py).
-SKIP_WORDS = tuple(sorted({w for r in catalogue.table_rows() for w in (r.probe, r.entry.family)}))
+SKIP_WORDS = tuple(sorted({w for r in catalogue.table_rows()
+                           for w in (r.probe, r.entry.family, *(f"{k}={v}" for k, v in r.params.items()))}))
 _BOOL = ("0", "1")
 
 # The kernel command line keys `--kernel-arg` accepts: the one list of them (firmware/README.md
@@ -72,6 +73,7 @@ class RunConfig:
     hv_signature: str = DEFAULT_SIGNATURE
     host_mode: str = "auto"
     guest_symbols: Path | None = None
+    prebooted: bool = False  # lab.runner.preboot() decided it from the model's facts
 
     def __post_init__(self) -> None:
         if self.accel not in ENGINES:

@@ -32,6 +32,8 @@ class Facts:
     hypervisor: bool
     vmx: bool = False  # CPUID.1:ECX[5]: Intel VMX (Bochs' Intel models; lab/bochs.py)
     syscall: bool = True  # QOM `syscall`: SYSCALL/SYSRET in 64-bit mode (CPUID 0x80000001 EDX[11])
+    tsc: bool = True  # QOM `tsc`: RDTSC exists (CPUID.1:EDX[4])
+    long_mode: bool = True  # QOM `lm` (CPUID 0x80000001 EDX[29]); without it the lab boots its 32-bit host
     expose_kvm: bool = True
     tcg_cpuid: bool = True
     hv_signature: str = "LabRingMinus"
@@ -42,6 +44,8 @@ class Facts:
     def has(self, feature: str) -> bool:
         """A CPUID feature by its QOM property name (`rdtscp`, `umip`, `pmu`, ...): what a
         catalogue entry's `needs` names."""
+        if feature.startswith("accel:"):  # offered by the accelerator, not a CPUID bit
+            return bool(getattr(self, feature[6:].replace("-", "_")))
         if hasattr(self, feature) and isinstance(getattr(self, feature), bool):
             return getattr(self, feature)
         return dict(self.features).get(feature, False)
@@ -57,6 +61,8 @@ class Facts:
             svm=bool(qom.get("svm", False)),
             hypervisor=bool(qom.get("hypervisor", False)),
             syscall=bool(qom.get("syscall", True)),
+            tsc=bool(qom.get("tsc", True)),
+            long_mode=bool(qom.get("lm", True)),
             expose_kvm=bool(qom.get("kvm", True)),
             tcg_cpuid=bool(qom.get("tcg-cpuid", True)),
             hv_signature=hv_signature,
@@ -81,8 +87,9 @@ class Facts:
         by MSR_MISC_FEATURES_ENABLES 0x140 bit 0, Intel SDM Vol. 4 2.17). KVM emulates it for every
         guest whatever the vendor (arch/x86/kvm: CPUID always exits to KVM, which injects #GP(0)
         at CPL>0 when it is enabled); QEMU 7.2's TCG does not implement either MSR. The rule holds
-        at every CPL>0 on kvm_intel and kvm_amd; kvm_pvm does not fault at CPL3 (its user mode
-        runs CPUID without an exit): lab/deviations.py names that where a probe runs CPUID at CPL3."""
+        at every CPL>0 on kvm_intel and kvm_amd; kvm_pvm faulted at CPL1-3 on this project's
+        machine (the host.cpuid.faulting rows; docs/platform.md has an earlier host where CPL3
+        did not)."""
         return self.accel == "kvm"
 
     @property
@@ -165,9 +172,17 @@ def hv_signature(facts: Facts, info: dict[str, str] | None = None) -> str:
     return top if top is not None else "the highest basic leaf's data (info cpuid.top missing)"
 
 
+# A model without long mode boots the 32-bit host kernel (firmware/README.md "The 32-bit host").
+NO_HV_32 = "the 32-bit host kernel (no long mode: QOM lm=false) runs no hypervisor (info hv=none)"
+LONG_MODE_ONLY = ("runs in 64-bit mode only (SDM Vol. 2B SYSCALL/SYSRET: SYSRETQ and the lab's SYSCALL probes "
+                  "are 64-bit); the host kernel is 32-bit (no long mode: QOM lm=false)")
+
+
 def _guest_skip(facts: Facts, scope: str) -> str | None:
     """Why a guest scope does not run in this configuration (None: it runs)."""
     host = scope.removeprefix("guest-")
+    if not facts.long_mode:
+        return NO_HV_32
     if host == "svm" and not facts.svm:
         if facts.accel == "kvm":
             return f"no SVM under KVM ({facts.kvm_module or 'unknown module'} gives its guests no SVM)"
@@ -188,12 +203,16 @@ def _guest_skip(facts: Facts, scope: str) -> str | None:
 def _skip(facts: Facts, row: Row) -> str | None:
     if row.scope != "host":
         return _guest_skip(facts, row.scope)
+    if row.entry.long_mode_only and not facts.long_mode:
+        return LONG_MODE_ONLY
     if row.entry.family == "syscall" and not facts.syscall:
         return "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)"
-    gate = row.entry.gate
-    if gate and gate.needs and not facts.has(gate.needs):
-        return (f"CR4.{gate.name} is reserved on this CPU model (no `{gate.needs}`: setting it is a #GP(0), "
-                "SDM Vol. 3A 2.5): not run")
+    for gate in row.entry.gates:
+        if gate.needs.startswith("accel:") and not facts.has(gate.needs):
+            return f"{facts.accel} does not offer {gate.needs[6:]} ({gate.name}): not run"
+        if gate.needs and not facts.has(gate.needs):
+            return (f"CR4.{gate.name} is reserved on this CPU model (no `{gate.needs}`: setting it is a #GP(0), "
+                    "SDM Vol. 3A 2.5): not run")
     return None
 
 
@@ -218,7 +237,15 @@ RULES = {
     "guest_entered": lambda f, s, p, i: p["cpl"],  # VMRUN/VM entry: its own CPL0; soft: CPL1
     "guest_returned": lambda f, s, p, i: "1" if _soft(s) else "0",  # the guest kernel's CPL
     "privileged": lambda f, s, p, i: privileged(p["insn"], int(p["cpl"])),
-    "iopl_sensitive": lambda f, s, p, i: privileged(p["insn"], int(p["cpl"])),
+    # CLI/STI: #GP(0) iff CPL > IOPL (SDM Vol. 2A CLI/STI, CR4.VME=PVI=0).
+    "iopl_sensitive": lambda f, s, p, i: "#GP(0)" if int(p["cpl"]) > int(p.get("iopl", 0)) else "ok",
+    # IN/OUT: CPL <= IOPL, or the port's bit clear in the TSS I/O bitmap (SDM Vol. 1 18.5).
+    "io_allowed": lambda f, s, p, i: "ok" if int(p["cpl"]) <= int(p["iopl"]) or p["allow"] == "1" else "#GP(0)",
+    # RDPMC: #GP(0) at CPL>0 with CR4.PCE=0; else counter 0 exists only with a PMU (QOM `pmu`).
+    "rdpmc": lambda f, s, p, i: ("#GP(0)" if int(p["cpl"]) > 0 and p["pce"] == "0"
+                                 else "ok" if f.has("pmu") else "#GP(0)"),
+    # MOV to CR4 setting a feature's bit: allowed with the feature, reserved (#GP(0)) without.
+    "cr4_reserved": lambda f, s, p, i: "ok" if f.has(p["bit"]) else "#GP(0)",
     "vendor": lambda f, s, p, i: vendor_bytes(f.vendor),
     "hv_bit": lambda f, s, p, i: "1" if f.hypervisor else "0",
     "hv_signature": lambda f, s, p, i: hv_signature(f, i),

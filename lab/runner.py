@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, catalogue, deviations, report
-from .build import ROOT, Artifacts
+from .build import ROOT, Artifacts, host32_of
 from .config import BOCHS, ConfigError, Module, RunConfig
 from .expectations import Facts, plan
 from .hostinfo import KvmStatus, kvm_status, qemu_version
@@ -109,7 +109,7 @@ def new_run_root(base: Path | None = None, keep: int | None = None) -> Path:
 
 
 # -- before any boot: what QEMU says the CPU model is ---------------------------------------
-NO_LONG_MODE = "no long mode (CPUID 0x80000001 EDX[29]); the host kernel is 64-bit"
+NO_LONG_MODE = "no long mode (CPUID 0x80000001 EDX[29]); the host kernel is 64-bit"  # Bochs (lab/bochs.py)
 # The firmware's `skip=` word for the SYSCALL/SYSRET probes (their family in lab/catalogue.py).
 SKIP_SYSCALL = "syscall"
 
@@ -135,9 +135,13 @@ def preboot(cfg: RunConfig) -> PreBoot:
     except BootError as exc:
         raise ConfigError(f"QEMU cannot start {cfg.label}: {exc}") from None
     if not facts.get("lm", True):
-        # SDM Vol. 3A "Initializing IA-32e Mode", APM Vol. 2 14.6: long mode needs CPUID.80000001H:EDX.LM[29];
-        # the multiboot entry enables it before anything else runs.
-        return PreBoot(cfg, facts, skip=NO_LONG_MODE)
+        # SDM Vol. 3A 9.8.5, APM Vol. 2 14.6: long mode needs CPUID.80000001H:EDX.LM[29]. Without it the
+        # 32-bit host kernel boots (firmware/arch32): the same probes in protected mode, no hypervisor
+        # (its guest scopes and the 64-bit-only rows are skips: lab/expectations.py).
+        kernel, symbols = host32_of(cfg.kernel)
+        if not (kernel.is_file() and symbols.is_file()):
+            raise ConfigError(f"{cfg.label} has no long mode and {kernel} does not exist: build it first (invoke build)")
+        cfg = dataclasses.replace(cfg, kernel=kernel, symbols=symbols, modules=(), guest_symbols=None)
     # APM Vol. 2 15.4: EFER.SVME can be set only if CPUID Fn8000_0001_ECX[SVM] = 1; SDM Vol. 3C
     # 23.6: VMXON needs CPUID.1:ECX.VMX[5] = 1. A host the CPU cannot run is the user's error.
     for mode, where, example in (("svm", "CPUID 0x80000001 ECX[2]", "TCG: qemu64,+svm"),
@@ -154,10 +158,13 @@ def preboot(cfg: RunConfig) -> PreBoot:
         # skips with that reason: lab/expectations.py, from the same QOM property).
         cfg = dataclasses.replace(cfg, kernel_args=with_skips(cfg.kernel_args, [SKIP_SYSCALL]))
     # A gate bit the model lacks is reserved: its probes are skips (lab/catalogue.py gate_skips).
-    gated = catalogue.gate_skips(lambda feature: bool(facts.get(feature, False)))
+    # So is a probe a known deviation of this accelerator on this model would hang.
+    model = Facts.from_qemu(cfg.accel, None, facts, hv_signature=cfg.hv_signature, host_mode=cfg.host_mode)
+    module = kvm_status().module if cfg.accel == "kvm" else None
+    gated = catalogue.gate_skips(model.has) + deviations.skipped_probes(cfg.accel, module, model.has)
     if gated:
         cfg = dataclasses.replace(cfg, kernel_args=with_skips(cfg.kernel_args, gated))
-    return PreBoot(cfg, facts)
+    return PreBoot(dataclasses.replace(cfg, prebooted=True), facts)
 
 
 def preboot_all(cfgs: list[RunConfig]) -> list[PreBoot]:
@@ -219,6 +226,14 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         run_dir.mkdir(parents=True, exist_ok=True)
         return bochs.run_one(cfg, run_dir, cancel)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.prebooted:  # the model's facts decide what the firmware must not run
+        try:
+            pre = preboot(cfg)
+        except ConfigError as exc:
+            return _error_outcome(RunOutcome(cfg, run_dir, []), kvm, str(exc))
+        if pre.skip:
+            return RunOutcome(pre.cfg, run_dir, [not_run_check(pre)])
+        cfg = pre.cfg
     outcome = RunOutcome(cfg, run_dir, [])
     gdb_port = free_tcp_port() if witness in ("gdb", "both") else None
     gdb = None

@@ -83,6 +83,7 @@ class Watch:
     error_code: bool = False
     hw: bool = False
     ends: tuple[str, ...] = ()
+    mem: tuple[tuple[str, int], ...] = ()  # (ELF symbol, offset): a byte to read at each stop
 
     def spec(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, (), False) or k == "kind"}
@@ -169,7 +170,10 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
             need[v] = need.get(v, 0) + 1
     ranked = sorted(need, key=lambda v: (-need[v], v))
     vectors = sorted(ranked[: caps.hw_slots - 1] if hw else ranked)
-    watches = [Watch("isr_stub_3_exc" if v == 3 else f"isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw)
+    # Controls that live in memory the CPU consults (the TSS I/O bitmap) are read at each stop.
+    mem = tuple(sorted({("tss_iomap", g.bit // 8) for e in entries.values() for g in e.gates if g.reg == "iomap"}))
+    watches = [Watch("isr_stub_3_exc" if v == 3 else f"isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw,
+                     mem=mem)
                for v in vectors]
     # The host's probe phase ends at hv_main: its stubs go there, unless a guest under the
     # software host (which traps into the same stubs) is to be witnessed too.
@@ -217,14 +221,18 @@ def stubs_of(image: Image, which: str = "host") -> dict[str, Stub]:
     return out
 
 
-def _frame(stop: dict) -> dict | None:
-    """The frame the CPU pushed on the stack at an IDT stub (SDM Vol. 3A 6.14.1, 64-bit)."""
+def _frame(stop: dict, word: int = 8) -> dict | None:
+    """The frame the CPU pushed on the stack at an IDT stub: [error code,] RIP, CS, RFLAGS,
+    RSP, SS as 8-byte words (64-bit mode, SDM Vol. 3A 6.14.1), or EIP, CS, EFLAGS as 4-byte
+    words with ESP, SS only from CPL>0 (`word=4`: the 32-bit host, SDM Vol. 3A 6.12.1)."""
     if not stop.get("stack"):
         return None
     raw = bytes.fromhex(stop["stack"])
-    off = 8 if x86.EXC_WITH_ERROR_CODE.__contains__(stop["vector"]) else 0
-    err = int.from_bytes(raw[0:8], "little") if off else 0
-    rip, cs, rflags, rsp, ss = (int.from_bytes(raw[off + 8 * i:off + 8 * i + 8], "little") for i in range(5))
+    off = word if x86.EXC_WITH_ERROR_CODE.__contains__(stop["vector"]) else 0
+    err = int.from_bytes(raw[0:word], "little") if off else 0
+    rip, cs, rflags, rsp, ss = (int.from_bytes(raw[off + word * i:off + word * (i + 1)], "little") for i in range(5))
+    if word == 4 and not cs & 3:
+        rsp = ss = None  # no stack switch: the CPU pushed neither
     return {"error_code": err, "rip": rip, "cs": cs, "rflags": rflags, "rsp": rsp, "ss": ss}
 
 
@@ -263,7 +271,7 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
             continue
         if stop.get("kind") != "trap":
             continue
-        frame = _frame(stop)
+        frame = _frame(stop, image.bits // 8)
         if frame is None:
             continue
         rip, vector = frame["rip"], stop["vector"]
@@ -311,21 +319,46 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
         for entry in catalogue.by_stub(stub.name):
             if scope not in entry.scopes or entry.witness_in(scope).startswith("none"):
                 continue
-            params, value = _params(entry, cpl, regs, frame, outcome)
+            params, value = _params(entry, cpl, regs, frame, outcome, _memory(stop, img))
             _add(out, scope, entry.probe, params, value + value_suffix, evidence)
     return out, stray
 
 
-def _params(entry: catalogue.Probe, cpl: int, regs: dict, frame: dict, outcome: str):
-    """An entry's params from the CPU: `cpl`/`from_cpl` from the pushed CS, the gate from CR4,
-    fixed words (insn, via, leaf) from the entry. Returns (None, _) if the stop cannot be this
-    entry's (e.g. an `enter` stub reached by the other way in)."""
+def gate_value(gate: catalogue.Gate, regs: dict, frame: dict, memory: dict[int, int]) -> int | None:
+    """A control as the CPU had it at the trap: a CR4 bit from CR4, IOPL from the RFLAGS the CPU
+    pushed, an I/O bitmap bit from the bitmap the CPU consults (`memory`: address -> byte read
+    at the stop; 1 = the port is allowed). None for what GDB cannot read (MSRs)."""
+    if gate.reg == "cr4":
+        return regs["cr4"] >> gate.bit & 1
+    if gate.reg == "iopl":
+        return frame["rflags"] >> 12 & 3
+    if gate.reg == "iomap" and "tss_iomap" in memory:
+        byte = memory.get(memory["tss_iomap"] + gate.bit // 8)
+        return None if byte is None else 1 - (byte >> (gate.bit % 8) & 1)
+    return None
+
+
+def _memory(stop: dict, image: Image) -> dict[int, int]:
+    """The bytes the collector read at this stop (address -> byte), with the ELF's address of
+    the I/O bitmap under "tss_iomap"."""
+    out = {int(a): int(b, 16) for a, b in (stop.get("mem") or {}).items()}
+    if "tss_iomap" in image.symbols:
+        out["tss_iomap"] = image.symbols["tss_iomap"]
+    return out
+
+
+def _params(entry: catalogue.Probe, cpl: int, regs: dict, frame: dict, outcome: str,
+            memory: dict[int, int] | None = None):
+    """An entry's params from the CPU: `cpl`/`from_cpl` from the pushed CS, each gate as the CPU
+    had it (gate_value), fixed words (insn, via, leaf) from the entry."""
     params: dict[str, str] = {}
+    gates = {g.param: g for g in entry.gates}
     for key, values in entry.dims:
         if key in ("cpl", "from_cpl"):
             params[key] = str(cpl)
-        elif entry.gate is not None and key == entry.gate.param:
-            params[key] = str(regs[entry.gate.reg] >> entry.gate.bit & 1)
+        elif key in gates:
+            value = gate_value(gates[key], regs, frame, memory or {})
+            params[key] = "?" if value is None else str(value)
         elif len(values) == 1:
             params[key] = str(values[0])
         else:
@@ -421,7 +454,12 @@ class GdbWitness:
         self.prepare()
         try:
             self._gdb.connect(self.gdb_addr)
-            config = {"out": str(self.stops_path), "watches": [w.spec() for w in plan.watches]}
+            image = Image.load(self.host_elf)
+            specs = [w.spec() for w in plan.watches]
+            for spec in specs:  # ELF symbols -> addresses for the collector's memory reads
+                if "mem" in spec:
+                    spec["mem"] = [image.symbols[sym] + off for sym, off in spec["mem"] if sym in image.symbols]
+            config = {"out": str(self.stops_path), "watches": specs, "word": image.bits // 8}
             self._gdb.console("python lab_collect_start(" + repr(json.dumps(config)) + ")")
             self._gdb.cont()
         except BaseException:

@@ -16,11 +16,10 @@ from lab.build import ROOT, build_dir
 from lab.expectations import Facts, plan
 
 ENTRY = '''
-CR4_UMIP = Gate("cr4", 11, "UMIP", "umip", needs="umip")
 CATALOGUE += (
-    Probe("sgdt", "umip", "outcome", Stub("sgdt", "sgdt -16(%rsp)"), (("umip", (0, 1)), ("cpl", CPLS)),
-          "cpl_gate", "SDM Vol. 3A 2.5 (CR4.UMIP); SDM Vol. 2B SGDT", "SGDT under CR4.UMIP",
-          gate=CR4_UMIP, needs="umip"),
+    Probe("smsw-mem", "smsw-mem", "outcome", Stub("smsw_mem", "smsw -16(%rsp)"), (("umip", (0, 1)), ("cpl", CPLS)),
+          "cpl_gate", "SDM Vol. 3A 2.5 (CR4.UMIP); SDM Vol. 2B SMSW", "SMSW to memory under CR4.UMIP",
+          gate=CR4_UMIP),
 )
 '''
 
@@ -80,7 +79,7 @@ cfg = preboot(cfg).cfg
 out = run_one(cfg, Path(sys.argv[2]), kvm, "both")
 docs = catalogue.docs_text((Path("docs") / "probes.md").read_text())
 print(json.dumps({"checks": [c.as_dict() for c in out.checks], "args": list(cfg.kernel_args),
-                  "docs": "`sgdt`" in docs}))
+                  "docs": "`smsw-mem`" in docs}))
 '''
 
 
@@ -103,7 +102,7 @@ def test_adding_a_probe_is_one_catalogue_entry(tmp_path, no_leftovers):
         return json.loads(proc.stdout.splitlines()[-1])
 
     got = run("max")  # TCG's `max` offers UMIP
-    new = {c["id"]: c for c in got["checks"] if c["probe"] == "sgdt"}
+    new = {c["id"]: c for c in got["checks"] if c["probe"] == "smsw-mem"}
     assert len(new) == 8 and got["docs"]
     for cid, c in new.items():
         want = "#GP(0)" if c["params"]["umip"] == "1" and c["params"]["cpl"] != "0" else "ok"
@@ -111,6 +110,6 @@ def test_adding_a_probe_is_one_catalogue_entry(tmp_path, no_leftovers):
         assert c["witnesses"] == {"serial": want, "gdb": want}, c  # GDB read it from the CPU
     # A model without UMIP: the bit is reserved, the firmware is told to skip the family.
     got = run("qemu64,+svm")
-    assert any(a.startswith("skip=") and "umip" in a for a in got["args"])
-    assert {c["status"] for c in got["checks"] if c["probe"] == "sgdt"} == {"skip"}
+    assert any(a.startswith("skip=") and "smsw-mem" in a for a in got["args"])
+    assert {c["status"] for c in got["checks"] if c["probe"] == "smsw-mem"} == {"skip"}
     assert not [c for c in got["checks"] if c["status"] in ("fail", "error")]

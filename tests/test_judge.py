@@ -123,7 +123,11 @@ def test_deviation_is_keyed_by_the_detected_module():
 
 def test_probes_that_would_hang_qemu_are_skipped_with_reason():
     f = facts(accel="kvm", kvm_module="kvm_pvm")
-    assert deviations.skipped_probes("kvm", "kvm_pvm") == ["rdtscp"]
+    assert deviations.skipped_probes("kvm", "kvm_pvm") == ["iopl=3", "rdtscp"]
+    # A hang that depends on the model is decided only with the model's facts.
+    assert deviations.skipped_probes("tcg", None) == []
+    assert deviations.skipped_probes("tcg", None, lambda f: False) == ["cr4-reserved"]
+    assert deviations.skipped_probes("tcg", None, lambda f: True) == []
     assert deviations.skipped_probes("tcg", "kvm_pvm") == []
     assert deviations.skipped_probes("kvm", "kvm_intel") == []
     checks = judge(f, parse_stream(honest_stream(f)))
@@ -143,3 +147,14 @@ def test_unreached_breakpoint_is_error():
     f = facts()
     e = Expectation("host", "cpuid-vendor", {"leaf": "0"}, "AuthenticAMD", "rule")
     assert judge_one(e, f, "AuthenticAMD", "unreached").status == "error"
+
+
+def test_a_deviation_applies_only_where_the_rule_expects_something_else():
+    # kvm_pvm's RDPMC is #GP(0) in every case: without a PMU the rule says #GP(0) too, so the
+    # check passes (no xpass by accident); with one the rule says `ok` and it is an xfail.
+    plain = facts(accel="kvm", kvm_module="kvm_pvm")
+    exp = next(e for e in plan(plain) if e.id == "host.rdpmc.counter0.pce1.cpl0")
+    assert exp.expected == "#GP(0)" and deviations.find(plain, exp) is None
+    pmu = facts(accel="kvm", kvm_module="kvm_pvm", features=(("pmu", True),))
+    exp = next(e for e in plan(pmu) if e.id == "host.rdpmc.counter0.pce1.cpl0")
+    assert exp.expected == "ok" and deviations.find(pmu, exp).name == "kvm_pvm-rdpmc-gp"

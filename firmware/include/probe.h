@@ -15,6 +15,15 @@ struct probe_stub {
     u8 continue_at;    /* a #UD at `insn` is a checkpoint: resume at insn+2 */
 };
 
+/* A control the probe sets around its stub (lab/catalogue.py Gate). */
+enum gate_kind { GATE_NONE, GATE_CR4, GATE_MSR, GATE_IOPL, GATE_IOMAP };
+struct probe_gate {
+    u8 kind;           /* enum gate_kind */
+    u32 reg;           /* GATE_MSR: the MSR; GATE_IOMAP: the I/O port */
+    u8 bit;            /* GATE_CR4, GATE_MSR: the bit */
+    u8 val;            /* bit value; GATE_IOPL: the IOPL; GATE_IOMAP: 1 = the port is allowed */
+};
+
 struct probe_row {
     const char *scope, *probe, *family;
     u8 kind;           /* enum probe_kind */
@@ -22,8 +31,7 @@ struct probe_row {
     u8 cpl;            /* the CPL the stub runs at */
     u8 sysret;         /* enter the ring with SYSRETQ instead of IRETQ */
     const char *keys[4], *vals[4];   /* record params, in order */
-    int gate_bit;      /* CR4 bit set/cleared for the probe, -1: none */
-    u8 gate_val;
+    struct probe_gate gates[2];
     const char *decode;/* PK_CPUID: "bytes:bdc" (EBX,EDX,ECX) or "bit:c31" */
     const char *lie;   /* the `lie` build reports this instead ("" = the truth) */
 };
@@ -41,7 +49,10 @@ struct probe_result {
 
 /* Run stub `s` at `cpl` (IRETQ, or SYSRETQ when `sysret`); returns when the
  * trap that ends it has been taken (probe.c, ring.S). */
-struct probe_result probe_run(const struct probe_stub *s, int cpl, int sysret);
+struct probe_result probe_run(const struct probe_stub *s, int cpl, int sysret, u64 rflags);
+/* The TSS I/O permission bitmap (cpu.c): ports 0-255, a set bit denies the port at
+ * CPL > IOPL (SDM Vol. 1 18.5.2); every port starts denied. */
+extern u8 tss_iomap[];
 /* Called by exc_dispatch for every exception: is it the end of the running
  * stub (its result is kept), a checkpoint inside it (f->rip moves past it), or
  * none of the stub's business? */

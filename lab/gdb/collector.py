@@ -19,7 +19,7 @@ import gdb
 
 _REGS = ("cs", "rip", "rsp", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
 _MASK = (1 << 64) - 1
-_state = {"out": None, "watches": {}}
+_state = {"out": None, "watches": {}, "word": 8}  # word: the frame's word size (4: 32-bit host)
 
 
 def _registers():
@@ -51,9 +51,12 @@ class _Watch(gdb.Breakpoint):
             stack = _memory(regs["rsp"], 48)
             stop["stack"] = stack
             if stack is not None:
-                off = 8 if spec.get("error_code") else 0
-                rip = int.from_bytes(bytes.fromhex(stack)[off:off + 8], "little")
+                word = _state["word"]
+                off = word if spec.get("error_code") else 0
+                rip = int.from_bytes(bytes.fromhex(stack)[off:off + word], "little")
                 stop["at_rip"] = _memory(rip, 16)
+            if spec.get("mem"):  # controls the CPU reads from memory (the TSS I/O bitmap)
+                stop["mem"] = {str(a): _memory(a, 1) for a in spec["mem"]}
         out = _state["out"]
         out.write(json.dumps(stop) + "\n")
         out.flush()
@@ -63,6 +66,7 @@ class _Watch(gdb.Breakpoint):
 def lab_collect_start(config_json):
     config = json.loads(config_json)
     _state["out"] = open(config["out"], "a", buffering=1)
+    _state["word"] = config.get("word", 8)
     for spec in config["watches"]:
         try:
             _state["watches"][spec["location"]] = _Watch(spec)
