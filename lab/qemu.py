@@ -10,9 +10,12 @@ instruction.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +135,47 @@ def explain(stderr: str, cpu: str) -> str:
         return (f"this KVM refuses MSR 0x10a (IA32_ARCH_CAPABILITIES) that CPU model {cpu.split(',')[0]} sets: "
                 f"run it as --cpu {cpu},-arch-capabilities")
     return ""
+
+
+def _facts_key(cfg: RunConfig) -> str | None:
+    """What QEMU's answer depends on: its binary (path, size, mtime), the accelerator, the
+    machine and model, the properties asked; under KVM also the module and the host CPU
+    (KVM filters a model's features by what the host offers)."""
+    binary = shutil.which(cfg.qemu) or cfg.qemu
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return None
+    host = ""
+    if cfg.accel == "kvm":
+        from .hostinfo import kvm_status
+
+        with contextlib.suppress(OSError):
+            cpuinfo = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+            host = hashlib.sha256(cpuinfo.encode()).hexdigest()[:16] + str(kvm_status().module)
+    return json.dumps([os.path.realpath(binary), st.st_size, st.st_mtime_ns, cfg.accel, machine_arg(cfg), cfg.cpu,
+                       CPU_PROPERTIES, host])
+
+
+def cached_cpu_model_facts(cfg: RunConfig, cache: Path) -> dict[str, object]:
+    """cpu_model_facts(), remembered in `cache` (JSON, written atomically): the answer is QEMU's
+    for that binary and model, so a second run does not start QEMU to ask again."""
+    key = _facts_key(cfg)
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key is not None and key in known:
+        return known[key]
+    facts = cpu_model_facts(cfg)
+    if key is not None:
+        known[key] = facts
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+    return facts
 
 
 def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object]:

@@ -20,7 +20,7 @@ from .config import BOCHS, ConfigError, Module, RunConfig
 from .expectations import Facts, plan
 from .hostinfo import KvmStatus, kvm_status, qemu_version
 from .judge import Check, judge
-from .qemu import BootError, BootResult, Machine, cpu_model_facts, free_tcp_port
+from .qemu import BootError, BootResult, Machine, cached_cpu_model_facts, free_tcp_port
 from .records import Transcript, parse_stream
 
 WITNESSES = ("serial", "gdb", "both")
@@ -131,7 +131,7 @@ def preboot(cfg: RunConfig) -> PreBoot:
 
         return bochs.preboot(cfg)
     try:
-        facts = cpu_model_facts(cfg)
+        facts = cached_cpu_model_facts(cfg, ROOT / "runs" / ".cache" / "cpu-facts.json")
     except BootError as exc:
         raise ConfigError(f"QEMU cannot start {cfg.label}: {exc}") from None
     if not facts.get("lm", True):

@@ -27,7 +27,7 @@ def quiet_run(tmp_path, **kw):
 
 
 def fake_facts(monkeypatch, **facts):
-    monkeypatch.setattr(runner, "cpu_model_facts", lambda cfg: dict(facts))
+    monkeypatch.setattr(runner, "cached_cpu_model_facts", lambda cfg, cache: dict(facts))
 
 
 # -- the decision, from given facts ----------------------------------------------------------
@@ -144,3 +144,19 @@ def test_msr_0x10a_abort_at_boot_names_the_fix(tmp_path, artifacts, qemu, kvm):
     proc = subprocess.run([sys.executable, "-m", "invoke", "lab.run", "--accel", "tcg", "--cpu", "Icelake-Server",
                            "--witness", "serial"], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2 and "-arch-capabilities" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_models_facts_are_asked_of_qemu_once(monkeypatch, tmp_path, artifacts, qemu, kvm):
+    from lab import qemu as qemu_mod
+
+    asked = []
+    monkeypatch.setattr(qemu_mod, "cpu_model_facts", lambda cfg: asked.append(cfg.cpu) or {"lm": True, "cpu": cfg.cpu})
+    cache = tmp_path / "cache" / "cpu-facts.json"
+    cfg = make_config("tcg", artifacts, qemu=qemu, kvm=kvm, cpu="qemu64")
+    assert qemu_mod.cached_cpu_model_facts(cfg, cache) == {"lm": True, "cpu": "qemu64"}
+    assert qemu_mod.cached_cpu_model_facts(cfg, cache) == {"lm": True, "cpu": "qemu64"}
+    assert asked == ["qemu64"]  # the second answer came from the cache
+    other = make_config("tcg", artifacts, qemu=qemu, kvm=kvm, cpu="max")
+    assert qemu_mod.cached_cpu_model_facts(other, cache)["cpu"] == "max" and asked == ["qemu64", "max"]
+    cache.write_text("{not json")  # a damaged cache is asked again, not trusted
+    assert qemu_mod.cached_cpu_model_facts(cfg, cache)["cpu"] == "qemu64" and asked[-1] == "qemu64"
