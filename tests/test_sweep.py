@@ -180,6 +180,22 @@ def test_merge_counts_statuses_deviations_and_retries(two_folders):
     assert sweep_merge.exit_status(merged) == 1
 
 
+def test_deviations_are_named_as_the_judge_named_them(tmp_path):
+    rep = fake_report("kvm", "qemu64", [])
+    label = "kvm/microvm/qemu64"
+    rep["checks"] = [c.as_dict() for c in [
+        Check("a", "kvm", "host", "x", {}, "1", "3", "xfail", "kvm_pvm-syscall-cpl3: stays at CPL3", config=label),
+        Check("b", "kvm", "host", "y", {}, "1", "1", "xpass",
+              "known deviation kvm_pvm-rdtscp-emulation did not happen: ...", config=label),
+        Check("c", "kvm", "host", "z", {}, None, None, "skip", "no SVM: the software host runs it", config=label),
+        Check("d", "kvm", "host", "w", {}, "1", "0", "fail", "kvm_pvm-rdtsc-tsd-cpl3: not a deviation here",
+              config=label),
+    ]]
+    write(tmp_path, rep)
+    cell = sweep_merge.merge([tmp_path])["cells"]["qemu64"]["kvm"]
+    assert cell["deviations"] == ["kvm_pvm-rdtscp-emulation", "kvm_pvm-syscall-cpl3"]
+
+
 def test_a_dead_boot_is_explained_by_its_cause_not_a_wall_of_errors():
     checks = [{"id": f"host.p{i}", "status": "error", "reason": "no observation"} for i in range(40)]
     checks.append({"id": "run.integrity", "status": "error", "reason": "boot exit-code: firmware exited with code 3"})
