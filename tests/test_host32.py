@@ -143,6 +143,11 @@ def test_tcg_pentium3_passes_on_the_32_bit_host_with_both_witnesses(tmp_path, ar
     assert checks["host.priv-insn.mov-cr4.cpl2"].observed == "#GP(0)"
     for cid in ("host.rdtsc.tsd1.cpl3", "host.cpl-return.from3.ud2", "host.priv-insn.hlt.cpl1"):
         assert checks[cid].witnesses.get("gdb") == checks[cid].observed, cid  # GDB read the 32-bit frame
+    # Every host check GDB reads from a trap has its reading (the judge fails a disagreement).
+    rows = {r.id: r for r in catalogue.rows()}
+    traps = [c for c in out.checks if c.scope == "host" and c.status != "skip" and c.id in rows
+             and rows[c.id].entry.witness_in("host") == "trap"]
+    assert traps and all("gdb" in c.witnesses for c in traps), [c.id for c in traps if "gdb" not in c.witnesses]
     assert checks["host.cpl-enter.cpl3.sysret"].status == "skip"
     assert checks["host.cpl-enter.cpl3.sysret"].reason == LONG_MODE_ONLY
     guest = [c for c in out.checks if c.scope.startswith("guest-")]
