@@ -5,10 +5,14 @@
 #include "asm.h"
 
     .text
+/* Each stub starts with a 2-byte no-op (66 90): the GDB witness's breakpoint sits on it, and
+ * the witness resumes the CPU past it, which needs no single step over the breakpoint
+ * (under TCG a single step flushes QEMU's translations: docs/gdb.md). */
 .macro ISR_NOERR n
     .globl isr_stub_\n
     .balign 16
 isr_stub_\n:
+    xchg %ax, %ax
     pushq $0
     pushq $\n
     jmp isr_common
@@ -17,6 +21,7 @@ isr_stub_\n:
     .globl isr_stub_\n
     .balign 16
 isr_stub_\n:
+    xchg %ax, %ax
     pushq $\n
     jmp isr_common
 .endm
@@ -33,6 +38,7 @@ isr_stub_3:
     je rec_render_resume
     .globl isr_stub_3_exc           /* any other #BP (the GDB witness stops here) */
 isr_stub_3_exc:
+    xchg %ax, %ax
     pushq $0
     pushq $3
     jmp isr_common

@@ -110,6 +110,8 @@ static int skipped(const struct probe_row *r)
 {
     if (cmdline_list_has("skip", r->probe) || cmdline_list_has("skip", r->family))
         return 1;
+    if (r->opt_in && !cmdline_list_has("run", r->family))
+        return 1;   /* may write a bit this model reserves: only when the lab says it may */
     for (int k = 0; k < 4 && r->keys[k][0]; k++) {
         char word[40];
         size_t n = strlen(r->keys[k]), m = strlen(r->vals[k]);

@@ -83,6 +83,8 @@ class Probe:
     summary: str  # one line for the docs
     gate: Gate | None = None
     gate2: Gate | None = None  # a second control (the I/O bitmap next to IOPL)
+    opt_in: bool = False  # the firmware runs it only when told (`run=<family>`): it may write a
+    #                       bit the model reserves, which some accelerators hang on
     needs: str = ""  # CPUID feature the instruction needs (a Facts field), e.g. "rdtscp"
     entry: str = "iretq"  # how the ring is entered (ENTRIES)
     scopes: tuple[str, ...] = ("host",)
@@ -100,6 +102,11 @@ class Probe:
     @property
     def gates(self) -> tuple[Gate, ...]:
         return tuple(g for g in (self.gate, self.gate2) if g is not None)
+
+    @property
+    def runs_only_when_told(self) -> bool:
+        """Opt-in, or gated by a bit that is reserved without a CPUID feature."""
+        return self.opt_in or any(g.needs and not g.needs.startswith("accel:") for g in self.gates)
 
     def witness_in(self, scope: str) -> str:
         return self.witness.get(scope, "trap") if isinstance(self.witness, dict) else self.witness
@@ -211,7 +218,7 @@ CATALOGUE += tuple(
 ) + (
     Probe("cr4-reserved", "cr4-reserved", "outcome", Stub("mov_cr4_umip", "mov %rax, %cr4", rax="cr4|0x800"),
           (("bit", ("umip",)), ("cpl", (0,))), "cr4_reserved", REF_RESERVED,
-          "setting CR4.UMIP: allowed with UMIP, a reserved bit without"),
+          "setting CR4.UMIP: allowed with UMIP, a reserved bit without", opt_in=True),
     Probe("rdpmc", "pmc", "outcome", Stub("rdpmc", "rdpmc", rcx="0"),
           (("counter", (0,)), ("pce", (0, 1)), ("cpl", CPLS)), "rdpmc", REF_RDPMC,
           "RDPMC of counter 0 under CR4.PCE", gate=CR4_PCE),
@@ -344,6 +351,14 @@ def features_needed() -> list[str]:
                    if f and not f.startswith("accel:")})
 
 
+def run_words(has, skipped: list[str]) -> list[str]:
+    """`run=` words: the families that run only when told, and that this model may run
+    (their gate's feature present; not skipped, e.g. by a deviation that would hang)."""
+    return sorted({p.family for p in CATALOGUE if p.scopes == ("host",) and p.stub is not None
+                   and p.runs_only_when_told and p.family not in skipped
+                   and all(has(g.needs) for g in p.gates if g.needs)})
+
+
 def gate_skips(has) -> list[str]:
     """Families the firmware must not run on a CPU without their gate's feature: setting a
     reserved CR4 bit is a #GP(0) at CPL0 (SDM Vol. 3A 2.5). `has(feature) -> bool`."""
@@ -420,7 +435,7 @@ def firmware_sources(bits: int = 64) -> dict[str, str]:
             f"{index[p.stub.name]}, {r.cpl}, {int(p.entry == 'sysret')}, "
             f"{{ {', '.join(_c_str(k) for k in keys)} }}, {{ {', '.join(_c_str(v) for v in vals)} }}, "
             f"{{ {', '.join(gates)} }}, "
-            f"{_c_str(decode)}, {_c_str(lie)} }},"
+            f"{_c_str(decode)}, {_c_str(lie)}, {int(p.runs_only_when_told)} }},"
         )
     h += ["};", f"#define PROBE_NROWS {len(table)}", "", "#endif", ""]
     return {"probes.gen.S": "\n".join(asm) + "\n", "probes.gen.h": "\n".join(h)}

@@ -34,6 +34,7 @@ _BOOL = ("0", "1")
 # SKIP_WORDS). `hv-signature` and `host-mode` have their own options.
 KERNEL_ARGS: dict[str, tuple[str, ...] | None] = {
     "skip": None,
+    "run": None,  # opt-in families (lab/catalogue.py Probe.opt_in): the lab names them from the model
     "realmode": _BOOL,
     "fault": FAULT_KINDS,
     "hv-intercept-cpuid": _BOOL,

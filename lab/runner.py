@@ -164,6 +164,10 @@ def preboot(cfg: RunConfig) -> PreBoot:
     gated = catalogue.gate_skips(model.has) + deviations.skipped_probes(cfg.accel, module, model.has)
     if gated:
         cfg = dataclasses.replace(cfg, kernel_args=with_skips(cfg.kernel_args, gated))
+    # What runs only when told (it may write a reserved bit): named for this model, if it may.
+    run = catalogue.run_words(model.has, gated)
+    if run:
+        cfg = dataclasses.replace(cfg, kernel_args=(*cfg.kernel_args, f"run={','.join(run)}"))
     return PreBoot(dataclasses.replace(cfg, prebooted=True), facts)
 
 

@@ -34,6 +34,7 @@ struct probe_row {
     struct probe_gate gates[2];
     const char *decode;/* PK_CPUID: "bytes:bdc" (EBX,EDX,ECX) or "bit:c31" */
     const char *lie;   /* the `lie` build reports this instead ("" = the truth) */
+    u8 opt_in;         /* runs only when the command line says `run=<family>` */
 };
 
 /* What the CPU did when the stub ran: the exception frame of the trap that

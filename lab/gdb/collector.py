@@ -8,6 +8,7 @@ nothing: lab/witness.py turns the stops into readings. Loaded by `source`, start
 Watch kinds:
   trap  an IDT stub: the CPU just delivered `vector`. Records the registers and the stack
         the CPU pushed (error code if any, RIP, CS, RFLAGS, RSP, SS) and the bytes at RIP.
+        `skip`: the stub starts with a no-op of that many bytes; the CPU resumes past it.
   regs  a code label: records the registers there.
   end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
 """
@@ -60,6 +61,11 @@ class _Watch(gdb.Breakpoint):
         out = _state["out"]
         out.write(json.dumps(stop) + "\n")
         out.flush()
+        if spec.get("skip"):
+            # The watch sits on a no-op the lab put there for it (its bytes checked against the
+            # ELF): resuming past it is executing it, and needs no single step over the
+            # breakpoint (which under TCG flushes all of QEMU's translations).
+            gdb.execute("set $pc = %d" % (regs["rip"] + spec["skip"]), to_string=True)
         return False
 
 
