@@ -56,10 +56,13 @@ _start:
 /* ---- exception entry: the CPU pushed EIP, CS, EFLAGS (and ESP, SS from
  * CPL>0; SDM Vol. 3A 6.12.1), and the error code for 8, 10-14, 17, 21, 29, 30 ---- */
     .text
+/* Each stub starts with the 2-byte no-op (66 90) the GDB witness may resume past, as in the
+ * 64-bit kernel's isr.S (docs/gdb.md). */
 .macro ISR_NOERR n
     .globl isr_stub_\n
     .balign 16
 isr_stub_\n:
+    xchg %ax, %ax
     pushl $0
     pushl $\n
     jmp isr_common
@@ -68,6 +71,7 @@ isr_stub_\n:
     .globl isr_stub_\n
     .balign 16
 isr_stub_\n:
+    xchg %ax, %ax
     pushl $\n
     jmp isr_common
 .endm
@@ -79,6 +83,7 @@ ISR_NOERR 2
     .balign 16
 isr_stub_3:
 isr_stub_3_exc:
+    xchg %ax, %ax
     pushl $0
     pushl $3
     jmp isr_common
