@@ -181,8 +181,8 @@ def _fold_lines(folded: list[Column], short: dict[str, str], dead: set[str]) -> 
             if k == "run.integrity":
                 continue  # the boot line says how the boot ended
             reason = c["reason"]
-            if c["status"] == "error" and col.config in dead:
-                reason = "no observation: the boot died (its cause below)"
+            if col.config in dead:  # the boot's cause is what matters; skips only counted
+                reason = "no observation: the boot died (its cause below)" if c["status"] == "error" else ""
             entry = per_config.setdefault(col.config, {}).setdefault((c["status"], reason), [[], 0])
             if col not in entry[0]:
                 entry[0].append(col)
@@ -193,7 +193,7 @@ def _fold_lines(folded: list[Column], short: dict[str, str], dead: set[str]) -> 
         for (status, reason), (cols, n) in reasons.items():
             scopes = " + ".join(SCOPE_TITLE.get(c.scope, c.scope) for c in cols)
             what = "skipped" if status == "skip" else status + ("s" if n > 1 and status in ("error", "fail") else "")
-            parts.append(f"{scopes}: {n} {what}, {reason}")
+            parts.append(f"{scopes}: {n} {what}, {reason}" if reason else f"{n} {what} in {scopes.replace(' + ', ', ')}")
         status = max((st for st, _ in reasons), key=worse.index)
         lines.append((f"  {status}", Text(f"{short[config]} columns not shown: " + "; ".join(parts),
                                           style=STYLE[status])))
