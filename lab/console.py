@@ -161,6 +161,19 @@ def _scope_tables(columns: list[Column], groups) -> list[tuple[Column, Table]]:
     return out
 
 
+def _split_skipped_rows(groups, columns: list[Column]):
+    """(groups without the rows that are a skip in every column that has them, those rows
+    by group): a row of dashes says nothing the reasons below do not."""
+    kept, hidden = [], {}
+    for group, keys in groups:
+        cells = {k: [col.checks[k] for col in columns if k in col.checks] for k in keys}
+        skipped = [k for k, cs in cells.items() if cs and all(c["status"] == "skip" for c in cs)]
+        kept.append((group, [k for k in keys if k not in skipped]))
+        if skipped:
+            hidden[group] = skipped
+    return kept, hidden
+
+
 def _natural_width(console: Console, renderable) -> int:
     """The width it takes with nothing wrapped."""
     return console.measure(renderable, options=console.options.update_width(10_000)).maximum
@@ -218,6 +231,9 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
 
     folded = [] if view == "wide" else [c for c in columns if c.folded]
     shown = [c for c in columns if c not in folded]
+    hidden: dict[str, list[str]] = {}  # group -> rows skipped in every shown column
+    if view != "wide":
+        groups, hidden = _split_skipped_rows(groups, shown)
     if view == "wide":
         table = _table(shown, groups, short, wide=True)
         # Its natural width even past the terminal's (for `less -S` or a wide window).
@@ -235,7 +251,12 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
                 console.print(Text(f"{short[col.config]} {SCOPE_TITLE.get(col.scope, col.scope)}", style="bold"))
                 console.print(t)
     dead = {r["config"] for r in report["runs"] if r.get("exit") != "ok"}
-    _print_notes(console, _fold_lines(folded, short, dead))
+    notes = _fold_lines(folded, short, dead)
+    if hidden:
+        rows = ", ".join(f"{g} {len(keys)}" for g, keys in hidden.items())
+        notes.append(("  skip", Text(f"rows not shown, skipped in every column (why: below): {rows}",
+                                     style=STYLE["skip"])))
+    _print_notes(console, notes)
 
     _why_not_pass(report, console, skip_columns=folded, short=short)
     _boots(report, console)

@@ -293,3 +293,21 @@ def test_a_real_hung_boot_explains_itself_in_15_lines(tmp_path, artifacts, no_le
     assert len(text.splitlines()) <= 15, text
     assert "cause: no `end` record within 1.5 s; last serial line: @@LAB" in text
     assert "fault=hang" in text.split("last serial line:")[1].splitlines()[0]
+
+
+def test_rows_skipped_in_every_column_are_one_line(tmp_path):
+    checks = _checks("tcg", TCG) + _checks("kvm", KVM)
+    for c in checks:
+        if c.id == "host.rdtsc.tsd0.cpl2":  # skipped on both accelerators: no row
+            c.status, c.reason = "skip", "not run here"
+        if c.id == "host.rdtsc.tsd0.cpl1" and c.accel == "kvm":  # skipped on one: the row stays
+            c.status, c.reason = "skip", "not run on kvm"
+    rep = _report(checks, [_run(TCG, tmp_path / "t.log"), _run(KVM, tmp_path / "k.log")])
+    lines = [line.rstrip() for line in render(rep, 100).splitlines()]
+    rdtsc = lines.index("rdtsc")
+    rows = lines[rdtsc + 1:rdtsc + 12]
+    assert not any(r.startswith("  tsd0.cpl2 ") for r in rows), rows
+    assert any(r.startswith("  tsd0.cpl1 ") for r in rows), rows
+    assert any("rows not shown, skipped in every column" in line and "rdtsc 1" in line for line in lines)
+    assert any(line.startswith("  tsd0.cpl2 ") for line in render(rep, 100, "wide").splitlines()) is False
+    assert "rdtsc.tsd0.cpl2" in render(rep, 100, "wide")  # the wide view keeps every row
