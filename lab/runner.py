@@ -138,6 +138,9 @@ def preboot(cfg: RunConfig) -> PreBoot:
         # SDM Vol. 3A 9.8.5, APM Vol. 2 14.6: long mode needs CPUID.80000001H:EDX.LM[29]. Without it the
         # 32-bit host kernel boots (firmware/arch32): the same probes in protected mode, no hypervisor
         # (its guest scopes and the 64-bit-only rows are skips: lab/expectations.py).
+        if cfg.host_mode in ("svm", "vmx", "soft"):
+            raise ConfigError(f"--host-mode {cfg.host_mode}: {cfg.label} has no long mode, and the 32-bit host kernel "
+                              "it boots runs no hypervisor; use --host-mode auto or none")
         kernel, symbols = host32_of(cfg.kernel)
         if not (kernel.is_file() and symbols.is_file()):
             raise ConfigError(f"{cfg.label} has no long mode and {kernel} does not exist: build it first (invoke build)")

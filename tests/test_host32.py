@@ -11,6 +11,7 @@ import pytest
 
 from lab import catalogue, deviations
 from lab.build import host32_of
+from lab.config import ConfigError
 from lab.elf import Image
 from lab.expectations import LONG_MODE_ONLY, NO_HV_32, Facts, plan
 from lab.runner import make_config, preboot, run_one
@@ -129,6 +130,12 @@ def test_a_model_without_long_mode_boots_the_32_bit_host(artifacts, qemu, kvm):
     # Negative control: a model with long mode keeps the 64-bit kernel.
     pre = preboot(make_config("tcg", artifacts, qemu=qemu, kvm=kvm, cpu="qemu64"))
     assert pre.cfg.kernel == artifacts.kernel
+
+
+def test_a_forced_hypervisor_on_a_model_without_long_mode_is_the_users_error(artifacts, qemu, kvm):
+    with pytest.raises(ConfigError, match="--host-mode soft: .* no long mode"):
+        preboot(make_config("tcg", artifacts, qemu=qemu, kvm=kvm, cpu="pentium3", host_mode="soft"))
+    assert not preboot(make_config("tcg", artifacts, qemu=qemu, kvm=kvm, cpu="pentium3", host_mode="none")).skip
 
 
 @pytest.mark.tcg
