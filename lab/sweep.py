@@ -30,15 +30,14 @@ from .build import Artifacts
 from .config import ConfigError
 from .hostinfo import KvmStatus, kvm_status
 from .judge import Check
-from .runner import NO_LONG_MODE, full_report, make_config, preboot, run_one
+from .runner import full_report, make_config, preboot, run_one
 
 ENGINES = ("tcg", "kvm")
 SWEEP_KEY = "sweep"  # the per-configuration report's extra section (docs/records.md contract + this)
 _VERSIONED = re.compile(r"-v\d+$")
 
-# What the host kernel cannot run on is decided before the boot by the runner, from QOM
-# (lab/runner.py preboot: no long mode is a skip, no SYSCALL skips those probes).
-NO_LM = NO_LONG_MODE
+# What the host kernel can run on is the runner's decision from QOM before the boot
+# (lab/runner.py preboot); the sweep takes its skips as they are.
 # KVM refuses some models unless IA32_ARCH_CAPABILITIES (MSR 0x10a) is left out: QEMU aborts
 # with this line (docs/platform.md). The documented fix is the property `-arch-capabilities`.
 MSR_10A = "MSR 0x10a"
@@ -72,7 +71,7 @@ TWEAKS: tuple[Tweak, ...] = (
           ("kvm",)),
     Tweak("tcg-cpuid", "TCG's leaves at 0x40000000 hidden", "qemu64,tcg-cpuid=off", ("tcg",)),
     Tweak("lm", "long mode given to a 32-bit model", "qemu32,+lm,+syscall"),
-    Tweak("no-lm", "long mode taken away (a pre-boot skip)", "qemu64,-lm"),
+    Tweak("no-lm", "long mode taken away from a 64-bit model", "qemu64,-lm"),
     Tweak("syscall", "SYSCALL/SYSRET absent", "qemu64,-syscall"),
     Tweak("umip", "CR4.UMIP offered", "qemu64,+umip"),
     Tweak("pmu", "performance counters offered", "qemu64,pmu=on"),
