@@ -14,6 +14,7 @@ and ends when the firmware writes `Shutdown` to port 0x8900 (firmware/records.c)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -32,8 +33,9 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
+from . import catalogue, deviations
 from .build import ROOT, BuildError
-from .config import ConfigError, RunConfig
+from .config import BOCHS, ConfigError, RunConfig
 from .expectations import Facts
 from .hostinfo import ToolMissing
 from .qemu import END_RECORD, BootError, BootResult, kill_group
@@ -130,6 +132,13 @@ def model_facts(leaves: dict[int, tuple[int, int, int, int]]) -> dict[str, objec
         "rdtscp": bool(e1[3] >> 27 & 1),       # CPUID.80000001H:EDX[27]
         "lm": bool(e1[3] >> 29 & 1),           # CPUID.80000001H:EDX[29]
         "syscall": bool(e1[3] >> 11 & 1),      # CPUID.80000001H:EDX[11]
+        "tsc": bool(l1[3] >> 4 & 1),           # CPUID.1:EDX[4]
+        # CPUID.(EAX=7,ECX=0):ECX[2] (UMIP), when the model has leaf 7
+        "umip": bool(leaves.get(7, (0, 0, 0, 0))[2] >> 2 & 1) if max_basic >= 7 else False,
+        # A performance counter 0 to read: Intel's architectural PMU (CPUID.0AH:EAX[15:8] general-
+        # purpose counters, SDM Vol. 3B 20.2), or AMD's legacy PerfCtr0-3 (APM Vol. 2 13.2).
+        "pmu": (bool(leaves.get(0xA, (0, 0, 0, 0))[0] >> 8 & 0xFF) if max_basic >= 0xA else False)
+               or vendor == "AuthenticAMD",
     }
     if 0x8000000A in leaves:
         facts["npt"] = bool(leaves[0x8000000A][3] & 1)  # CPUID.8000000AH:EDX[0]
@@ -166,6 +175,7 @@ def describe(binary: str, model: str, timeout_s: float = 20.0) -> dict[str, obje
 def facts_for(cfg: RunConfig, desc: dict[str, object]) -> Facts:
     """The lab's Facts for a Bochs boot: what Bochs said the model is, and the configuration."""
     return Facts(
+        features=tuple(sorted((k, v) for k, v in desc.items() if isinstance(v, bool))),
         accel="bochs", kvm_module=None, vendor=str(desc.get("vendor", "")),
         rdtscp=bool(desc.get("rdtscp")), svm=bool(desc.get("svm")), hypervisor=bool(desc.get("hypervisor")),
         vmx=bool(desc.get("vmx")), expose_kvm=False, tcg_cpuid=False,  # Bochs defines no hypervisor leaves of its own
@@ -458,7 +468,17 @@ def preboot(cfg: RunConfig):
             raise ConfigError(f"--host-mode {mode}: Bochs model {cfg.cpu} has no {mode.upper()} ({where}); "
                               f"use --host-mode auto or soft, or a model with {mode.upper()} "
                               f"({DEFAULT_MODEL if mode == 'vmx' else SVM_MODEL})")
-    return PreBoot(cfg, desc)
+    # The same decisions the QEMU configurations get (lab/runner.py preboot): families whose
+    # control the model reserves are not run, the ones that run only when told are named.
+    from .runner import with_skips
+
+    model = facts_for(cfg, desc)
+    gated = catalogue.gate_skips(model.has) + deviations.skipped_probes(BOCHS, None, model.has)
+    args = with_skips(cfg.kernel_args, gated) if gated else cfg.kernel_args
+    run = catalogue.run_words(model.has, gated)
+    if run:
+        args = (*args, f"run={','.join(run)}")
+    return PreBoot(dataclasses.replace(cfg, kernel_args=args, prebooted=True), desc)
 
 
 def run_one(cfg: RunConfig, run_dir: Path, cancel: threading.Event | None = None):
@@ -468,6 +488,17 @@ def run_one(cfg: RunConfig, run_dir: Path, cancel: threading.Event | None = None
     from .records import parse_stream
     from .runner import RunOutcome
 
+    if not cfg.prebooted:  # the model's facts decide what the firmware must not run
+        from .runner import not_run_check
+
+        try:
+            pre = preboot(cfg)
+        except ConfigError as exc:
+            return RunOutcome(cfg, run_dir, [Check("run.integrity", cfg.accel, "host", "run", {}, "complete", "no boot",
+                                                   "error", str(exc), config=cfg.label)])
+        if pre.skip:
+            return RunOutcome(pre.cfg, run_dir, [not_run_check(pre)])
+        cfg = pre.cfg
     outcome = RunOutcome(cfg, run_dir, [])
     try:
         with BochsMachine(cfg, run_dir, cancel=cancel) as machine:

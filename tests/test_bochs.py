@@ -164,10 +164,15 @@ def test_firmware_exit_code_is_read_back(tmp_path, artifacts, kvm):
 
 def test_bochs_panic_is_a_clear_error(tmp_path, artifacts, kvm, monkeypatch):
     cfg = make_config("bochs", artifacts, qemu=bochs.bochs_binary(), kvm=kvm, cpu=INTEL)
+    pre = bochs.preboot(cfg).cfg  # the model decided first; the panic comes at the boot
     monkeypatch.setattr(bochs, "BIOS", tmp_path / "no-such-bios")
-    out = run_one(cfg, tmp_path / "run", kvm)
+    out = run_one(pre, tmp_path / "run", kvm)
     integrity = checks(out)["run.integrity"]
     assert integrity.status == "error" and "Bochs panic" in integrity.reason and "ROM" in integrity.reason
+    # Undecided, the same panic stops the pre-boot question, and says why just as clearly.
+    out = run_one(cfg, tmp_path / "run2", kvm)
+    integrity = checks(out)["run.integrity"]
+    assert integrity.status == "error" and "ROM" in integrity.reason
 
 
 def test_missing_binary_is_one_clear_error(monkeypatch):

@@ -69,6 +69,11 @@ def test_rdtsc_intercept_switch_changes_what_the_guest_sees(tmp_path, artifacts,
 
 
 def test_no_svm_cpu_model_skips_guest_checks_with_reason(tmp_path, artifacts, qemu, kvm):
-    c = checks(boot(tmp_path, artifacts, qemu, kvm, cpu="qemu64,-svm", host_mode="svm"))
+    # host-mode auto: the software host runs the guest, and the SVM scope says why it does not.
+    c = checks(boot(tmp_path, artifacts, qemu, kvm, cpu="qemu64,-svm"))
     guest = [v for v in c.values() if v.scope == "guest-svm"]
     assert guest and all(v.status == "skip" and "SVM" in v.reason for v in guest)
+    # Forced onto a CPU without SVM, the SVM host is refused before the boot, with the reason.
+    c = checks(boot(tmp_path / "forced", artifacts, qemu, kvm, cpu="qemu64,-svm", host_mode="svm"))
+    assert list(c) == ["run.integrity"] and c["run.integrity"].status == "error"
+    assert "--host-mode svm" in c["run.integrity"].reason and "no SVM" in c["run.integrity"].reason
