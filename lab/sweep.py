@@ -42,6 +42,8 @@ _VERSIONED = re.compile(r"-v\d+$")
 # with this line (docs/platform.md). The documented fix is the property `-arch-capabilities`.
 MSR_10A = "MSR 0x10a"
 ARCH_CAP_FIX = ",-arch-capabilities"
+# QEMU's words when it refuses a model for what the accelerator lacks ("CPU model 'host' requires KVM or HVF").
+MODEL_REQUIRES = re.compile(r"CPU model '[^']+' requires ")
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,9 @@ def _attempt(cfg: SweepConfig, cpu: str, art: Artifacts, qemu: str, kvm: KvmStat
         if retry and cfg.accel == "kvm" and MSR_10A in text and ARCH_CAP_FIX not in cpu:
             meta["retry"] = {"cpu": cpu + ARCH_CAP_FIX, "why": _qemu_words(text)}
             return None
-        if cfg.unavailable:  # QEMU listed the model as unusable on this accelerator
+        if cfg.unavailable and MODEL_REQUIRES.search(text):
+            # QEMU lists the model as unavailable here and refuses it for what it requires
+            # (`host` under TCG); any other refusal is an error.
             meta["skip"] = (f"QEMU refuses this model on {cfg.accel} (unavailable: {', '.join(cfg.unavailable)}): "
                             f"{_qemu_words(text)}")
             return _skip_report(cfg, qemu, kvm, meta["skip"], cpu)

@@ -126,6 +126,17 @@ def test_a_refusal_qemu_did_not_announce_is_an_error(tmp_path, artifacts, kvm):
     assert [c["status"] for c in sweep.bad_checks(rep)] == ["error"]
 
 
+@pytest.mark.tcg
+def test_any_other_refusal_of_a_model_with_unavailable_features_is_an_error(tmp_path, artifacts, qemu, kvm):
+    """Under KVM most models list unavailable features and still run: a refusal for any other
+    reason (here a property QEMU does not know) must not hide behind that list."""
+    cfg = sweep.SweepConfig("tcg", "qemu64,nosuchprop=on", unavailable=("pni",))
+    rep = sweep.run_config(cfg, art=artifacts, qemu=qemu, kvm=kvm, out_dir=tmp_path, witness="serial")
+    assert rep[sweep.SWEEP_KEY]["skip"] is None
+    [bad] = sweep.bad_checks(rep)
+    assert bad["status"] == "error" and "nosuchprop" in bad["reason"]
+
+
 def fake_qemu(tmp_path: Path, always: bool) -> str:
     """QEMU that aborts as KVM does on a model needing `-arch-capabilities` (QEMU's message,
     docs/platform.md), then runs the real QEMU once the fix is in the -cpu string (unless `always`)."""
