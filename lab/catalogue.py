@@ -83,6 +83,7 @@ class Probe:
     summary: str  # one line for the docs
     gate: Gate | None = None
     gate2: Gate | None = None  # a second control (the I/O bitmap next to IOPL)
+    uses: tuple[str, ...] = ()  # CPUID features (QOM names) the rule reads, e.g. "pmu"
     opt_in: bool = False  # the firmware runs it only when told (`run=<family>`): it may write a
     #                       bit the model reserves, which some accelerators hang on
     needs: str = ""  # CPUID feature the instruction needs (a Facts field), e.g. "rdtscp"
@@ -221,7 +222,7 @@ CATALOGUE += tuple(
           "setting CR4.UMIP: allowed with UMIP, a reserved bit without", opt_in=True),
     Probe("rdpmc", "pmc", "outcome", Stub("rdpmc", "rdpmc", rcx="0"),
           (("counter", (0,)), ("pce", (0, 1)), ("cpl", CPLS)), "rdpmc", REF_RDPMC,
-          "RDPMC of counter 0 under CR4.PCE", gate=CR4_PCE),
+          "RDPMC of counter 0 under CR4.PCE", gate=CR4_PCE, uses=("pmu",)),
     Probe("cpuid", "cpuid-faulting", "outcome", Stub("cpuid_fault", "cpuid", rax="0", rcx="0"),
           (("faulting", (0, 1)), ("cpl", CPLS)), "cpl_gate", REF_CPUID_FAULT, "CPUID under CPUID faulting",
           gate=CPUID_FAULTING, witness=_NO_MSR),
@@ -346,8 +347,8 @@ def stubs(image: str | None = "host") -> list[Stub]:
 
 
 def features_needed() -> list[str]:
-    """The CPUID features (QOM property names) the entries and their gates need."""
-    return sorted({f for p in CATALOGUE for f in (p.needs, *(g.needs for g in p.gates))
+    """The CPUID features (QOM property names) the entries, their rules and their gates need."""
+    return sorted({f for p in CATALOGUE for f in (p.needs, *p.uses, *(g.needs for g in p.gates))
                    if f and not f.startswith("accel:")})
 
 

@@ -88,6 +88,13 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         require_tool("gdb")
     kvm = kvm_status()
     accels, skipped = select_accels(opts.accel, kvm)
+    witness = opts.witness
+    if accels and set(accels) == {BOCHS}:
+        # Debian's Bochs has its internal debugger, not a gdbstub (docs/bochs.md): serial only.
+        if witness == "gdb":
+            raise ConfigError("--witness gdb: Bochs has no gdbstub, so GDB cannot witness it (docs/bochs.md); "
+                              "use --witness serial, or a QEMU accelerator")
+        witness = "serial"
     art = build_mod.build(opts.variant)
     cfgs = [
         make_config(a, art, qemu=bochs_mod.bochs_binary() if a == BOCHS else qemu, kvm=kvm, machine=opts.machine,
@@ -105,7 +112,7 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         run_root = new_run_root(Path(opts.runs_dir) if opts.runs_dir else None)
         skipped_checks = [Check("run.accel", a, "host", "run", {}, None, None, "skip", why, config=a)
                           for a, why in skipped] + [not_run_check(p) for p in pres if p.skip]
-        outcomes = run_matrix([p.cfg for p in booting], run_root, kvm=kvm, witness=opts.witness)
+        outcomes = run_matrix([p.cfg for p in booting], run_root, kvm=kvm, witness=witness)
     except _Terminated:
         console.print(f"[red]terminated: QEMU and GDB were stopped{_folder(run_root)}[/]")
         return 143, None
@@ -115,7 +122,7 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-    rep = full_report(outcomes, qemu, kvm, skipped_checks, opts.witness)
+    rep = full_report(outcomes, qemu, kvm, skipped_checks, witness)
     if BOCHS in {o.cfg.accel for o in outcomes} and len(outcomes) > 1:  # engines side by side (lab/differential.py)
         rep["differential"] = differential.build(rep)
     report_mod.write_json(rep, run_root / "report.json")

@@ -211,3 +211,15 @@ def test_cpuid_dump_parser_reads_each_bit_it_claims():
 
 def test_grub_words_are_quoted_literally():
     assert bochs._grub_word("hv-signature=it's$HOME") == "'hv-signature=it'\\''s$HOME'"
+
+
+def test_bochs_is_witnessed_by_the_serial_console_only(tmp_path):
+    """Debian's Bochs has no gdbstub: GDB alone cannot witness it, and a run says `serial`."""
+    from lab.cli import RunOptions, run_lab
+
+    with pytest.raises(ConfigError, match="Bochs has no gdbstub"):
+        run_lab(RunOptions(accel="bochs", witness="gdb", runs_dir=str(tmp_path), quiet=True))
+    assert not list(tmp_path.iterdir())  # refused before anything was created
+    status, rep = run_lab(RunOptions(accel="bochs", witness="both", runs_dir=str(tmp_path), quiet=True))
+    assert status == 0 and rep["witness"] == "serial"
+    assert not any("gdb" in c["witnesses"] for c in rep["checks"])
