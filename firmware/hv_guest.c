@@ -237,6 +237,18 @@ int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r)
         rec_end();
         return 0;
     }
+    case LABHC_UMIP: {                      /* the guest's UMIP probes (lab/catalogue.py) */
+        static const char *const names[] = { "sgdt", "sidt", "sldt", "smsw", "str" };
+        if (r->rdi >= 5)
+            return 0;
+        struct exc_result e = outcome(r->rcx, r->r8, r->r9, 0);
+        rec_obs_begin(c->scope, names[r->rdi]);
+        rec_u64("umip", r->rsi);
+        rec_u64("cpl", r->rdx);
+        rec_exc("obs", e);
+        rec_end();
+        return 0;
+    }
     case LABHC_RDTSC_SEEN:
         rec_obs_begin(c->scope, "rdtsc-intercepted");
         rec_u64("cpl", r->rdi);

@@ -379,10 +379,15 @@ static u64 tsc_value(struct soft_vcpu *v)
     return rdtsc() + (v->rdtsc_intercept ? LAB_TSC_MARK : 0);
 }
 
+/* The real CR4 while the guest runs: the host's, with TSD set whenever RDTSC must trap
+ * (the guest's virtual TSD, or the RDTSC intercept), and the guest's own UMIP passed
+ * through: UMIP binds only CPL>0 (SDM Vol. 3A 2.5), where the guest's user code runs, and
+ * the guest sets it only where its CPUID (the real one) offers it. */
 void soft_set_real_cr4(struct soft_vcpu *v)
 {
     int tsd = v->rdtsc_intercept || (v->cr4 & CR4_TSD);
-    write_cr4(tsd ? v->host_cr4 | CR4_TSD : v->host_cr4);
+    u64 cr4 = (tsd ? v->host_cr4 | CR4_TSD : v->host_cr4) & ~CR4_UMIP;
+    write_cr4(cr4 | (v->cr4 & CR4_UMIP));
 }
 
 static int emu_mov_cr(struct soft_vcpu *v, struct exc_frame *f, const struct insn *in)

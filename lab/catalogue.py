@@ -140,6 +140,7 @@ class Row:
 
 
 CR4_TSD = Gate("cr4", 2, "TSD", "tsd")
+GUEST_SCOPES = ("guest-svm", "guest-vmx", "guest-soft")  # the hosts that run the guest kernel
 RINGS = (1, 2, 3)
 CPLS = (0, 1, 2, 3)
 
@@ -216,6 +217,14 @@ CATALOGUE += tuple(
           f"{name.upper()} under CR4.UMIP", gate=CR4_UMIP)
     for name, asm in (("sgdt", "sgdt -16(%rsp)"), ("sidt", "sidt -16(%rsp)"), ("sldt", "sldt %ax"),
                       ("smsw", "smsw %ax"), ("str", "str %ax"))
+) + tuple(
+    # The guest kernel's own (guests/guest/entry.S): at its CPL3, under its own CR4.UMIP. The
+    # software host passes the guest's UMIP through to the real CR4 (it binds CPL>0 only).
+    Probe(name, "umip", "outcome", Stub(f"guest_{name}", asm, image="guest"), (("umip", (1, 0)), ("cpl", (3,))),
+          "cpl_gate", REF_UMIP, f"{name.upper()} at the guest's CPL3 under its own CR4.UMIP", gate=CR4_UMIP,
+          scopes=GUEST_SCOPES)
+    for name, asm in (("sgdt", "sgdt -16(%rsp)"), ("sidt", "sidt -16(%rsp)"), ("sldt", "sldt %ax"),
+                      ("smsw", "smsw %ax"), ("str", "str %ax"))
 ) + (
     Probe("cr4-reserved", "cr4-reserved", "outcome", Stub("mov_cr4_umip", "mov %rax, %cr4", rax="cr4|0x800"),
           (("bit", ("umip",)), ("cpl", (0,))), "cr4_reserved", REF_RESERVED,
@@ -240,7 +249,6 @@ CATALOGUE += tuple(
 
 
 # -- the guest kernel's probes (guests/guest), one declaration for the three hosts that run it --
-GUEST_SCOPES = ("guest-svm", "guest-vmx", "guest-soft")
 REF_GUEST_CPL_SVM = "APM Vol. 2 15.5.1: VMRUN loads the guest's CS and CPL from the VMCB: the guest runs at its own CPL0"
 REF_GUEST_CPL_VMX = ("SDM Vol. 3C 26.3.2.2: VM entry loads the guest's CS and SS from the guest-state area "
                      "(CPL = SS.DPL): the guest runs at its own CPL0")

@@ -201,7 +201,7 @@ def _guest_skip(facts: Facts, scope: str) -> str | None:
 
 
 def _skip(facts: Facts, row: Row) -> str | None:
-    if row.scope != "host":
+    if row.scope != "host" and _guest_skip(facts, row.scope):
         return _guest_skip(facts, row.scope)
     if row.entry.long_mode_only and not facts.long_mode:
         return LONG_MODE_ONLY
@@ -212,7 +212,7 @@ def _skip(facts: Facts, row: Row) -> str | None:
             return f"{facts.accel} does not offer {gate.needs[6:]} ({gate.name}): not run"
         if gate.needs and not facts.has(gate.needs):
             return (f"CR4.{gate.name} is reserved on this CPU model (no `{gate.needs}`: setting it is a #GP(0), "
-                    "SDM Vol. 3A 2.5): not run")
+                    "SDM Vol. 3A 2.5): not judged")
     return None
 
 

@@ -22,7 +22,9 @@ def soft(outcome):
 
 
 def assert_all_judged_ok(checks):
-    bad = [(c.id, c.status, c.expected, c.observed) for c in checks.values() if c.status not in ("pass", "xfail")]
+    # A model without UMIP: the guest's UMIP rows are skips that say so (lab/expectations.py).
+    bad = [(c.id, c.status, c.expected, c.observed) for c in checks.values() if c.status not in ("pass", "xfail")
+           and not (c.status == "skip" and "UMIP" in c.reason)]
     assert not bad
 
 
@@ -46,7 +48,7 @@ def test_tcg_software_host(tmp_path, artifacts, qemu, kvm, kw):
     out = boot(tmp_path, artifacts, qemu, kvm, "tcg", **kw)
     c = soft(out)
     assert_all_judged_ok(c)
-    assert all(x.status == "pass" for x in c.values())
+    assert all(x.status == "pass" for x in c.values() if "UMIP" not in x.reason)
     # No CPUID faulting under TCG: the guest sees the virtual CPU's own signature, and the
     # rule says why.
     sig = c["guest-soft.cpuid-hv-signature"]

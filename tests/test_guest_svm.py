@@ -25,7 +25,9 @@ def checks(outcome):
 def test_guest_sees_cpl0_the_lab_signature_and_its_own_tsd(tmp_path, artifacts, qemu, kvm):
     c = checks(boot(tmp_path, artifacts, qemu, kvm))
     guest = {k: v for k, v in c.items() if v.scope == "guest-svm"}
-    assert guest and all(v.status == "pass" for v in guest.values()), [
+    # qemu64,+svm has no UMIP: the guest's UMIP rows are skips that say so; the rest pass.
+    assert guest and all(v.status == "pass" or (v.status == "skip" and "UMIP" in v.reason)
+                         for v in guest.values()), [
         (v.id, v.status, v.reason) for v in guest.values() if v.status != "pass"]
     assert c["guest-svm.cpl-enter.cpl0.vmrun"].observed == "0"
     assert c["guest-svm.cpuid-hv-signature"].observed == "LabRingMinus"

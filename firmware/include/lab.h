@@ -143,6 +143,7 @@ static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1,%0" : "=a"(v) 
 #define CR0_PG (1ull << 31)
 #define CR4_TSD (1ull << 2)
 #define CR4_PAE (1ull << 5)
+#define CR4_UMIP (1ull << 11)
 #define MSR_EFER   0xC0000080
 #define MSR_STAR   0xC0000081
 #define MSR_LSTAR  0xC0000082

@@ -129,6 +129,20 @@ probe_insn_guest_enter:
 probe_done_guest_enter:
     ud2
 
+/* The UMIP instructions (SDM Vol. 3A 2.5), on the user stack. */
+.macro GUEST_UMIP_STUB name, insn
+    .globl probe_insn_guest_\name, probe_done_guest_\name
+probe_insn_guest_\name:
+    \insn
+probe_done_guest_\name:
+    ud2
+.endm
+    GUEST_UMIP_STUB sgdt, "sgdt -16(%rsp)"
+    GUEST_UMIP_STUB sidt, "sidt -16(%rsp)"
+    GUEST_UMIP_STUB sldt, "sldt %ax"
+    GUEST_UMIP_STUB smsw, "smsw %ax"
+    GUEST_UMIP_STUB str, "str %ax"
+
     .globl probe_insn_guest_rdtsc, probe_done_guest_rdtsc
 probe_insn_guest_rdtsc:
     rdtsc

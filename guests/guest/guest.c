@@ -47,6 +47,9 @@ extern const u64 guest_vec_table[32];
 extern u64 guest_gdt_tss[2];
 extern char probe_insn_guest_enter[], probe_done_guest_enter[];
 extern char probe_insn_guest_rdtsc[], probe_done_guest_rdtsc[];
+extern char probe_insn_guest_sgdt[], probe_done_guest_sgdt[], probe_insn_guest_sidt[], probe_done_guest_sidt[];
+extern char probe_insn_guest_sldt[], probe_done_guest_sldt[], probe_insn_guest_smsw[], probe_done_guest_smsw[];
+extern char probe_insn_guest_str[], probe_done_guest_str[];
 
 volatile u64 user_cs;               /* written at CPL3 by probe_insn_guest_enter */
 static struct tss64 tss __attribute__((aligned(16)));
@@ -207,6 +210,39 @@ static void probe_rdtsc(void)
     nprobes++;
 }
 
+/* SGDT/SIDT/SLDT/SMSW/STR at our CPL3 under our own CR4.UMIP (SDM Vol. 3A 2.5: #GP(0) at
+ * CPL>0 when set), where CPUID says we have UMIP (leaf 7 ECX[2]); else nothing: the
+ * bit would be reserved. */
+#define CR4_UMIP (1ull << 11)
+static void probe_umip(void)
+{
+    static char *const stubs[5][2] = {
+        { probe_insn_guest_sgdt, probe_done_guest_sgdt }, { probe_insn_guest_sidt, probe_done_guest_sidt },
+        { probe_insn_guest_sldt, probe_done_guest_sldt }, { probe_insn_guest_smsw, probe_done_guest_smsw },
+        { probe_insn_guest_str, probe_done_guest_str },
+    };
+    u32 a, b, c, d;
+    cpuid(0, &a, &b, &c, &d);
+    if (a < 7)
+        return;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    if (!(c >> 2 & 1))
+        return;
+    u64 cr4 = read_cr4();
+    for (int i = 0; i < 5; i++) {
+        for (int umip = 1; umip >= 0; umip--) {
+            write_cr4(umip ? cr4 | CR4_UMIP : cr4 & ~CR4_UMIP);
+            run_user(stubs[i][0]);
+            int completed = caught.vector == 6 && caught.rip == (u64)stubs[i][1];
+            u64 outcome = completed ? LABHC_OUTCOME_OK
+                                    : LABHC_OUTCOME_EXC | caught.vector | (caught.has_err ? LABHC_OUTCOME_ERR : 0);
+            hc(LABHC_UMIP, (u64)i, (u64)umip, 3, outcome, caught.error_code, caught.rip);
+            nprobes++;
+        }
+    }
+    write_cr4(cr4);
+}
+
 /* A VMMCALL ping (counted as an exit by an SVM host) and a HLT (intercepted:
  * the host resumes us). Neither is a probe record of its own. */
 static void touch_intercepts(void)
@@ -247,6 +283,7 @@ void guest_main(u64 entry_cs)
     probe_cpuid();
     probe_ring3();
     probe_rdtsc();
+    probe_umip();
     touch_intercepts();
     probe_cost();
     hc(LABHC_DONE, nprobes, 0, 0, 0, 0, 0);

@@ -45,6 +45,13 @@
 #define LABHC_RDTSC         0x30  /* rdi=tsd, rsi=cpl, rdx=outcome, rcx=error code,
                                      r8=fault rip, r9=frame cs */
 #define LABHC_RDTSC_SEEN    0x31  /* rdi=cpl, rsi=value rdtsc returned at CPL0 */
+#define LABHC_UMIP          0x32  /* rdi=instruction (LABHC_UMIP_*), rsi=CR4.UMIP, rdx=cpl,
+                                     rcx=outcome, r8=error code, r9=rip */
+#define LABHC_UMIP_SGDT 0
+#define LABHC_UMIP_SIDT 1
+#define LABHC_UMIP_SLDT 2
+#define LABHC_UMIP_SMSW 3
+#define LABHC_UMIP_STR  4
 #define LABHC_COST          0x40  /* rdi=op (LABHC_OP_*), rsi=iterations, rdx=cycles */
 #define LABHC_PANIC         0x7e  /* rdi=vector, rsi=error code, rdx=rip, rcx=cs */
 #define LABHC_DONE          0x7f  /* rdi=number of probes run: end the guest */
