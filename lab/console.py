@@ -227,7 +227,9 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     groups = _groups(report)
     short = _short_names(columns)
     configs = list(dict.fromkeys(c.config for c in columns))
-    console.print("columns: " + "; ".join(f"{short[c]} = {c}" for c in configs), highlight=False)
+    # What each column title stands for, where the title is shorter than the configuration.
+    console.print("columns: " + "; ".join(f"{short[c]} = {c}" if short[c] != c else c for c in configs),
+                  highlight=False)
 
     folded = [] if view == "wide" else [c for c in columns if c.folded]
     shown = [c for c in columns if c not in folded]

@@ -313,3 +313,17 @@ def test_rows_skipped_in_every_column_are_one_line(tmp_path):
     assert any("rows not shown, skipped in every column" in line and "rdtsc 1" in line for line in lines)
     assert any(line.startswith("  tsd0.cpl2 ") for line in render(rep, 100, "wide").splitlines()) is False
     assert "rdtsc.tsd0.cpl2" in render(rep, 100, "wide")  # the wide view keeps every row
+
+
+def test_a_column_title_that_is_the_whole_configuration_is_not_repeated_as_its_own_alias():
+    from lab.console import _short_names  # noqa: PLC0415
+
+    class Col:
+        def __init__(self, config):
+            self.config = config
+
+    two_tcg = [Col("tcg/microvm/qemu64,+svm"), Col("tcg/microvm/max")]
+    short = _short_names(two_tcg)
+    assert short == {c.config: c.config for c in two_tcg}  # no shorter title: printed once, no "x = x"
+    one_each = [Col("tcg/microvm/qemu64,+svm"), Col("kvm/microvm/qemu64")]
+    assert _short_names(one_each) == {"tcg/microvm/qemu64,+svm": "tcg", "kvm/microvm/qemu64": "kvm"}
