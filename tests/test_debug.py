@@ -242,6 +242,7 @@ def test_lab_probes_lists_the_elf_labels(artifacts):
     for name, insn, _done in stubs:
         assert re.search(rf"{insn:#010x}\s+{re.escape(name)}\s", out), (name, out)
     assert "current probe" not in out  # nothing read from firmware memory
+    assert re.search(r"\s+rdtsc\s+return trap \+2\s+0f 31$", out, re.M), out  # bytes from the ELF, no CPU attached
 
 
 @pytest.mark.gdb
@@ -281,6 +282,13 @@ def test_elf_symbols_agree_with_nm(artifacts):
             theirs[name] = int(addr, 16)
     assert theirs and all(name in ours for name in theirs)
     assert sum(ours[n] == a for n, a in theirs.items()) >= len(theirs) - 2  # duplicate static names
+
+
+def test_elf_bytes_are_the_linked_instruction(artifacts):
+    path = str(debug.artifacts().symbols)
+    rdtsc = x86.elf_symbols(path)["probe_insn_rdtsc"]
+    assert x86.elf_bytes(path, rdtsc, 2) == b"\x0f\x31"  # RDTSC is 0F 31 (SDM Vol. 2B)
+    assert x86.elf_bytes(path, 0x10, 2) is None  # no section there
 
 
 def test_elf_symbols_of_a_non_elf_is_empty(tmp_path):

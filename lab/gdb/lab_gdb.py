@@ -217,7 +217,7 @@ instead of decoding exit fields that hold nothing yet."""
     class LabProbes(gdb.Command):
         """The probed instructions and the firmware's named points: lab-probes
 Read from the symbol files (ELF labels probe_insn_<name>, each followed by its return trap
-probe_done_<name>), never from firmware memory; the bytes when a CPU is attached."""
+probe_done_<name>) and their bytes as linked, never from firmware memory."""
 
         def __init__(self):
             super().__init__("lab-probes", gdb.COMMAND_USER)
@@ -225,18 +225,15 @@ probe_done_<name>), never from firmware memory; the bytes when a CPU is attached
         def invoke(self, arg, from_tty):
             symbols = _elf_symbols()
             stubs = probe_stubs(symbols)
-            live = gdb.selected_thread() is not None
+            files = [o.filename for o in gdb.objfiles() if o.filename and os.path.isfile(o.filename)]
             gdb.write(f"probed instructions ({len(stubs)}): break at one, or at exc_dispatch with "
-                      "f->rip == &probe_insn_<name>\n")
+                      "f->rip == &probe_insn_<name>; bytes as linked in the ELF\n")
             for name, insn, done in stubs:
                 trap = f"return trap +{done - insn}" if done is not None else "no probe_done_ label"
-                raw = ""
-                if live and done is not None and 0 < done - insn <= 15:
-                    try:
-                        raw = _read(insn, done - insn).hex(" ")
-                    except gdb.MemoryError:
-                        raw = ""
-                gdb.write(f"  {insn:#010x}  {name:20} {trap:16} {raw}".rstrip() + "\n")
+                raw = b""
+                if done is not None and 0 < done - insn <= 15:
+                    raw = next((b for f in files if (b := x86.elf_bytes(f, insn, done - insn))), b"")
+                gdb.write(f"  {insn:#010x}  {name:20} {trap:16} {raw.hex(' ')}".rstrip() + "\n")
             gdb.write("named points:\n")
             for name, what in PROBE_POINTS:
                 if name in symbols:

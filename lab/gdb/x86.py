@@ -225,3 +225,19 @@ def vmcb_exit_state(v: dict[str, int], efer: int) -> str | None:
     if v["exit_code"] == 0 and not v["intercept_cr"] & 1:
         return "no #VMEXIT yet (exit code 0 is CR0_READ, which is not intercepted)"
     return None
+
+
+def elf_bytes(path: str, addr: int, n: int) -> bytes | None:
+    """`n` bytes at link address `addr` in an ELF64 little-endian file, from the section
+    that holds them (what the image carries, whatever memory holds now); None if none does."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    for i in range(shnum):
+        _name, sh_type, flags, sh_addr, off, size, *_ = struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+        if sh_type == 1 and flags & 2 and sh_addr <= addr and addr + n <= sh_addr + size:  # PROGBITS, ALLOC
+            return data[off + addr - sh_addr:off + addr - sh_addr + n]
+    return None
