@@ -32,7 +32,7 @@ from typing import Iterable
 from . import catalogue
 from .elf import Image
 from .gdb import x86
-from .gdbmi import HW_BREAKPOINT_SLOTS, TARGET_CLOSED, Gdb, GdbError, GdbTimeout
+from .gdbmi import HW_BREAKPOINT_SLOTS, TARGET_CLOSED, Gdb, GdbTimeout
 
 UNREACHED = "unreached"  # the session broke before it could look: the judge makes it `error`
 NEVER = "never executed"  # the session was whole and the CPU never ran it: a disagreement
@@ -294,11 +294,11 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
             _add(out, "host", "cpl-return", params, str(cpl), evidence)
             checkpoint = None
             continue
-        scope, stubs, img = "host", host_stubs, image
+        scope, img = "host", image
         stub = next((s for s in host_stubs.values() if s.insn <= rip <= s.done), None)
         if stub is None or in_guest_idt:
             stub = next((s for s in guest_stubs.values() if s.insn <= rip <= s.done), None)
-            scope, stubs, img = guest_scope, guest_stubs, guest
+            scope, img = guest_scope, guest
             # Which IDT the CPU used for this guest: its own under SVM/VMX, the host's (soft).
             if stub is not None and in_guest_idt == (guest_scope == "guest-soft"):
                 continue
