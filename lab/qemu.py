@@ -10,6 +10,7 @@ instruction.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -189,7 +190,8 @@ def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object
                "-nodefaults", "-no-user-config", "-display", "none", "-S",
                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         with open(os.path.join(d, "stderr"), "w+b") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
             qmp = None
             try:
                 deadline = time.monotonic() + timeout_s
@@ -207,14 +209,26 @@ def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object
                 lines = [ln for ln in text.splitlines() if ln.strip() and "warning:" not in ln]
                 raise BootError(explain(text, cfg.cpu) or "; ".join(lines[-2:]) or str(exc)) from None
             finally:
-                if qmp is not None:
-                    with contextlib.suppress(Exception):
-                        qmp.cmd("quit")
-                    with contextlib.suppress(Exception):
-                        qmp.close()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=1)
-                kill_group(proc)
+                # A second Ctrl-C or SIGTERM may land in this clean-up: the kill comes last
+                # whatever happens before it, so no QEMU outlives the question.
+                try:
+                    if qmp is not None:
+                        with contextlib.suppress(Exception):
+                            qmp.cmd("quit")
+                        with contextlib.suppress(Exception):
+                            qmp.close()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=1)
+                finally:
+                    kill_group(proc)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the thread that started it ends (Linux
+    PR_SET_PDEATHSIG), so a pre-boot QEMU cannot outlive a lab process killed outright
+    (e.g. a pytest-xdist worker) before its own clean-up ran."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> QEMUMonitorProtocol:
