@@ -19,44 +19,10 @@ void cpu_init(void);
 void bootinfo_init(u32 magic, u32 mbi_addr);
 const char *boot_image_name(void);
 void fault_inject(const char *kind);
-void realmode_report(void);
-
-static const char SCOPE[] = "host";
 
 static void info_platform(void)
 {
-    struct cpuid_regs r0, r1, e0, e1;
-    cpuid(0, 0, &r0);
-    cpuid(1, 0, &r1);
-    cpuid(0x80000000, 0, &e0);
-    e1 = (struct cpuid_regs){0, 0, 0, 0};
-    if (e0.eax >= 0x80000001)
-        cpuid(0x80000001, 0, &e1);
-    char vendor[12];
-    memcpy(vendor, &r0.ebx, 4);
-    memcpy(vendor + 4, &r0.edx, 4);
-    memcpy(vendor + 8, &r0.ecx, 4);
-
-    rec_begin("info");
-    rec_hex("cpuid.max", r0.eax);
-    rec_hex("cpuid.max_ext", e0.eax);
-    rec_bytes("cpuid.vendor", vendor, 12);
-    rec_u64("cpuid.rdtscp", (e1.edx >> 27) & 1);
-    rec_u64("cpuid.svm", (e1.ecx >> 2) & 1);
-    rec_u64("cpuid.hv", (r1.ecx >> 31) & 1);
-    rec_end();
-
-    /* The highest basic leaf's data (subleaf 0): what an out-of-range leaf returns under
-     * Intel's rule (SDM Vol. 2A CPUID), which the lab's rule for leaf 0x40000000 names. */
-    struct cpuid_regs top;
-    char top_bytes[12];
-    cpuid(r0.eax, 0, &top);
-    memcpy(top_bytes, &top.ebx, 4);
-    memcpy(top_bytes + 4, &top.ecx, 4);
-    memcpy(top_bytes + 8, &top.edx, 4);
-    rec_begin("info");
-    rec_bytes("cpuid.top", top_bytes, 12);
-    rec_end();
+    info_cpuid();
 
     rec_begin("info");
     rec_hex("boot.cr0", boot_cr0);
@@ -107,26 +73,4 @@ NORETURN void kmain(u32 magic, u32 mbi)
 
     hv_main(&bootinfo);
     lab_finish(LAB_EXIT_OK);
-}
-
-/* Real-mode RDTSC probe (realmode.S ran it at boot, with realmode=1). */
-extern u32 realmode_ran, realmode_faulted, realmode_vector, realmode_cr0;
-void realmode_report(void)
-{
-    if (!realmode_ran) {
-        rec_info_str("skipped", "rdtsc-real");
-        return;
-    }
-    struct exc_result r = EXC_OK;
-    if (realmode_faulted) {
-        r.faulted = 1;
-        r.vector = realmode_vector;   /* real mode pushes no error code: shows as (0) */
-    }
-    rec_obs_begin(SCOPE, "rdtsc");
-    rec_u64("tsd", 1);
-    rec_u64("cpl", 0);
-    rec_str("mode", "real");
-    rec_exc("obs", r);
-    rec_hex("cr0", realmode_cr0);
-    rec_end();
 }

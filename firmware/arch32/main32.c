@@ -159,60 +159,10 @@ void hv_main(const struct bootinfo *bi)
     rec_end();
 }
 
-/* ---- the real-mode RDTSC probe (realmode.S ran it at boot) ---- */
-extern u32 realmode_ran, realmode_faulted, realmode_vector, realmode_cr0;
-static void realmode_report(void)
-{
-    if (!realmode_ran) {
-        rec_info_str("skipped", "rdtsc-real");
-        return;
-    }
-    struct exc_result r = EXC_OK;
-    if (realmode_faulted) {
-        r.faulted = 1;
-        r.vector = realmode_vector;
-    }
-    rec_obs_begin("host", "rdtsc");
-    rec_u64("tsd", 1);
-    rec_u64("cpl", 0);
-    rec_str("mode", "real");
-    rec_exc("obs", r);
-    rec_hex("cr0", realmode_cr0);
-    rec_end();
-}
-
 static void info_platform(void)
 {
-    struct cpuid_regs r0, r1, e0, e1 = { 0, 0, 0, 0 };
-    char vendor[12];
-    cpuid(0, 0, &r0);
-    cpuid(1, 0, &r1);
-    cpuid(0x80000000, 0, &e0);
-    if (e0.eax >= 0x80000001 && e0.eax <= 0x8000ffff)
-        cpuid(0x80000001, 0, &e1);
-    memcpy(vendor, &r0.ebx, 4);
-    memcpy(vendor + 4, &r0.edx, 4);
-    memcpy(vendor + 8, &r0.ecx, 4);
-    rec_begin("info");
-    rec_str("host.bits", "32");
-    rec_hex("cpuid.max", r0.eax);
-    rec_hex("cpuid.max_ext", e0.eax);
-    rec_bytes("cpuid.vendor", vendor, 12);
-    rec_u64("cpuid.tsc", (r1.edx >> 4) & 1);
-    rec_u64("cpuid.rdtscp", (e1.edx >> 27) & 1);
-    rec_u64("cpuid.svm", (e1.ecx >> 2) & 1);
-    rec_u64("cpuid.hv", (r1.ecx >> 31) & 1);
-    rec_end();
-
-    struct cpuid_regs top;
-    char top_bytes[12];
-    cpuid(r0.eax, 0, &top);
-    memcpy(top_bytes, &top.ebx, 4);
-    memcpy(top_bytes + 4, &top.ecx, 4);
-    memcpy(top_bytes + 8, &top.edx, 4);
-    rec_begin("info");
-    rec_bytes("cpuid.top", top_bytes, 12);
-    rec_end();
+    rec_info_str("host.bits", "32");
+    info_cpuid();
 
     rec_begin("info");   /* no EFER: a CPU without long mode may have no MSRs at all */
     rec_hex("boot.cr0", boot_cr0);

@@ -242,6 +242,9 @@ extern const char *probe_running;
  * probes and before lab_finish(0). The GDB witness takes the CPU reaching
  * hv_main as the end of the host's probe phase. */
 void hv_main(const struct bootinfo *bi);
+/* cpuinfo.c, for both host kernels: the CPUID info records, and the real-mode probe's record. */
+void info_cpuid(void);
+void realmode_report(void);
 
 /* ---- misc ---- */
 extern const char lab_variant[];   /* "normal", "lie", "lie-context" or "lie-skip" */
