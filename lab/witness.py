@@ -417,6 +417,7 @@ class GdbWitness:
         self.accel = accel
         self.plan: WitnessPlan | None = None
         self.guest_scope: str | None = None
+        self._image: Image | None = None  # the host ELF, read once at start()
         self.transcript = self.run_dir / "gdb.mi.log"
         self.stops_path = self.run_dir / "gdb.stops.jsonl"
         self.error: str | None = None  # why the session ended early, if it did
@@ -455,7 +456,7 @@ class GdbWitness:
         self.prepare()
         try:
             self._gdb.connect(self.gdb_addr)
-            image = Image.load(self.host_elf)
+            image = self._image = Image.load(self.host_elf)
             specs = [w.spec() for w in plan.watches]
             for spec in specs:  # ELF symbols -> addresses for the collector's memory reads
                 if "mem" in spec:
@@ -521,7 +522,7 @@ class GdbWitness:
         if self.plan is None:
             return {}
         guest = Image.load(self.guest_elf) if self.guest_elf else None
-        found, stray = read_stops(stops, Image.load(self.host_elf), guest, self.guest_scope)
+        found, stray = read_stops(stops, self._image or Image.load(self.host_elf), guest, self.guest_scope)
         missing = [s for s in stops if "error" in s]
         if missing and not self.error:
             self.error = "; ".join(f"{s['at']}: {s['error']}" for s in missing)
