@@ -5,25 +5,42 @@
 #include "asm.h"
 
     .text
+    .cfi_sections .debug_frame
 /* Each stub starts with a 2-byte no-op (66 90): the GDB witness's breakpoint sits on it, and
  * the witness resumes the CPU past it, which needs no single step over the breakpoint
  * (under TCG a single step flushes QEMU's translations: docs/gdb.md). */
+/* Unwind info: a stub's frame is the one the CPU pushed (SDM Vol. 3A 6.14.2), with no caller
+ * GDB could find by prologue analysis; `.cfi_undefined rip` makes the stub GDB's outermost
+ * frame, so a stop there reads no code or stack to unwind a caller (the witness reads the
+ * CPU's frame itself, and `bt` shows no invented caller). `size`: the frame's bytes. */
+.macro IRET_FRAME_CFI size
+    .cfi_startproc simple
+    .cfi_def_cfa %rsp, \size
+    .cfi_undefined %rip
+.endm
 .macro ISR_NOERR n
     .globl isr_stub_\n
     .balign 16
 isr_stub_\n:
+    IRET_FRAME_CFI 40
     xchg %ax, %ax
     pushq $0
+    .cfi_adjust_cfa_offset 8
     pushq $\n
+    .cfi_adjust_cfa_offset 8
     jmp isr_common
+    .cfi_endproc
 .endm
 .macro ISR_ERR n
     .globl isr_stub_\n
     .balign 16
 isr_stub_\n:
+    IRET_FRAME_CFI 48
     xchg %ax, %ax
     pushq $\n
+    .cfi_adjust_cfa_offset 8
     jmp isr_common
+    .cfi_endproc
 .endm
 
 /* Vectors that push an error code: 8, 10-14, 17, 21, 29, 30 (SDM Vol. 3A 6.15). */
