@@ -252,7 +252,7 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         outcome.gdb_transcript = gdb.transcript
     try:
         if gdb is not None:
-            gdb.prepare()  # GDB starts and reads the symbols while QEMU starts
+            gdb.prepare_in_background()  # GDB starts and reads the symbols while QEMU starts
         with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel) as machine:
             start = (lambda qom: _start_witness(gdb, machine, cfg, kvm, qom)) if gdb else None
             boot = machine.run(start=start)

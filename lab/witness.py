@@ -22,6 +22,7 @@ have seen but saw executed never, or more than once, disagrees with the serial w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -426,11 +427,13 @@ class GdbWitness:
         self._thread: threading.Thread | None = None
         self._quit = threading.Event()
         self._prepared = False
+        self._preparing: threading.Thread | None = None
+        self._prepare_error: BaseException | None = None
         self._t0 = 0.0
 
     def prepare(self) -> None:
-        """Start GDB, load the symbols and the collector: call it before QEMU starts so it
-        overlaps QEMU's own start; start() does it otherwise."""
+        """Start GDB, load the symbols and the collector, read the host ELF. start() does it
+        if nothing did before (prepare_in_background() overlaps it with QEMU's start)."""
         if self._prepared:
             return
         self._t0 = time.monotonic()
@@ -442,10 +445,33 @@ class GdbWitness:
             if self.guest_elf:
                 self._gdb.add_symbols(self.guest_elf)
             self._gdb.console(f"source {COLLECTOR}")
+            self._image = Image.load(self.host_elf)
         except BaseException:
             self._gdb.close()
             raise
         self._prepared = True
+
+    def prepare_in_background(self) -> None:
+        """prepare() in a thread, while the caller starts QEMU (GDB's own start-up is ~0.1 s).
+        start() waits for it and raises what it raised; finish() waits for it too, so GDB
+        never outlives the session."""
+        def work() -> None:
+            try:
+                self.prepare()
+            except BaseException as exc:  # noqa: BLE001 - handed to start()
+                self._prepare_error = exc
+
+        self._preparing = threading.Thread(target=work, name="gdb-prepare", daemon=True)
+        self._preparing.start()
+
+    def _wait_prepared(self, timeout: float | None = None) -> None:
+        if self._preparing is not None:
+            self._preparing.join(timeout)
+            if not self._preparing.is_alive():
+                self._preparing = None
+        if self._prepare_error is not None:
+            exc, self._prepare_error = self._prepare_error, None
+            raise exc
 
     def start(self, plan: WitnessPlan, guest_scope: str | None = None) -> None:
         """Attach to the paused QEMU, arm the plan and let the CPU run. `guest_scope`: which
@@ -453,10 +479,11 @@ class GdbWitness:
         Raises GdbError or GdbTimeout if GDB cannot attach (GDB is then already gone)."""
         self.plan = plan
         self.guest_scope = guest_scope
+        self._wait_prepared()
         self.prepare()
         try:
             self._gdb.connect(self.gdb_addr)
-            image = self._image = Image.load(self.host_elf)
+            image = self._image
             specs = [w.spec() for w in plan.watches]
             for spec in specs:  # ELF symbols -> addresses for the collector's memory reads
                 if "mem" in spec:
@@ -507,6 +534,10 @@ class GdbWitness:
     def finish(self, timeout: float = 10.0) -> dict[str, Reading]:
         """Wait up to `timeout` s for the session to end (QEMU exited), end GDB, and return
         one reading per planned check (and any unplanned ones)."""
+        # GDB's start-up is bounded by its command timeouts: waiting for it means no GDB it
+        # starts can outlive this call. A failed start-up was start()'s to report.
+        with contextlib.suppress(BaseException):
+            self._wait_prepared()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
