@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -174,13 +175,38 @@ def _split_skipped_rows(groups, columns: list[Column]):
     return kept, hidden
 
 
-def _natural_width(console: Console, renderable) -> int:
-    """The width it takes with nothing wrapped."""
-    return console.measure(renderable, options=console.options.update_width(10_000)).maximum
+def _line_width(console: Console, renderable) -> int:
+    """The widest line of a cell (a str or a Text), in terminal cells, as rich measures it."""
+    if isinstance(renderable, Text):
+        plain = renderable.plain
+    elif "[" in renderable or ":" in renderable:  # markup or an emoji code: as rich reads it
+        plain = console.render_str(renderable).plain
+    else:
+        plain = renderable
+    return max((cell_len(line) for line in plain.splitlines()), default=0)
 
 
-def _fits(console: Console, renderable) -> bool:
-    return _natural_width(console, renderable) <= console.width
+def _pin_natural_widths(console: Console, table: Table) -> int:
+    """Fixes every column at its natural width (its widest cell) and returns the table's
+    width: rich then measures no cell again (measuring ~170 rows costs tens of ms, this
+    under one). The output is the same as with rich's own measurement as long as the
+    table fits; `_unpin` before printing one that does not (rich wraps its cells then)."""
+    for column in table.columns:
+        column.width = max(_line_width(console, c) for c in (column.header, *column.cells))
+    return console.measure(table, options=console.options.update_width(10_000)).maximum
+
+
+def _unpin(table: Table) -> None:
+    for column in table.columns:
+        column.width = None
+
+
+def _fits(console: Console, table: Table) -> bool:
+    """Whether the table fits the console at its natural width; if so it stays pinned there."""
+    if _pin_natural_widths(console, table) <= console.width:
+        return True
+    _unpin(table)
+    return False
 
 
 def _fold_lines(folded: list[Column], short: dict[str, str], dead: set[str]) -> list[tuple[str, Text]]:
@@ -239,18 +265,19 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     if view == "wide":
         table = _table(shown, groups, short, wide=True)
         # Its natural width even past the terminal's (for `less -S` or a wide window).
-        width, console.width = console.width, max(console.width, _natural_width(console, table))
+        width, console.width = console.width, max(console.width, _pin_natural_widths(console, table))
         try:
             console.print(table, crop=False)
         finally:
             console.width = width
     elif shown:
-        table = _table(shown, groups, short, wide=False)
-        if view == "table" or (view == "auto" and _fits(console, table)):
+        table = None if view == "scope" else _table(shown, groups, short, wide=False)
+        if table is not None and (_fits(console, table) or view == "table"):
             console.print(table)
         else:
             for col, t in _scope_tables(shown, groups):
                 console.print(Text(f"{short[col.config]} {SCOPE_TITLE.get(col.scope, col.scope)}", style="bold"))
+                _fits(console, t)  # pinned where it fits
                 console.print(t)
     dead = {r["config"] for r in report["runs"] if r.get("exit") != "ok"}
     notes = _fold_lines(folded, short, dead)
@@ -302,6 +329,12 @@ def _print_notes(console: Console, notes: list[tuple[str, Text]]) -> None:
     grid.add_column(overflow="fold")
     for key, text in notes:
         grid.add_row(Text(key, style=text.style), text)
+    # Each column at the width rich would give it, without its measuring every line.
+    key_width = max(cell_len(key) for key, _ in notes)
+    room = console.width - key_width - 1
+    if room > 0:
+        grid.columns[0].width = key_width
+        grid.columns[1].width = min(room, max(_line_width(console, text) for _, text in notes))
     console.print(grid)
 
 
