@@ -11,7 +11,6 @@ from rich.console import Console
 
 from . import build as build_mod
 from . import console as console_mod
-from . import differential
 from . import report as report_mod
 from . import bochs as bochs_mod
 from .config import (ACCELS, BOCHS, HOST_MODES, MACHINES, ConfigError, check_cpu_model, check_kernel_arg,
@@ -124,6 +123,8 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
             signal.signal(signal.SIGTERM, old)
     rep = full_report(outcomes, qemu, kvm, skipped_checks, witness)
     if BOCHS in {o.cfg.accel for o in outcomes} and len(outcomes) > 1:  # engines side by side (lab/differential.py)
+        from . import differential  # only with Bochs in the run
+
         rep["differential"] = differential.build(rep)
     report_mod.write_json(rep, run_root / "report.json")
     if opts.json:
@@ -133,6 +134,8 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     if not opts.quiet:
         console_mod.render(rep, console, view=opts.view)  # a dead boot: its cause and last serial line
         if "differential" in rep:
+            from . import differential
+
             differential.render(rep["differential"], console)
         console.print(f"report: {run_root / 'report.json'}")
     if opts.tap:
