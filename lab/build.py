@@ -12,7 +12,7 @@ from .hostinfo import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 # Negative controls (firmware/Makefile): `lie` reports wrong values (both witnesses catch it);
-# `lie-context` runs probes at another CPL / CR4 than it reports and `lie-skip` reports `ok`
+# `lie-context` runs probes at another CPL / CR4 / MSR gate than it reports and `lie-skip` reports `ok`
 # for probes it never ran (the records look right: only the GDB witness catches these two).
 VARIANTS = ("normal", "lie", "lie-context", "lie-skip")
 

@@ -37,8 +37,10 @@ from .gdbmi import HW_BREAKPOINT_SLOTS, TARGET_CLOSED, Gdb, GdbTimeout
 
 UNREACHED = "unreached"  # the session broke before it could look: the judge makes it `error`
 NEVER = "never executed"  # the session was whole and the CPU never ran it: a disagreement
+UNREAD = "?"  # a gate the stop holds no reading of
 COLLECTOR = Path(__file__).resolve().parent / "gdb" / "collector.py"
 END_OF_HOST_PROBES = "hv_main"
+WITNESS_RDMSR = "witness_rdmsr"  # firmware/probe.c: the RDMSR the CPU runs for the witness
 NOP2 = bytes.fromhex("6690")  # xchg %ax,%ax: where a stub starts with it, the witness steps past  # the host's probe phase is over when the CPU gets here
 
 
@@ -86,6 +88,8 @@ class Watch:
     hw: bool = False
     ends: tuple[str, ...] = ()
     mem: tuple[tuple[str, int], ...] = ()  # (ELF symbol, offset): a byte to read at each stop
+    # (MSR, stub): at a trap whose RIP is in that probe stub, the CPU runs `witness_rdmsr` for it
+    msr: tuple[tuple[int, str], ...] = ()
 
     def spec(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, (), False) or k == "kind"}
@@ -145,10 +149,12 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     guest_vecs: dict[str, set[int]] = {}  # ... of the guest's own IDT
     entry_stops: dict[str, str] = {}  # check id -> label to stop at
     unwitnessed: dict[str, str] = {}
+    planned: dict[str, catalogue.Probe] = {}  # check id -> its catalogue entry
     for exp in expectations:
         entry = entries.get((exp.scope, exp.probe, tuple(exp.params.items())))
         if entry is None or exp.skip or (exp.id in deviant and deviant[exp.id] is None):
             continue
+        planned[exp.id] = entry
         how = entry.witness_in(exp.scope)
         if how.startswith("none"):
             unwitnessed[exp.id] = how.removeprefix("none: ")
@@ -174,8 +180,12 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     vectors = sorted(ranked[: caps.hw_slots - 1] if hw else ranked)
     # Controls that live in memory the CPU consults (the TSS I/O bitmap) are read at each stop.
     mem = tuple(sorted({("tss_iomap", g.bit // 8) for e in entries.values() for g in e.gates if g.reg == "iomap"}))
+    # Controls in an MSR (no gdbstub register): read by the CPU itself, at the stops of the stubs
+    # whose planned checks need them (each read is a real stop and a single step).
+    msr = tuple(sorted({(g.msr, e.stub.name) for cid, e in planned.items() if cid in host_vecs and e.stub
+                        for g in e.gates if g.reg == "msr"}))
     watches = [Watch("isr_stub_3_exc" if v == 3 else f"isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw,
-                     mem=mem)
+                     mem=mem, msr=msr)
                for v in vectors]
     # The host's probe phase ends at hv_main: its stubs go there, unless a guest under the
     # software host (which traps into the same stubs) is to be witnessed too.
@@ -321,15 +331,21 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
         for entry in catalogue.by_stub(stub.name):
             if scope not in entry.scopes or entry.witness_in(scope).startswith("none"):
                 continue
-            params, value = _params(entry, cpl, regs, frame, outcome, _memory(stop, img))
+            params, value = _params(entry, cpl, regs, frame, outcome, _memory(stop, img), msr_readings(stop))
+            unread = [k for k, v in params.items() if v == UNREAD]
+            if unread:  # the row cannot be named: its check stays unread (never executed / unreached)
+                stray.append({**evidence, "why": f"{entry.probe}: no reading of {', '.join(unread)} at this stop"})
+                continue
             _add(out, scope, entry.probe, params, value + value_suffix, evidence)
     return out, stray
 
 
-def gate_value(gate: catalogue.Gate, regs: dict, frame: dict, memory: dict[int, int]) -> int | None:
+def gate_value(gate: catalogue.Gate, regs: dict, frame: dict, memory: dict[int, int],
+               msrs: dict[int, int | None] | None = None) -> int | None:
     """A control as the CPU had it at the trap: a CR4 bit from CR4, IOPL from the RFLAGS the CPU
     pushed, an I/O bitmap bit from the bitmap the CPU consults (`memory`: address -> byte read
-    at the stop; 1 = the port is allowed). None for what GDB cannot read (MSRs)."""
+    at the stop; 1 = the port is allowed), an MSR bit from the RDMSR the CPU ran at the stop
+    (`msrs`). None where the stop holds no reading."""
     if gate.reg == "cr4":
         return regs["cr4"] >> gate.bit & 1
     if gate.reg == "iopl":
@@ -337,7 +353,16 @@ def gate_value(gate: catalogue.Gate, regs: dict, frame: dict, memory: dict[int, 
     if gate.reg == "iomap" and "tss_iomap" in memory:
         byte = memory.get(memory["tss_iomap"] + gate.bit // 8)
         return None if byte is None else 1 - (byte >> (gate.bit % 8) & 1)
+    if gate.reg == "msr":
+        value = (msrs or {}).get(gate.msr)
+        return None if value is None else value >> gate.bit & 1
     return None
+
+
+def msr_readings(stop: dict) -> dict[int, int | None]:
+    """The MSRs the CPU read at this stop (`witness_rdmsr`): MSR -> value, None where the RDMSR
+    did not complete."""
+    return {int(k, 16): v for k, v in (stop.get("msr") or {}).items()}
 
 
 def _memory(stop: dict, image: Image) -> dict[int, int]:
@@ -350,7 +375,7 @@ def _memory(stop: dict, image: Image) -> dict[int, int]:
 
 
 def _params(entry: catalogue.Probe, cpl: int, regs: dict, frame: dict, outcome: str,
-            memory: dict[int, int] | None = None):
+            memory: dict[int, int] | None = None, msrs: dict[int, int | None] | None = None):
     """An entry's params from the CPU: `cpl`/`from_cpl` from the pushed CS, each gate as the CPU
     had it (gate_value), fixed words (insn, via, leaf) from the entry."""
     params: dict[str, str] = {}
@@ -359,8 +384,8 @@ def _params(entry: catalogue.Probe, cpl: int, regs: dict, frame: dict, outcome: 
         if key in ("cpl", "from_cpl"):
             params[key] = str(cpl)
         elif key in gates:
-            value = gate_value(gates[key], regs, frame, memory or {})
-            params[key] = "?" if value is None else str(value)
+            value = gate_value(gates[key], regs, frame, memory or {}, msrs)
+            params[key] = UNREAD if value is None else str(value)
         elif len(values) == 1:
             params[key] = str(values[0])
         else:
@@ -485,9 +510,14 @@ class GdbWitness:
             self._gdb.connect(self.gdb_addr)
             image = self._image
             specs = [w.spec() for w in plan.watches]
+            stubs = stubs_of(image)
             for spec in specs:  # ELF symbols -> addresses for the collector's memory reads
                 if "mem" in spec:
                     spec["mem"] = [image.symbols[sym] + off for sym, off in spec["mem"] if sym in image.symbols]
+                if "msr" in spec:  # (MSR, first and last RIP of its stub's trap): the CPU reads it there
+                    spec["msr"] = [[msr, stubs[name].insn, stubs[name].done] for msr, name in spec["msr"]
+                                   if name in stubs]
+                    spec["rdmsr_at"] = image.symbols.get(WITNESS_RDMSR)
                 # TCG: an IDT stub that starts with the 2-byte no-op (66 90) is resumed past it.
                 # Not under KVM: there a hardware breakpoint resumed without GDB's single step
                 # over it reached the guest as #DB (measured under kvm_pvm).
@@ -557,6 +587,9 @@ class GdbWitness:
         missing = [s for s in stops if "error" in s]
         if missing and not self.error:
             self.error = "; ".join(f"{s['at']}: {s['error']}" for s in missing)
+        unread = sorted({f"{m:#x}" for s in stops for m, v in msr_readings(s).items() if v is None})
+        if unread and not self.error:  # its checks cannot be keyed: unreached, not never executed
+            self.error = f"the CPU did not complete RDMSR {', '.join(unread)} at a stop (witness_rdmsr)"
         result = verdicts(self.plan, found, self.error)
         self._write(stops, result, stray)
         return result

@@ -3,7 +3,9 @@ a pure reading of CPU stops, and real boots where it agrees with the serial reco
 catches the firmware variants that lie in ways the serial records cannot show."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import shutil
 
 import pytest
@@ -48,11 +50,22 @@ def test_every_table_row_that_runs_is_witnessed_under_tcg():
     p = witness_plan("tcg", None, exps)
     runs = {e.id for e in exps if not e.skip}
     table = {r.id for r in catalogue.table_rows()} & runs
-    msr_gated = {r.id for r in catalogue.table_rows() if any(g.reg == "msr" for g in r.entry.gates)}
-    # every host probe the firmware runs from its table, but for a gate GDB cannot read
-    assert set(p.checks) == table - msr_gated
-    assert set(p.unwitnessed) == (runs - table) | (msr_gated & runs)  # the real-mode one, and those
+    assert set(p.checks) == table  # every host probe the firmware runs from its table
+    assert set(p.unwitnessed) == runs - table  # the real-mode one
     assert set(p.vectors) == {6, 13} and not any(w.hw for w in p.watches)  # from the outcomes
+    # TCG offers no CPUID faulting: its rows do not run, so no stop reads its MSR
+    assert not any(w.msr for w in p.watches)
+
+
+def test_an_msr_gate_is_read_at_the_stops_of_its_stubs_only_where_its_checks_run():
+    p, exps, _ = kvm_plan("kvm_intel")
+    gated = {(g.msr, r.entry.stub.name) for r in catalogue.table_rows() for g in r.entry.gates if g.reg == "msr"}
+    assert gated and all(set(w.msr) == gated for w in p.watches if w.kind == "trap")
+    assert {r.id for r in catalogue.table_rows() if r.entry.gate and r.entry.gate.reg == "msr"} <= set(p.checks)
+    # a plan whose MSR-gated checks are all skips reads no MSR
+    f = facts("kvm", "kvm_intel")
+    skipped = [dataclasses.replace(e, skip="not here") if e.probe == "cpuid" else e for e in host_exps(f)]
+    assert not any(w.msr for w in witness_plan("kvm", "kvm_intel", skipped).watches)
 
 
 @pytest.mark.parametrize("module", ["kvm_intel", "kvm_amd", "kvm_pvm", None])
@@ -103,13 +116,15 @@ def cpu_trace(image, exps, outcome_of):
 
     iomap = image.symbols["tss_iomap"]
 
-    def trap(vector, rip, cs, rsp=0x9000, err=0, rflags=0x2, mem=None, **regs):
+    def trap(vector, rip, cs, rsp=0x9000, err=0, rflags=0x2, mem=None, msr=None, **regs):
         stack = (err.to_bytes(8, "little") if vector in x86.EXC_WITH_ERROR_CODE else b"")
         stack += b"".join(v.to_bytes(8, "little") for v in (rip, cs, rflags, rsp, cs + 8))
         base = {"cs": 0x8, "rip": 0, "rsp": 0, "cr4": 0x20, "efer": 0x501, "rax": 0, "rbx": 0, "rcx": 0, "rdx": 0}
         base.update(regs)
         stops.append({"at": f"isr_stub_{vector}", "kind": "trap", "vector": vector, "regs": base,
                       "stack": stack.hex(), "at_rip": image.read(rip, 16).hex(), "mem": mem or {}})
+        if msr:
+            stops[-1]["msr"] = msr
 
     for e in exps:
         row = rows.get(e.id)
@@ -121,7 +136,7 @@ def cpu_trace(image, exps, outcome_of):
             continue
         cpl = row.cpl
         cs = {0: 0x8, 1: 0x31, 2: 0x42, 3: 0x2b}[cpl]
-        cr4, rflags, mem = 0x20, 0x2, {}
+        cr4, rflags, mem, msr = 0x20, 0x2, {}, {}
         for g in row.entry.gates:  # the controls as the CPU holds them
             value = int(row.params[g.param])
             if g.reg == "cr4":
@@ -130,7 +145,9 @@ def cpu_trace(image, exps, outcome_of):
                 rflags |= value << 12
             elif g.reg == "iomap":
                 mem[str(iomap + g.bit // 8)] = f"{0 if value else 0xff:02x}"
-        emit = functools.partial(trap, rflags=rflags, mem=mem)
+            elif g.reg == "msr":  # what the CPU's RDMSR at the stop returns (lab/gdb/collector.py)
+                msr[f"{g.msr:#x}"] = value << g.bit
+        emit = functools.partial(trap, rflags=rflags, mem=mem, msr=msr)
         if row.entry.stub.continue_at:  # SYSCALL: the checkpoint, then the LSTAR entry's trap
             emit(6, stub.insn, cs, cr4=cr4)
             reached = int(out)
@@ -204,6 +221,22 @@ def test_a_probe_run_at_another_cpl_is_read_at_that_cpl(image):
     assert "host.rdtsc.tsd0.cpl0" in read_stops(stops, image)[0]
 
 
+def test_the_msr_the_cpu_read_names_the_row(image):
+    """CPUID faulting's gate is MSR 0x140[0] as the CPU's RDMSR returned it at the stop: the
+    row run with faulting off reads as faulting0 whatever the records say, and a stop whose
+    RDMSR did not complete names no row."""
+    p, exps, _ = kvm_plan("kvm_intel")
+    on = next(e for e in exps if e.id == "host.cpuid.faulting1.cpl0")
+    stops = cpu_trace(image, [on], lambda e: "ok")
+    assert set(read_stops(stops, image)[0]) == {"host.cpuid.faulting1.cpl0"}
+    stops[0]["msr"] = {"0x140": 0xFFFFFFFE}  # bit 0 clear: not enabled, whatever else is set
+    assert set(read_stops(stops, image)[0]) == {"host.cpuid.faulting0.cpl0"}
+    stops[0]["msr"] = {"0x140": None}
+    found, stray = read_stops(stops, image)
+    assert not found and "no reading of faulting" in stray[0]["why"]
+    assert verdicts(p, found, "the CPU did not complete RDMSR")["host.cpuid.faulting1.cpl0"].value == UNREACHED
+
+
 def test_a_fault_at_other_bytes_than_the_binary_does_not_read_as_the_probe(image):
     exps = [e for e in host_exps(facts()) if e.id == "host.priv-insn.hlt.cpl3"]
     stops = cpu_trace(image, exps, lambda e: e.expected)
@@ -260,14 +293,63 @@ def test_gdb_agrees_on_every_witnessed_check(tmp_path, accel, qemu, kvm, no_left
     bad = [(c.id, c.status, c.reason) for c in out.checks if c.status in ("fail", "error")]
     assert not bad
     witnessed = {c.id for c in out.checks if "gdb" in c.witnesses}
-    # every host probe that ran was read by GDB, but for a gate GDB cannot read (an MSR)
-    table = {r.id for r in catalogue.table_rows() if all(g.reg != "msr" for g in r.entry.gates)}
+    # every host probe that ran was read by GDB (CPUID faulting's MSR gate too, under KVM)
+    table = {r.id for r in catalogue.table_rows()}
     ran = {c.id for c in out.checks if c.id in table and c.status != "skip"}
     assert ran and witnessed >= ran
     if accel == "tcg":  # and the SVM guest's own traps, read at the guest's IDT
         assert {"guest-svm.cpl-enter.cpl0.vmrun", "guest-svm.rdtsc.tsd1.cpl3", "guest-svm.rdtsc.tsd0.cpl3",
                 "guest-svm.cpl-enter.cpl3.iretq", "guest-svm.cpl-return.from3.ud2"} <= witnessed
     assert all(c.witnesses["gdb"] == c.witnesses["serial"] for c in out.checks if "gdb" in c.witnesses)
+
+
+EFER = 0xC0000080  # an MSR QEMU's gdbstub also shows as a register: the RDMSR's control
+
+
+def _read_efer_at_every_trap(real):
+    def plan(*args, **kw):
+        p = real(*args, **kw)
+        stubs = [s.name for s in catalogue.stubs()]
+        watches = tuple(dataclasses.replace(w, msr=w.msr + tuple((EFER, n) for n in stubs)) if w.kind == "trap"
+                        and w.location.startswith("isr_stub") else w for w in p.watches)
+        return dataclasses.replace(p, watches=watches)
+    return plan
+
+
+@needs_gdb
+@pytest.mark.gdb
+@pytest.mark.parametrize("accel", ACCELS)
+def test_the_cpus_rdmsr_at_a_stop_reads_the_msr_and_leaves_the_cpu_as_it_was(tmp_path, accel, qemu, kvm,
+                                                                              monkeypatch, no_leftovers):
+    """The witness reads an MSR gate by having the CPU run `witness_rdmsr` at the stop. Asked
+    to read EFER at every probe's trap, it must return what the gdbstub shows as $efer, and the
+    boot must go on exactly as without it (every check passes, GDB agrees)."""
+    import lab.witness
+
+    monkeypatch.setattr(lab.witness, "witness_plan", _read_efer_at_every_trap(lab.witness.witness_plan))
+    out = boot(tmp_path, accel, "normal", qemu, kvm)
+    assert not [(c.id, c.status, c.reason) for c in out.checks if c.status in ("fail", "error")]
+    stops = [json.loads(line) for line in (out.run_dir / "gdb.stops.jsonl").read_text().splitlines()]
+    read = [s for s in stops if "msr" in s]
+    assert len(read) > 20
+    assert all(s["msr"][f"{EFER:#x}"] == s["regs"]["efer"] for s in read)
+
+
+@needs_gdb
+@pytest.mark.gdb
+@pytest.mark.kvm
+def test_an_rdmsr_that_does_not_complete_leaves_its_checks_unread(tmp_path, qemu, kvm, monkeypatch, no_leftovers):
+    """Pointed at bytes that are no RDMSR, the collector runs nothing: the MSR-gated checks are
+    errors (unreached), never a reading of a gate the CPU did not give."""
+    import lab.witness
+
+    monkeypatch.setattr(lab.witness, "WITNESS_RDMSR", "probe_done_cpuid_fault")  # a ud2
+    out = boot(tmp_path, "kvm", "normal", qemu, kvm)
+    gated = {c.id: c for c in out.checks if c.probe == "cpuid" and c.scope == "host"}
+    if all(c.status == "skip" for c in gated.values()):
+        pytest.skip("this KVM offers no CPUID faulting")
+    assert all(c.status == "error" and "RDMSR" in c.reason for c in gated.values() if c.status != "skip")
+    assert not [c.id for c in out.checks if c.status == "fail"]
 
 
 @needs_gdb
@@ -283,6 +365,8 @@ def test_only_gdb_catches_a_firmware_that_lies_about_what_ran(tmp_path, accel, v
     assert not [c.id for c in both.checks if c.status == "error"]
     if variant == "lie-context":
         assert {"host.rdtsc.tsd1.cpl3", "host.rdtsc.tsd1.cpl0"} <= set(failed)
+        if any(c.id == "host.cpuid.faulting1.cpl0" and c.status != "skip" for c in serial.checks):
+            assert "host.cpuid.faulting1.cpl0" in failed  # run with MSR 0x140[0] clear: the CPU's RDMSR says so
     else:
         assert {f"host.rdtsc.tsd0.cpl{c}" for c in range(4)} <= set(failed)
 
@@ -303,10 +387,7 @@ def test_every_family_has_a_lie_both_witnesses_catch(tmp_path, accel, cpu, qemu,
         if c.status == "skip" or c.witnesses.get("gdb", c.expected) == value:
             continue  # not run here, or the lie is what this CPU does (kvm_pvm's RDTSC at CPL3)
         assert cid in failed, (cid, c.status, c.reason)
-        if "gdb" in c.witnesses:
-            assert "witnesses disagree" in failed[cid] and f"serial={value}" in failed[cid]
-        else:  # a gate GDB cannot read (CPUID faulting's MSR): the serial witness catches it alone
-            assert f"observed {value}" in failed[cid]
+        assert "witnesses disagree" in failed[cid] and f"serial={value}" in failed[cid], (cid, failed[cid])
         caught += 1
     assert caught >= 4
 

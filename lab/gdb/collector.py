@@ -11,6 +11,13 @@ Watch kinds:
         `skip`: the stub starts with a no-op of that many bytes; the CPU resumes past it.
   regs  a code label: records the registers there.
   end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
+
+A trap watch with `msr` entries [MSR, first RIP, last RIP] also reads a control QEMU's gdbstub
+does not show (an MSR) where the trapping RIP is in that range: the CPU itself runs the
+firmware's `witness_rdmsr` (RDMSR at CPL0, its bytes 0f 32 checked first) as one single step
+with ECX = the MSR. The step and the register writes around it are raw remote-protocol
+packets: GDB's own idea of the registers, and of where it stopped, never changes, and every
+register the step touched is put back before the CPU goes on.
 """
 
 import json
@@ -21,6 +28,10 @@ import gdb
 _REGS = ("cs", "rip", "rsp", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
 _MASK = (1 << 64) - 1
 _state = {"out": None, "watches": {}, "word": 8}  # word: the frame's word size (4: 32-bit host)
+RDMSR = bytes.fromhex("0f32")
+# QEMU's x86-64 gdbstub register numbers and sizes (the 'g' packet's layout): RAX, RCX, RDX, RSP,
+# RIP (8 bytes each), EFLAGS (4 bytes).
+_RAW = {"rax": (0, 8), "rcx": (2, 8), "rdx": (3, 8), "rsp": (7, 8), "rip": (16, 8), "eflags": (17, 4)}
 
 
 def _registers():
@@ -58,6 +69,9 @@ class _Watch(gdb.Breakpoint):
                 stop["at_rip"] = _memory(rip, 16)
             if spec.get("mem"):  # controls the CPU reads from memory (the TSS I/O bitmap)
                 stop["mem"] = {str(a): _memory(a, 1) for a in spec["mem"]}
+            msrs = [m for m, lo, hi in spec.get("msr", ()) if stack is not None and lo <= rip <= hi]
+            if msrs:  # controls in an MSR: the CPU reads them
+                stop["msr"] = {"%#x" % m: _rdmsr(m, spec.get("rdmsr_at")) for m in msrs}
         out = _state["out"]
         out.write(json.dumps(stop) + "\n")
         out.flush()
@@ -67,6 +81,40 @@ class _Watch(gdb.Breakpoint):
             # breakpoint (which under TCG flushes all of QEMU's translations).
             gdb.execute("set $pc = %d" % (regs["rip"] + spec["skip"]), to_string=True)
         return False
+
+
+def _packet(text):
+    """Send one remote-protocol packet; its reply."""
+    out = gdb.execute("maint packet " + text, to_string=True)
+    return out.split("received: ", 1)[1].strip().strip('"') if "received: " in out else ""
+
+
+def _raw_registers():
+    g = bytes.fromhex(_packet("g"))
+    return {r: int.from_bytes(g[n * 8:n * 8 + size], "little") for r, (n, size) in _RAW.items()}
+
+
+def _raw_set(regs):
+    for r, value in regs.items():
+        n, size = _RAW[r]
+        _packet("P%x=%s" % (n, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little").hex()))
+
+
+def _rdmsr(msr, at):
+    """EDX:EAX after the CPU ran the RDMSR at `at` with ECX = msr, or None if it did not
+    complete there (no RDMSR at `at`, or it faulted). The CPU's registers are as before."""
+    if at is None or _memory(at, len(RDMSR)) != RDMSR.hex():
+        return None
+    saved = _raw_registers()
+    try:
+        _raw_set({"rcx": msr, "rip": at})
+        _packet("s")  # one instruction; the reply is the stop after it
+        after = _raw_registers()
+    finally:
+        _raw_set(saved)  # RDMSR wrote EDX:EAX (a fault: RSP, RFLAGS, RIP too)
+    if after["rip"] != at + len(RDMSR):
+        return None
+    return (after["rdx"] & 0xFFFFFFFF) << 32 | after["rax"] & 0xFFFFFFFF
 
 
 def lab_collect_start(config_json):
