@@ -209,29 +209,44 @@ def _fits(console: Console, table: Table) -> bool:
     return False
 
 
+def _in_fold_line(col: Column, key: str, dead: set[str]) -> bool:
+    """Whether a folded column's check is counted on its configuration's fold line: all of
+    them but a live boot's run.integrity (a dead boot's is one of its errors)."""
+    return key != "run.integrity" or col.config in dead
+
+
+DIED = "the boot died (its cause below)"
+
+
 def _fold_lines(folded: list[Column], short: dict[str, str], dead: set[str]) -> list[tuple[str, Text]]:
     """One line per configuration for its folded columns: each reason once, with the scopes
-    and the number of checks it covers. A dead boot's missing observations point at the
-    boot's own line, which gives the cause."""
+    and the number of checks it covers. A dead boot's errors (run.integrity and every check
+    it never observed) are one count that points at the boot's own line, which gives the
+    cause: the counts add up to the summary's."""
     worse = ("skip", "xfail", "xpass", "fail", "error")
     per_config: dict[str, dict[tuple[str, str], list]] = {}
     for col in folded:
         for k, c in col.checks.items():
-            if k == "run.integrity":
+            if not _in_fold_line(col, k, dead):
                 continue  # the boot line says how the boot ended
             reason = c["reason"]
             if col.config in dead:  # the boot's cause is what matters; skips only counted
-                reason = "no observation: the boot died (its cause below)" if c["status"] == "error" else ""
-            entry = per_config.setdefault(col.config, {}).setdefault((c["status"], reason), [[], 0])
+                reason = DIED if c["status"] == "error" else ""
+            entry = per_config.setdefault(col.config, {}).setdefault((c["status"], reason), [[], 0, 0])
             if col not in entry[0]:
                 entry[0].append(col)
             entry[1] += 1
+            entry[2] += k == "run.integrity"
     lines = []
     for config, reasons in per_config.items():
         parts = []
-        for (status, reason), (cols, n) in reasons.items():
+        for (status, reason), (cols, n, integrity) in reasons.items():
             scopes = " + ".join(SCOPE_TITLE.get(c.scope, c.scope) for c in cols)
             what = "skipped" if status == "skip" else status + ("s" if n > 1 and status in ("error", "fail") else "")
+            if reason == DIED:
+                unseen = n - integrity
+                reason += ": " + " and ".join(["run.integrity"] * integrity + [
+                    f"{unseen} check{'s' if unseen > 1 else ''} with no observation"] * (unseen > 0))
             parts.append(f"{scopes}: {n} {what}, {reason}" if reason else f"{n} {what} in {scopes.replace(' + ', ', ')}")
         status = max((st for st, _ in reasons), key=worse.index)
         lines.append((f"  {status}", Text(f"{short[config]} columns not shown: " + "; ".join(parts),
@@ -287,7 +302,7 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
                                      style=STYLE["skip"])))
     _print_notes(console, notes)
 
-    _why_not_pass(report, console, skip_columns=folded, short=short)
+    _why_not_pass(report, console, skip_columns=folded, short=short, dead=dead)
     _boots(report, console)
     s = report["summary"]
     line = "  ".join(f"{k}={v}" for k, v in s.items())
@@ -295,16 +310,15 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     console.print(f"[{'bold red' if bad else 'bold green'}]{line}[/]")
 
 
-def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column], short: dict[str, str]) -> None:
+def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column], short: dict[str, str],
+                  dead: set[str]) -> None:
     """One line per (configuration, status, reason), naming one sample check and how many
-    more share it. A dead boot's `run.integrity` is on its boot line instead."""
-    hidden = {id(c) for col in skip_columns for k, c in col.checks.items() if k != "run.integrity"}
-    dead = {r["config"] for r in report["runs"] if r.get("exit") != "ok"}
+    more share it: every non-pass the fold lines do not count, so that the two add up to
+    the summary (a dead boot's `run.integrity` included)."""
+    hidden = {id(c) for col in skip_columns for k, c in col.checks.items() if _in_fold_line(col, k, dead)}
     entries: dict[tuple[str, str, str], list[dict]] = {}
     for c in report["checks"]:
         if c["status"] == "pass" or id(c) in hidden:
-            continue
-        if c["id"] == "run.integrity" and c["config"] in dead:
             continue
         entries.setdefault((c["config"], c["status"], c["reason"]), []).append(c)
     if not entries:

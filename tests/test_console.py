@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -216,6 +217,72 @@ def test_one_dead_boot_one_explanation(tmp_path):
         flat = " ".join(text.split())
         assert flat.count("no observation") == 1 and flat.count("the boot died") == 1
         assert "cause: no `end` record within 3.0 s; last serial line: @@LAB 1 info fault=hang ck=83" in text
+
+
+def _notes(text: str) -> list[tuple[str, str]]:
+    """(status, text) of each note line (`  error tcg ...`), its wrapped lines joined."""
+    out: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        m = re.match(r"  (pass|fail|error|xfail|xpass|skip) +(.*)", line)
+        if m:
+            out.append((m.group(1), m.group(2).strip()))
+        elif out and line.startswith("        ") and line.strip():
+            out[-1] = (out[-1][0], f"{out[-1][1]} {line.strip()}")
+        else:
+            out.append(("", ""))  # ends the note
+    return [n for n in out if n[0]]
+
+
+def errors_a_reader_counts(text: str) -> int:
+    """Errors as printed: `N errors` on the folded-columns lines, 1 (+N) per `Why not pass` line."""
+    n = 0
+    for status, note in _notes(text):
+        if "columns not shown:" in note:
+            n += sum(int(k) for k in re.findall(r"(\d+) errors?\b", note))
+        elif status == "error":
+            more = re.match(r"\S+ \S+(?: \+(\d+))?:", note)
+            n += 1 + int(more.group(1) or 0)
+    return n
+
+
+def _dead(tmp_path, observe) -> dict:
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"@@LAB 0 hello proto=1 ck=d9\r\n")
+    checks = _checks("tcg", TCG, observe=observe)
+    for c in checks:
+        if c.status == "error":
+            c.reason = "no observation: the probe did not report (boot timeout: no `end` record within 3.0 s)"
+    integrity = checks[-1]
+    integrity.status, integrity.observed = "error", "timeout"
+    integrity.reason = "boot timeout: no `end` record within 3.0 s; output cut short"
+    return _report(checks, [_run(TCG, log, "timeout", "no `end` record within 3.0 s")])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_dead_boots_errors_add_up_to_the_summary(tmp_path, width):
+    """The folded line counts run.integrity too: its errors are the summary's."""
+    rep = _dead(tmp_path, lambda exp, serial: None)
+    text = render(rep, width)
+    assert errors_a_reader_counts(text) == rep["summary"]["error"], text
+    fold = next(note for _, note in _notes(text) if "columns not shown" in note)
+    assert "run.integrity" in fold
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_boot_that_died_half_way_adds_up_too(tmp_path, width):
+    """Host probes observed, then the boot hung: the host column is shown, the guest's folded;
+    run.integrity is counted with the other errors (Why not pass), not only in the table."""
+    rep = _dead(tmp_path, lambda exp, serial: serial if exp.scope == "host" and "rdtsc" not in exp.id else None)
+    text = render(rep, width)
+    assert errors_a_reader_counts(text) == rep["summary"]["error"], text
+
+
+def test_error_count_control_a_missing_error_line_is_noticed(tmp_path):
+    """Negative control for errors_a_reader_counts: drop a Why-not-pass line and it no longer adds up."""
+    rep = _dead(tmp_path, lambda exp, serial: serial if exp.scope == "host" and "rdtsc" not in exp.id else None)
+    text = render(rep, 120)
+    line = next(li for li in text.splitlines() if li.startswith("  error tcg host.rdtsc"))
+    assert errors_a_reader_counts(text.replace(line + "\n", "")) != rep["summary"]["error"]
 
 
 def test_dead_boot_control_a_live_boot_has_no_cause_line(full):
