@@ -488,9 +488,9 @@ if __name__ == "__main__":  # make: python3 -m lab.catalogue OUT_DIR; docs: --do
         root = Path(__file__).resolve().parent.parent
         for name in DOCS:
             (root / name).write_text(docs_text((root / name).read_text()))
-    elif len(sys.argv) == 2:
+    elif len(sys.argv) == 2 and not sys.argv[1].startswith("-"):
         write_firmware_sources(Path(sys.argv[1]))
-    elif len(sys.argv) == 3 and sys.argv[2] == "--bits=32":
+    elif len(sys.argv) == 3 and sys.argv[2] == "--bits=32" and not sys.argv[1].startswith("-"):
         write_firmware_sources(Path(sys.argv[1]), 32)
-    else:
+    else:  # an option it does not know is not a folder to create
         sys.exit("usage: python3 -m lab.catalogue OUT_DIR [--bits=32] | --docs")

@@ -197,6 +197,10 @@ class Gdb:
         self.mi("-gdb-set mi-async on")
         self.mi("-gdb-set confirm off")
         self.mi("-gdb-set pagination off")
+        # A GDB internal error ends this GDB (the session reports it) without a core file in
+        # the user's working directory.
+        self.mi('-interpreter-exec console "maint set internal-error corefile no"')
+        self.mi('-interpreter-exec console "maint set internal-error quit yes"')
         if self.accel != "kvm":
             self.mi("-gdb-set breakpoint always-inserted on")
 

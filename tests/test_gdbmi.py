@@ -128,6 +128,16 @@ def test_transcript_has_every_line_with_timestamps(tmp_path):
     assert "gdb ended" in text
 
 
+def test_a_gdb_internal_error_ends_gdb_without_a_core_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where GDB would drop its core file
+    with Gdb(tmp_path / "t.log") as g:
+        pid = g.pid
+        with pytest.raises((GdbClosed, GdbError, GdbTimeout)):
+            g.console("maint internal-error the lab's negative control", timeout=5)
+        assert settles(lambda: not alive(pid), timeout=5)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("core")]
+
+
 def test_mi_quote():
     assert mi_quote('a "b" \\c') == '"a \\"b\\" \\\\c"'
 
