@@ -8,7 +8,8 @@ into one line that says why; it is made for 100 columns. `scope` shows one confi
 and scope at a time, with the expected value next to the observed one. `wide` is every
 column, nothing folded, at its natural width whatever the terminal's. `auto` (default) is
 `table` when it fits the width, else `scope`. A value is never cut: a view that does not
-fit wraps (folds) a cell instead.
+fit wraps (folds) a cell instead. No printed line ends in blanks (rich pads table cells to
+their column's width): logs and copy-paste get the text only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from rich import box
 from rich.cells import cell_len
 from rich.console import Console
+from rich.measure import Measurement
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -46,6 +49,39 @@ def console_width(stream) -> int | None:
     if cols.isdigit() and int(cols) > 0:
         return int(cols)
     return None if stream.isatty() else DESIGN_WIDTH
+
+
+# -- printing ------------------------------------------------------------------------------
+class Unpadded:
+    """A renderable without the blanks at the ends of its lines: rich pads a table's cells to
+    their column's width and keeps the space a wrapped line broke at; logs and copy-paste
+    get the text only."""
+
+    def __init__(self, renderable):
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options):
+        for line in console.render_lines(self.renderable, options, pad=False):
+            while line and not line[-1].control and not line[-1].text.rstrip():
+                line.pop()
+            if line and not line[-1].control:
+                line[-1] = Segment(line[-1].text.rstrip(), line[-1].style)
+            yield from line
+            yield Segment.line()
+
+    def __rich_measure__(self, console: Console, options) -> Measurement:
+        return Measurement.get(console, options, self.renderable)
+
+
+def out(console: Console, renderable, *, highlight: bool | None = None, soft_wrap: bool = False, **kw) -> None:
+    """console.print with no blanks at the ends of lines. A soft-wrapped line (one long
+    line on purpose: a command to copy) is printed as it is."""
+    if soft_wrap:
+        console.print(renderable, highlight=highlight, soft_wrap=True, **kw)
+        return
+    if isinstance(renderable, str):  # markup and highlighting as console.print reads a str
+        renderable = console.render_str(renderable, highlight=highlight)
+    console.print(Unpadded(renderable), **kw)
 
 
 # -- the model: columns (configuration, scope) and grouped rows ----------------------------
@@ -261,7 +297,7 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     h = report["host"]
     kvm = h["kvm_module"] or "none"
     kvm_note = "" if h["kvm_usable"] else f" (unusable: {h['kvm_reason']})"
-    console.print(f"[bold]ring-lab {report['lab_version']}[/]  QEMU {h['qemu']}  KVM module: {kvm}{kvm_note}"
+    out(console, f"[bold]ring-lab {report['lab_version']}[/]  QEMU {h['qemu']}  KVM module: {kvm}{kvm_note}"
                   f"  witness: {report.get('witness', 'both')}", highlight=False)
 
     columns = _columns(report)
@@ -269,7 +305,7 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     short = _short_names(columns)
     configs = list(dict.fromkeys(c.config for c in columns))
     # What each column title stands for, where the title is shorter than the configuration.
-    console.print("columns: " + "; ".join(f"{short[c]} = {c}" if short[c] != c else c for c in configs),
+    out(console, "columns: " + "; ".join(f"{short[c]} = {c}" if short[c] != c else c for c in configs),
                   highlight=False)
 
     folded = [] if view == "wide" else [c for c in columns if c.folded]
@@ -282,18 +318,18 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
         # Its natural width even past the terminal's (for `less -S` or a wide window).
         width, console.width = console.width, max(console.width, _pin_natural_widths(console, table))
         try:
-            console.print(table, crop=False)
+            out(console, table, crop=False)
         finally:
             console.width = width
     elif shown:
         table = None if view == "scope" else _table(shown, groups, short, wide=False)
         if table is not None and (_fits(console, table) or view == "table"):
-            console.print(table)
+            out(console, table)
         else:
             for col, t in _scope_tables(shown, groups):
-                console.print(Text(f"{short[col.config]} {SCOPE_TITLE.get(col.scope, col.scope)}", style="bold"))
+                out(console, Text(f"{short[col.config]} {SCOPE_TITLE.get(col.scope, col.scope)}", style="bold"))
                 _fits(console, t)  # pinned where it fits
-                console.print(t)
+                out(console, t)
     dead = {r["config"] for r in report["runs"] if r.get("exit") != "ok"}
     notes = _fold_lines(folded, short, dead)
     if hidden:
@@ -307,7 +343,7 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     s = report["summary"]
     line = "  ".join(f"{k}={v}" for k, v in s.items())
     bad = s["fail"] + s["error"]
-    console.print(f"[{'bold red' if bad else 'bold green'}]{line}[/]")
+    out(console, f"[{'bold red' if bad else 'bold green'}]{line}[/]")
 
 
 def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column], short: dict[str, str],
@@ -324,7 +360,7 @@ def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column],
     if not entries:
         return
     sampled = any(len(v) > 1 for v in entries.values())
-    console.print("[bold]Why not pass[/]" + (" (one sample check per configuration and reason; +N: more)"
+    out(console, "[bold]Why not pass[/]" + (" (one sample check per configuration and reason; +N: more)"
                                              if sampled else ""))
     notes = []
     for (config, status, reason), checks in entries.items():
@@ -349,21 +385,21 @@ def _print_notes(console: Console, notes: list[tuple[str, Text]]) -> None:
     if room > 0:
         grid.columns[0].width = key_width
         grid.columns[1].width = min(room, max(_line_width(console, text) for _, text in notes))
-    console.print(grid)
+    out(console, grid)
 
 
 def _boots(report: dict, console: Console) -> None:
     for r in report["runs"]:
-        console.print(f"[bold]{r['config']}[/] exit={r['exit']} wall={r['wall_s']} s", highlight=False)
+        out(console, f"[bold]{r['config']}[/] exit={r['exit']} wall={r['wall_s']} s", highlight=False)
         if r["exit"] != "ok":  # a dead boot: the cause and the last thing it said, one line
             last = last_serial_line(r)
-            console.print(Text(f"  cause: {r['exit_detail']}; last serial line: {last if last is not None else '(none)'}",
+            out(console, Text(f"  cause: {r['exit_detail']}; last serial line: {last if last is not None else '(none)'}",
                                style="red"), soft_wrap=True)
-        console.print(Text(f"  log: {r['log']}"), soft_wrap=True)
+        out(console, Text(f"  log: {r['log']}"), soft_wrap=True)
         for line in _cost_lines(r.get("costs", {})):
-            console.print(f"  {line}")
+            out(console, f"  {line}")
         if r["repro"]:
-            console.print(f"  reproduce: {r['repro']}", soft_wrap=True, highlight=False)
+            out(console, f"  reproduce: {r['repro']}", soft_wrap=True, highlight=False)
 
 
 def last_serial_line(run: dict) -> str | None:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .console import out
 from .judge import show
 
 COUNTED = ("vmexit", "trap")  # probes whose value is a count: compared, never a disagreement
@@ -70,7 +71,7 @@ def short_names(configs: list[str]) -> dict[str, str]:
 def render(diff: dict, console: Console) -> None:
     """Where the engines disagree, and each side's account of it; then counts that differ."""
     short = short_names(diff["configs"])
-    console.print(Text(f"Differential view: {len(diff['configs'])} boots, {len(diff['disagreements'])} "
+    out(console, Text(f"Differential view: {len(diff['configs'])} boots, {len(diff['disagreements'])} "
                        f"check(s) where the verdicts differ", style="bold"))
     if diff["disagreements"]:
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
@@ -92,7 +93,7 @@ def render(diff: dict, console: Console) -> None:
                 else:
                     cells.append(Text(f"{s['status']}: {s['observed']} (want {s['expected']})", style="bold red"))
             table.add_row(d["id"], *cells)
-        console.print(table)
+        out(console, table)
     if diff["counts"]:
         table = Table(show_edge=False, pad_edge=False, header_style="bold", title_justify="left",
                       title="exit and trap counts (each engine's own; the plan asks for at least one)")
@@ -101,4 +102,4 @@ def render(diff: dict, console: Console) -> None:
             table.add_column(short.get(cfg, cfg), overflow="fold")
         for c in diff["counts"]:
             table.add_row(c["id"], *[c["observed"].get(cfg) or "-" for cfg in diff["configs"]])
-        console.print(table)
+        out(console, table)

@@ -96,6 +96,24 @@ def test_no_value_cut_and_lines_fit(full, width, view):
     assert _long_lines(text, width) == []
 
 
+@pytest.mark.parametrize("width", (60, *WIDTHS))
+@pytest.mark.parametrize("view", con.VIEWS)
+def test_no_line_ends_in_spaces(full, tmp_path, width, view):
+    """Tables are printed without rich's padding at the ends of lines, wrapped text without
+    the space it broke at: logs and copy-paste get the text only."""
+    for rep in (full, _dead(tmp_path, lambda exp, serial: None)):
+        padded = [line for line in render(rep, width, view).splitlines() if line != line.rstrip()]
+        assert padded == []
+
+
+def test_no_trailing_spaces_with_colours_either(full):
+    """The same through a terminal's escape codes: no blank run before a line's end."""
+    out = io.StringIO()
+    con.render(full, Console(file=out, width=100, force_terminal=True, color_system="truecolor"))
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue())
+    assert "✓" in plain and [line for line in plain.splitlines() if line != line.rstrip()] == []
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_wide_view_is_every_column_at_its_natural_width(full, width):
     text = render(full, width, "wide")

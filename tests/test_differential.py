@@ -59,3 +59,17 @@ def test_render_names_the_deviation():
     differential.render(d, console)
     text = console.export_text()
     assert "1 check(s) where the verdicts differ" in text and "deviation kvm_pvm-rdtsc-tsd-cpl3" in text
+
+
+def test_no_line_ends_in_spaces():
+    d = differential.build(report(
+        check(TCG, "host.rdtsc.tsd1.cpl3", "pass", "#GP(0)"),
+        check(KVM, "host.rdtsc.tsd1.cpl3", "xfail", "ok", "#GP(0)", "kvm_pvm-rdtsc-tsd-cpl3: ..."),
+        check(TCG, "guest-svm.vmexit.cpuid", "pass", "258", ">=1", probe="vmexit"),
+        check(BOCHS, "guest-svm.vmexit.cpuid", "pass", "131074", ">=1", probe="vmexit")))
+    for width in (80, 100, 200):
+        console = Console(record=True, width=width)
+        differential.render(d, console)
+        text = console.export_text()
+        assert "kvm_pvm-rdtsc-tsd-cpl3" in text and "131074" in text
+        assert [line for line in text.splitlines() if line != line.rstrip()] == []
