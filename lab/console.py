@@ -10,11 +10,20 @@ column, nothing folded, at its natural width whatever the terminal's. `auto` (de
 `table` when it fits the width, else `scope`. A value is never cut: a view that does not
 fit wraps (folds) a cell instead. No printed line ends in blanks (rich pads table cells to
 their column's width): logs and copy-paste get the text only.
+
+`--view table` narrower than the table's natural width keeps every value and every check
+label whole: its cells wrap between words (the mark, the value and `ᵍ` on lines of their
+own), each column no narrower than its longest word, the columns nearest their natural
+width served first. Where even that does not fit (about 82 columns for TCG and KVM side by
+side), one line says how many columns the table needs and the scope view follows: a value
+split across lines, or a label folded mid-id, reads as another value; `--view wide` prints
+the table at its natural width anyway (for `less -S`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,15 +220,25 @@ def _split_skipped_rows(groups, columns: list[Column]):
     return kept, hidden
 
 
-def _line_width(console: Console, renderable) -> int:
-    """The widest line of a cell (a str or a Text), in terminal cells, as rich measures it."""
+def _plain(console: Console, renderable) -> str:
+    """A cell's text (a str or a Text) as rich reads it."""
     if isinstance(renderable, Text):
-        plain = renderable.plain
-    elif "[" in renderable or ":" in renderable:  # markup or an emoji code: as rich reads it
-        plain = console.render_str(renderable).plain
-    else:
-        plain = renderable
-    return max((cell_len(line) for line in plain.splitlines()), default=0)
+        return renderable.plain
+    if "[" in renderable or ":" in renderable:  # markup or an emoji code
+        return console.render_str(renderable).plain
+    return renderable
+
+
+def _line_width(console: Console, renderable) -> int:
+    """The widest line of a cell, in terminal cells, as rich measures it."""
+    return max((cell_len(line) for line in _plain(console, renderable).splitlines()), default=0)
+
+
+def _word_width(console: Console, renderable) -> int:
+    """The widest word of a cell: the narrowest it wraps to with no word broken (rich keeps a
+    line's leading blanks with its first word: a row label's indent counts)."""
+    return max((cell_len(word.rstrip()) for line in _plain(console, renderable).splitlines()
+                for word in re.findall(r"\s*\S+\s*", line)), default=0)
 
 
 def _pin_natural_widths(console: Console, table: Table) -> int:
@@ -243,6 +262,29 @@ def _fits(console: Console, table: Table) -> bool:
         return True
     _unpin(table)
     return False
+
+
+def _wrap_to_fit(console: Console, table: Table) -> int:
+    """For a table wider than the console at its natural widths: the least width it needs
+    with every word whole (each column as wide as its longest word). When that fits, pins
+    the columns there: the columns nearest their natural width get it first, the rest share
+    what is left, and their cells wrap between words (mark, value, ᵍ), never inside one."""
+    total = _pin_natural_widths(console, table)
+    natural = [c.width for c in table.columns]
+    overhead = total - sum(natural)  # padding and separators
+    least = [max(_word_width(console, cell) for cell in (c.header, *c.cells)) for c in table.columns]
+    spare = console.width - overhead - sum(least)
+    if spare < 0:
+        _unpin(table)
+        return overhead + sum(least)
+    widths = list(least)
+    for i in sorted(range(len(widths)), key=lambda i: natural[i] - least[i]):
+        grow = min(spare, natural[i] - least[i])
+        widths[i] += grow
+        spare -= grow
+    for column, width in zip(table.columns, widths):
+        column.width = width
+    return overhead + sum(widths)
 
 
 def _in_fold_line(col: Column, key: str, dead: set[str]) -> bool:
@@ -323,7 +365,14 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
             console.width = width
     elif shown:
         table = None if view == "scope" else _table(shown, groups, short, wide=False)
-        if table is not None and (_fits(console, table) or view == "table"):
+        fits = table is not None and _fits(console, table)
+        if table is not None and not fits and view == "table":
+            need = _wrap_to_fit(console, table)
+            fits = need <= console.width
+            if not fits:
+                out(console, Text(f"--view table needs {need} columns, {console.width} here: one table per scope "
+                                  "instead", style="yellow"))
+        if fits:
             out(console, table)
         else:
             for col, t in _scope_tables(shown, groups):

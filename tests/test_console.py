@@ -131,6 +131,43 @@ def test_table_view_fits_100_columns(full, width):
     assert max(len(line.rstrip()) for line in table_lines) <= 100
 
 
+def labels_intact(text: str, report: dict) -> list[str]:
+    """Row labels (a check id without its group) that do not appear whole in the output."""
+    words = set(text.split())
+    return sorted({k for c in report["checks"] if c["status"] != "skip"
+                   for k in [con._row_key(c).removeprefix(c["probe"] + ".")] if k not in words})
+
+
+@pytest.mark.parametrize("width", (60, 80, 90, 100))
+def test_forced_table_view_never_splits_a_value_or_a_label(full, width):
+    """--view table narrower than the table: cells wrap between words (mark, value, ᵍ), never
+    inside one; where even that cannot fit, one line says so and the scope view follows."""
+    text = render(full, width, "table")
+    assert values_intact(text, full) == [] and labels_intact(text, full) == []
+    assert _long_lines(text, width) == []
+    note = [line for line in text.splitlines() if "--view table needs" in line]
+    if "observed" in text:  # fell back to one table per scope
+        assert len(note) == 1 and "one table per scope" in note[0]
+    else:
+        assert note == []
+
+
+def test_forced_table_wraps_cells_where_the_table_can_fit(full):
+    """A value widens the table past 100 columns: --view table stays a table, its cells
+    wrapped between words; only a column's own longest word sets how narrow it may get."""
+    wide_cell = next(c for c in full["checks"] if c["id"] == "host.cpuid-vendor.leaf0" and c["config"] == TCG)
+    wide_cell["observed"] = "AuthenticAMD-and-then-some"
+    text = render(full, 100, "table")
+    assert "observed" not in text and "--view table needs" not in text
+    assert values_intact(text, full) == [] and labels_intact(text, full) == []
+    assert _long_lines(text, 100) == []
+
+
+def test_label_checker_control_a_split_label_is_reported(full):
+    text = render(full, 100).replace("cpl1.ring-compression", "cpl1.ring-com\npression")
+    assert labels_intact(text, full) == ["cpl1.ring-compression"]
+
+
 def test_auto_falls_back_to_scope_view_when_the_table_does_not_fit(full):
     wide_cell = next(c for c in full["checks"] if c["id"] == "host.cpuid-vendor.leaf0" and c["config"] == TCG)
     wide_cell["observed"] = "AuthenticAMD-and-then-some"  # widens the table past 100, not a scope
