@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import fcntl
 import subprocess
 import sys
@@ -64,4 +65,8 @@ def build(variant: str = "normal") -> Artifacts:
         _make(ROOT / "guests")
         _make(ROOT / "firmware", f"PYTHON={sys.executable}", *(() if variant == "normal" else (f"VARIANT={variant}",)),
               "all", "i386")  # i386: the 32-bit host for models without long mode
+        # The lab's own Python, byte-compiled as an install would (also where the interpreter
+        # writes no bytecode, PYTHONDONTWRITEBYTECODE): each run then starts from it (~1 ms
+        # when nothing changed).
+        compileall.compile_dir(ROOT / "lab", quiet=1)
     return artifacts(variant)
