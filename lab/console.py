@@ -287,6 +287,13 @@ def _wrap_to_fit(console: Console, table: Table) -> int:
     return overhead + sum(widths)
 
 
+def fit(console: Console, table: Table) -> bool:
+    """Pins a table's columns so that it fits the console with every word whole: at their
+    natural widths, else wrapped between words (`_wrap_to_fit`). False, with nothing
+    pinned, where it cannot (rich then folds its cells as a last resort)."""
+    return _fits(console, table) or _wrap_to_fit(console, table) <= console.width
+
+
 def _in_fold_line(col: Column, key: str, dead: set[str]) -> bool:
     """Whether a folded column's check is counted on its configuration's fold line: all of
     them but a live boot's run.integrity (a dead boot's is one of its errors)."""

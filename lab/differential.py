@@ -12,11 +12,13 @@ Reads the report dict only (lab/report.py); judges nothing itself.
 
 from __future__ import annotations
 
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .console import out
+from .console import fit, out
 from .judge import show
 
 COUNTED = ("vmexit", "trap")  # probes whose value is a count: compared, never a disagreement
@@ -68,38 +70,54 @@ def short_names(configs: list[str]) -> dict[str, str]:
     return {c: a if accels.count(a) == 1 else f"{a} {c.split('/', 2)[-1]}" for c, a in zip(configs, accels)}
 
 
+def _verdict(side: dict | None) -> Text:
+    if side is None:
+        return Text("- not run", style="dim")
+    if side["kind"] == "pass":
+        return Text(f"pass {side['observed']}", style="green")
+    if side["kind"] == "named deviation":
+        name = side["reason"].split(":", 1)[0]
+        return Text(f"deviation {name}: {side['observed']} (architecture: {side['expected']})", style="yellow")
+    return Text(f"{side['status']}: {side['observed']} (want {side['expected']})", style="bold red")
+
+
 def render(diff: dict, console: Console) -> None:
-    """Where the engines disagree, and each side's account of it; then counts that differ."""
+    """Where the engines disagree, and each side's account of it; then counts that differ.
+
+    Each check is a line of its own with one line per engine under it (the engine, then its
+    verdict, which wraps between words): four engines side by side need more than 100
+    columns once a deviation is named, and a table folded to fit breaks ids and names
+    mid-word. The counts are short: a table, its titles wrapped at a space if need be, or
+    the same lines as the checks where even that does not fit."""
     short = short_names(diff["configs"])
     out(console, Text(f"Differential view: {len(diff['configs'])} boots, {len(diff['disagreements'])} "
-                       f"check(s) where the verdicts differ", style="bold"))
-    if diff["disagreements"]:
-        table = Table(show_edge=False, pad_edge=False, header_style="bold")
-        table.add_column("check", overflow="fold")
-        for cfg in diff["configs"]:
-            table.add_column(short.get(cfg, cfg), overflow="fold")
-        for d in diff["disagreements"]:
-            cells = []
-            for cfg in diff["configs"]:
-                s = d["sides"].get(cfg)
-                if s is None:
-                    cells.append(Text("-", style="dim"))
-                elif s["kind"] == "pass":
-                    cells.append(Text(f"pass {s['observed']}", style="green"))
-                elif s["kind"] == "named deviation":
-                    name = s["reason"].split(":", 1)[0]
-                    cells.append(Text(f"deviation {name}: {s['observed']} (architecture: {s['expected']})",
-                                      style="yellow"))
-                else:
-                    cells.append(Text(f"{s['status']}: {s['observed']} (want {s['expected']})", style="bold red"))
-            table.add_row(d["id"], *cells)
-        out(console, table)
+                      f"check(s) where the verdicts differ", style="bold"))
+    for d in diff["disagreements"]:
+        _block(console, diff["configs"], short, d["id"], [_verdict(d["sides"].get(cfg)) for cfg in diff["configs"]])
     if diff["counts"]:
-        table = Table(show_edge=False, pad_edge=False, header_style="bold", title_justify="left",
-                      title="exit and trap counts (each engine's own; the plan asks for at least one)")
-        table.add_column("count", overflow="fold")
+        out(console, Text("exit and trap counts (each engine's own; the plan asks for at least one)"))
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold",
+                      collapse_padding=True)
+        table.add_column("count", no_wrap=True)
         for cfg in diff["configs"]:
             table.add_column(short.get(cfg, cfg), overflow="fold")
         for c in diff["counts"]:
             table.add_row(c["id"], *[c["observed"].get(cfg) or "-" for cfg in diff["configs"]])
-        out(console, table)
+        if fit(console, table):  # an engine's title wraps at its space, if need be
+            out(console, table)
+        else:
+            for c in diff["counts"]:
+                _block(console, diff["configs"], short, c["id"],
+                       [Text(c["observed"].get(cfg) or "-") for cfg in diff["configs"]])
+
+
+def _block(console: Console, configs: list[str], short: dict[str, str], title: str, cells: list[Text]) -> None:
+    """A check's id on its own line, then a line per engine: its name, then its cell."""
+    names = ["  " + short.get(cfg, cfg) for cfg in configs]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True, min_width=max(cell_len(n) for n in short.values()) + 2)  # aligned across blocks
+    grid.add_column(overflow="fold")
+    for name, cell in zip(names, cells):
+        grid.add_row(name, cell)
+    out(console, Text(title, style="bold"))
+    out(console, grid)

@@ -3,11 +3,13 @@ disagreement, accounted for only by a named deviation; values and counts are not
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
 from lab import differential
 
 TCG, KVM, BOCHS = "tcg/microvm/qemu64,+svm", "kvm/microvm/qemu64", "bochs/i440fx/corei7_skylake_x"
+BOCHS_AMD = "bochs/i440fx/trinity_apu"
 
 
 def check(config, cid, status, observed, expected=None, reason="", probe=None):
@@ -73,3 +75,56 @@ def test_no_line_ends_in_spaces():
         text = console.export_text()
         assert "kvm_pvm-rdtsc-tsd-cpl3" in text and "131074" in text
         assert [line for line in text.splitlines() if line != line.rstrip()] == []
+
+
+def every_engine() -> dict:
+    """What `--accel every` disagrees on under kvm_pvm and QEMU 7.2's TCG: four engines."""
+    dev = {KVM: {"host.cpl-return.from3.syscall": ("3", "0", "kvm_pvm-syscall-cpl3"),
+                 "host.rdtsc.tsd1.cpl3": ("ok", "#GP(0)", "kvm_pvm-rdtsc-tsd-cpl3"),
+                 "host.cr4-reserved.umip.cpl0": ("ok", "#GP(0)", "kvm_pvm-umip-offered")},
+           TCG: {f"host.rdpmc.counter0.pce{p}.cpl{c}": ("#UD", "#GP(0)", "tcg-rdpmc-unimplemented")
+                 for p, c in (("0", "0"), ("1", "0"), ("1", "3"))}}
+    checks = []
+    for cid in [*dev[KVM], *dev[TCG]]:
+        for cfg in (TCG, KVM, BOCHS, BOCHS_AMD):
+            if cid in dev.get(cfg, {}):
+                obs, want, name = dev[cfg][cid]
+                checks.append(check(cfg, cid, "xfail", obs, want, f"{name}: what the engine does"))
+            elif cfg == TCG and "cr4-reserved" in cid:
+                checks.append(check(cfg, cid, "skip", None, "#GP(0)", "not run under TCG"))
+            else:
+                checks.append(check(cfg, cid, "pass", "ok" if cfg.startswith("bochs") and "rdpmc" in cid else
+                                    "#GP(0)" if "rdpmc" in cid or "tsd1" in cid or "cr4" in cid else "0"))
+    checks += [check(TCG, "guest-svm.vmexit.cpuid", "pass", "516", ">=1", probe="vmexit"),
+               check(BOCHS_AMD, "guest-svm.vmexit.cpuid", "pass", "8196", ">=1", probe="vmexit")]
+    rep = {"runs": [{"config": c} for c in (TCG, KVM, BOCHS, BOCHS_AMD)], "checks": checks}
+    return differential.build(rep)
+
+
+@pytest.mark.parametrize("width", (60, 80, 100))
+def test_every_engine_view_keeps_every_name_whole(width):
+    """--accel every at 100 columns (and 80, 60): check ids, engines, deviation names and values
+    each whole on one line, and no line past the width."""
+    d = every_engine()
+    assert len(d["disagreements"]) == 6 and all(x["accounted"] for x in d["disagreements"])
+    console = Console(record=True, width=width)
+    differential.render(d, console)
+    lines = console.export_text().splitlines()
+    names = [x["id"] for x in d["disagreements"]] + list(differential.short_names(d["configs"]).values())
+    names += ["kvm_pvm-syscall-cpl3", "kvm_pvm-rdtsc-tsd-cpl3", "kvm_pvm-umip-offered", "tcg-rdpmc-unimplemented",
+              "guest-svm.vmexit.cpuid", "8196"]
+    assert [n for n in names if not any(n in line for line in lines)] == []
+    assert [line for line in lines if len(line) > width] == []
+
+
+def test_every_engine_view_says_which_engine_deviates_on_the_checks_line():
+    """Each engine's verdict is on its own line under the check, the deviation beside the engine."""
+    d = every_engine()
+    console = Console(record=True, width=100)
+    differential.render(d, console)
+    lines = [line.strip() for line in console.export_text().splitlines()]
+    at = lines.index("host.rdtsc.tsd1.cpl3")
+    block = lines[at + 1:at + 5]
+    assert [line.split("  ")[0] for line in block] == ["tcg", "kvm", "bochs corei7_skylake_x", "bochs trinity_apu"]
+    assert "deviation kvm_pvm-rdtsc-tsd-cpl3: ok (architecture: #GP(0))" in block[1]
+    assert block[0].endswith("pass #GP(0)")
