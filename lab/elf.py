@@ -1,12 +1,19 @@
-"""What the build produced: symbols and bytes of an ELF64 image (pyelftools), so the GDB
-witness can name a RIP by its label and compare what the CPU executed with the binary."""
+"""What the build produced: symbols and bytes of an ELF image (pyelftools), so the GDB
+witness can name a RIP by its label and compare what the CPU executed with the binary.
+
+Each run reads the same few ELFs; what it needs of one (symbols, loaded bytes) is kept next
+to it (`<elf>.image`), keyed by the ELF's size and mtime, so a run neither imports pyelftools
+nor parses the file again while the ELF is unchanged."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
+CACHE_SUFFIX = ".image"
 
 
 @dataclass
@@ -18,6 +25,32 @@ class Image:
 
     @classmethod
     def load(cls, path: Path | str) -> "Image":
+        path = Path(path)
+        st = path.stat()
+        key = (st.st_size, st.st_mtime_ns)
+        cache = path.with_name(path.name + CACHE_SUFFIX)
+        try:
+            with open(cache, "rb") as fh:
+                saved_key, symbols, bits, segments = pickle.load(fh)
+            if saved_key == key:
+                return cls(path, symbols, bits, segments)
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError, TypeError):
+            pass  # none yet, or from another ELF: parse it
+        img = cls.parse(path)
+        try:  # written whole or not at all: two runs may write it at once
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name + ".")
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), 0o644)
+                pickle.dump((key, img.symbols, img.bits, img._segments), fh)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only build folder: parse each time
+        return img
+
+    @classmethod
+    def parse(cls, path: Path | str) -> "Image":
+        from elftools.elf.elffile import ELFFile  # only when the ELF changed (~35 ms to import)
+
         img = cls(Path(path))
         with open(img.path, "rb") as fh:
             elf = ELFFile(fh)

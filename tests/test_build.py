@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
+import shutil
 
 from lab import build
+from lab.elf import CACHE_SUFFIX, Image
 
 
 def _current(path) -> bool:
@@ -34,3 +37,20 @@ def test_a_module_changed_after_a_build_is_compiled_by_the_next():
     assert not _current(path)  # the control: stale now
     build.build()
     assert _current(path)
+
+
+def test_an_elfs_image_is_read_from_its_cache_only_while_the_elf_is_unchanged(tmp_path):
+    elf = tmp_path / "host.elf64"
+    shutil.copy2(build.artifacts().symbols, elf)
+    first = Image.load(elf)
+    cache = tmp_path / ("host.elf64" + CACHE_SUFFIX)
+    assert cache.exists() and first.symbols == Image.parse(elf).symbols
+    # The cache is what a second load returns: one with a planted symbol proves it is read...
+    key, symbols, bits, segments = pickle.loads(cache.read_bytes())
+    cache.write_bytes(pickle.dumps((key, {**symbols, "planted": 1}, bits, segments)))
+    assert "planted" in Image.load(elf).symbols
+    # ...and an ELF changed since (another mtime) is parsed again, never taken from it.
+    st = os.stat(elf)
+    os.utime(elf, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    again = Image.load(elf)
+    assert "planted" not in again.symbols and again.read(again.symbols["witness_rdmsr"], 2) == b"\x0f\x32"
