@@ -8,7 +8,7 @@
     .cfi_sections .debug_frame
 /* Each stub starts with a 2-byte no-op (66 90): the GDB witness's breakpoint sits on it, and
  * the witness resumes the CPU past it, which needs no single step over the breakpoint
- * (under TCG a single step flushes QEMU's translations: docs/gdb.md). */
+ * (under TCG each stop flushes QEMU's translations, and a single step is one more: docs/gdb.md). */
 /* Unwind info: a stub's frame is the one the CPU pushed (SDM Vol. 3A 6.14.2), with no caller
  * GDB could find by prologue analysis; `.cfi_undefined rip` makes the stub GDB's outermost
  * frame, so a stop there reads no code or stack to unwind a caller (the witness reads the
