@@ -43,6 +43,11 @@ isr_stub_\n:
     .cfi_endproc
 .endm
 
+/* The stubs have a 4 KiB page of their own: QEMU's TCG runs every instruction of a page that
+ * holds a breakpoint as a translation block of its own (and translates it again after each
+ * stop), and the witness's breakpoints sit on these stubs; the paths every probe runs
+ * (isr_common, probe_call, the ring helpers) must not share their page (docs/gdb.md). */
+    .balign 4096
 /* Vectors that push an error code: 8, 10-14, 17, 21, 29, 30 (SDM Vol. 3A 6.15). */
 ISR_NOERR 0
 ISR_NOERR 1
@@ -88,6 +93,7 @@ ISR_ERR   29
 ISR_ERR   30
 ISR_NOERR 31
 ISR_NOERR 128
+    .balign 4096
 
     .globl isr_common
 isr_common:

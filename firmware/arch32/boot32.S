@@ -76,6 +76,9 @@ isr_stub_\n:
     jmp isr_common
 .endm
 
+/* A page of their own, as in isr.S: TCG runs a page holding a breakpoint one instruction per
+ * translation block. */
+    .balign 4096
 ISR_NOERR 0
 ISR_NOERR 1
 ISR_NOERR 2
@@ -115,6 +118,7 @@ ISR_NOERR 28
 ISR_ERR   29
 ISR_ERR   30
 ISR_NOERR 31
+    .balign 4096
 
 isr_common:
     pushal                          /* struct frame32 (main32.c) */
