@@ -94,29 +94,24 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
             raise ConfigError("--witness gdb: Bochs has no gdbstub, so GDB cannot witness it (docs/bochs.md); "
                               "use --witness serial, or a QEMU accelerator")
         witness = "serial"
-    engines = bochs_mod.engine_cpus(accels, opts.cpu, every=opts.accel == bochs_mod.EVERY)
-    # From the first process on (a GDB, the pre-boot CPU query), Ctrl-C and SIGTERM stop everything cleanly.
+    art = build_mod.build(opts.variant)
+    cfgs = [
+        make_config(a, art, qemu=bochs_mod.bochs_binary() if a == BOCHS else qemu, kvm=kvm, machine=opts.machine,
+                    cpu=cpu,
+                    hv_signature=opts.hv_signature, host_mode=opts.host_mode,
+                    kernel_args=opts.kernel_args, timeout_s=timeout)
+        for a, cpu in bochs_mod.engine_cpus(accels, opts.cpu, every=opts.accel == bochs_mod.EVERY)
+    ]
+    # From the first QEMU on (the pre-boot CPU query), Ctrl-C and SIGTERM stop everything cleanly.
     old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     run_root = None
-    gdbs: list = []
     try:
-        if witness != "serial":  # one GDB per QEMU boot starts up (~0.1 s) while the lab builds and pre-boots
-            from . import gdbmi
-
-            gdbs = [gdbmi.spawn() for a, _ in engines if a != BOCHS]
-        art = build_mod.build(opts.variant)
-        cfgs = [
-            make_config(a, art, qemu=bochs_mod.bochs_binary() if a == BOCHS else qemu, kvm=kvm, machine=opts.machine,
-                        cpu=cpu, hv_signature=opts.hv_signature, host_mode=opts.host_mode,
-                        kernel_args=opts.kernel_args, timeout_s=timeout)
-            for a, cpu in engines
-        ]
         pres = preboot_all(cfgs)  # the engine's description of each CPU model decides before any boot
         booting = [p for p in pres if not p.skip]
         run_root = new_run_root(Path(opts.runs_dir) if opts.runs_dir else None)
         skipped_checks = [Check("run.accel", a, "host", "run", {}, None, None, "skip", why, config=a)
                           for a, why in skipped] + [not_run_check(p) for p in pres if p.skip]
-        outcomes = run_matrix([p.cfg for p in booting], run_root, kvm=kvm, witness=witness, gdbs=gdbs)
+        outcomes = run_matrix([p.cfg for p in booting], run_root, kvm=kvm, witness=witness)
     except _Terminated:
         console.print(f"[red]terminated: QEMU and GDB were stopped{_folder(run_root)}[/]")
         return 143, None
@@ -124,8 +119,6 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         console.print(f"[red]interrupted: QEMU and GDB were stopped{_folder(run_root)}[/]")
         return 130, None
     finally:
-        for proc in gdbs:  # those no boot took (a configuration that does not boot)
-            gdbmi.end_spawned(proc)
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     rep = full_report(outcomes, qemu, kvm, skipped_checks, witness)

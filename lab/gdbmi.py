@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import re
 import select
@@ -133,29 +132,6 @@ class _TeeReader:
         return data
 
 
-def gdb_command(gdb: str = "gdb", extra_args: tuple[str, ...] = ()) -> list[str]:
-    return [gdb, "--nx", "--quiet", "--interpreter=mi3", *extra_args]
-
-
-def spawn(command: list[str] | None = None) -> subprocess.Popen:
-    """Start a GDB (MI3) that nothing talks to yet: its own start-up (~0.1 s) then runs while
-    the caller does other work; `Gdb(spawned=...)` takes it over. Its own session (process
-    group), so teardown can signal GDB and nothing else; `end_spawned()` ends one never used."""
-    return subprocess.Popen(command or gdb_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
-
-
-def end_spawned(proc: subprocess.Popen) -> None:
-    """End a spawned GDB (a no-op once a Gdb has closed it)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for f in (proc.stdin, proc.stdout, proc.stderr):
-        with contextlib.suppress(OSError):
-            f and f.close()
-
-
 class Gdb:
     """One GDB process speaking MI3. Use as a context manager."""
 
@@ -168,13 +144,11 @@ class Gdb:
         extra_args: tuple[str, ...] = (),
         timeout: float = 5.0,
         poll: float = 0.05,
-        spawned: subprocess.Popen | None = None,
     ):
         self.accel = accel
         self.timeout = timeout
         self.poll = poll
-        self._cmd = gdb_command(gdb, extra_args)
-        self._spawned = spawned  # a GDB spawn() started earlier: start() talks to it
+        self._cmd = [gdb, "--nx", "--quiet", "--interpreter=mi3", *extra_args]
         self._transcript_path = Path(transcript) if transcript else None
         self._transcript: IO[str] | None = None
         self._t0 = time.monotonic()
@@ -206,7 +180,15 @@ class Gdb:
             self._transcript.write(f"# command: {' '.join(self._cmd)}\n")
             self._transcript.write("# columns: seconds since start, > sent / < stdout / ! stderr, line\n")
         self._t0 = time.monotonic()
-        self.proc, self._spawned = self._spawned or spawn(self._cmd), None
+        # Own session = own process group, so teardown can signal GDB and nothing else.
+        self.proc = subprocess.Popen(
+            self._cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            start_new_session=True,
+        )
         self._out = _TeeReader(self.proc.stdout, self, "<")
         self._err = _TeeReader(self.proc.stderr, self, "!")
         # time_to_check=0: IoManager never lingers for "more output"; we decide when to stop.

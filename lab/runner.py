@@ -9,7 +9,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -225,10 +224,9 @@ def make_config(
 
 
 def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "serial",
-            cancel: threading.Event | None = None, gdb_spawned: subprocess.Popen | None = None) -> RunOutcome:
+            cancel: threading.Event | None = None) -> RunOutcome:
     """Boot once, judge, and write the run folder's report. Never raises for a bad boot:
-    the outcome then carries `error` checks and the reason. `gdb_spawned`: a GDB started
-    earlier (lab.gdbmi.spawn) for the witness to take over; the caller ends it if unused."""
+    the outcome then carries `error` checks and the reason."""
     if cfg.accel == BOCHS:  # the serial witness only (docs/bochs.md)
         from . import bochs
 
@@ -250,8 +248,7 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
     if gdb_port:
         from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
 
-        gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, f"127.0.0.1:{gdb_port}", cfg.accel,
-                         spawned=gdb_spawned)
+        gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, f"127.0.0.1:{gdb_port}", cfg.accel)
         outcome.gdb_transcript = gdb.transcript
     try:
         if gdb is not None:
@@ -324,18 +321,12 @@ def host_dict(qemu: str, kvm: KvmStatus) -> dict:
 
 
 def run_matrix(cfgs: list[RunConfig], run_root: Path, *, kvm: KvmStatus | None = None,
-               witness: str = "serial", parallel: int = 2,
-               gdbs: list[subprocess.Popen] | None = None) -> list[RunOutcome]:
-    """Every configuration's boot, `parallel` at a time. `gdbs`: GDBs spawned earlier, one
-    for each QEMU boot as far as they go (the caller ends any left)."""
+               witness: str = "serial", parallel: int = 2) -> list[RunOutcome]:
     kvm = kvm or kvm_status()
     dirs = [run_root / f"{i}-{_slug(c.label)}" for i, c in enumerate(cfgs)]
-    spare = list(gdbs or ()) if witness in ("gdb", "both") else []
-    handed = [spare.pop() if spare and c.accel != BOCHS else None for c in cfgs]
     cancel = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = [pool.submit(run_one, c, d, kvm, witness, cancel, g)
-                   for c, d, g in zip(cfgs, dirs, handed, strict=True)]
+        futures = [pool.submit(run_one, c, d, kvm, witness, cancel) for c, d in zip(cfgs, dirs, strict=True)]
         try:
             return [f.result() for f in futures]
         except BaseException:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -436,8 +435,7 @@ class GdbWitness:
     this side only attaches, serves the stop at `hv_main` and reads the record at the end."""
 
     def __init__(self, run_dir: Path | str, host_elf: Path | str, guest_elf: Path | str | None,
-                 gdb_addr: str, accel: str, *, gdb: str = "gdb", command_timeout: float = 5.0,
-                 spawned: subprocess.Popen | None = None):
+                 gdb_addr: str, accel: str, *, gdb: str = "gdb", command_timeout: float = 5.0):
         self.run_dir = Path(run_dir)
         self.host_elf = Path(host_elf)
         self.guest_elf = Path(guest_elf) if guest_elf else None
@@ -450,7 +448,7 @@ class GdbWitness:
         self.stops_path = self.run_dir / "gdb.stops.jsonl"
         self.error: str | None = None  # why the session ended early, if it did
         self.seconds = 0.0
-        self._gdb = Gdb(self.transcript, accel=accel, gdb=gdb, timeout=command_timeout, spawned=spawned)
+        self._gdb = Gdb(self.transcript, accel=accel, gdb=gdb, timeout=command_timeout)
         self._thread: threading.Thread | None = None
         self._quit = threading.Event()
         self._prepared = False

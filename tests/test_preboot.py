@@ -160,24 +160,3 @@ def test_the_models_facts_are_asked_of_qemu_once(monkeypatch, tmp_path, artifact
     assert qemu_mod.cached_cpu_model_facts(other, cache)["cpu"] == "max" and asked == ["qemu64", "max"]
     cache.write_text("{not json")  # a damaged cache is asked again, not trusted
     assert qemu_mod.cached_cpu_model_facts(cfg, cache)["cpu"] == "qemu64" and asked[-1] == "qemu64"
-
-
-@pytest.mark.gdb
-def test_gdbs_started_early_end_with_a_run_that_fails_before_booting(monkeypatch, tmp_path, no_leftovers):
-    """The lab starts one GDB per QEMU boot before it builds and pre-boots (their start-up
-    overlaps that work). A run that stops there (here: the model has no VMX for
-    --host-mode vmx) must end them; one that boots hands them to its witnesses."""
-    fake_facts(monkeypatch, lm=True, syscall=True, svm=True, vmx=False)
-    spawned = []
-    import lab.gdbmi
-
-    real = lab.gdbmi.spawn
-    monkeypatch.setattr(lab.gdbmi, "spawn", lambda *a: spawned.append(real(*a)) or spawned[-1])
-    opts = RunOptions(accel="tcg", host_mode="vmx", runs_dir=str(tmp_path), quiet=True)
-    with pytest.raises(ConfigError, match="has no VMX"):
-        run_lab(opts, console=Console(file=open(os.devnull, "w")))
-    assert len(spawned) == 1 and spawned[0].poll() is not None  # started, and ended
-    status, rep = run_lab(RunOptions(accel="tcg", runs_dir=str(tmp_path), quiet=True, witness="gdb"),
-                          console=Console(file=open(os.devnull, "w")))
-    assert len(spawned) == 2 and status == 0
-    assert all("gdb" in c["witnesses"] for c in rep["checks"] if c["id"] == "host.rdtsc.tsd1.cpl3")
