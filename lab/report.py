@@ -72,7 +72,21 @@ def _umask() -> int:
 
 
 def write_json(report: dict, path: Path) -> None:
-    _atomic_write(path, json.dumps(report, indent=2) + "\n")
+    _atomic_write(path, json_text(report))
+
+
+def json_text(report: dict) -> str:
+    """The report as JSON, one top-level key per line and one list item (a check, a run) per
+    line: as easy to grep and diff as an indented dump, and written by the C encoder (an
+    indented dump goes through the pure-Python one: ~3x the time for a full run's report)."""
+    parts = []
+    for key, value in report.items():
+        if isinstance(value, list) and value:
+            body = "[\n" + ",\n".join("    " + json.dumps(item) for item in value) + "\n  ]"
+        else:
+            body = json.dumps(value)
+        parts.append(f"  {json.dumps(key)}: {body}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _case_name(check: dict) -> str:

@@ -83,6 +83,16 @@ def test_report_file_is_0644_and_no_temp_file_stays(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
+def test_report_json_is_the_report_one_check_per_line():
+    rep = sample()
+    text = report.json_text(rep)
+    assert json.loads(text) == rep  # the same document as any dump
+    lines = text.splitlines()
+    assert len(lines) == len(rep) + 2 + sum(len(v) + 1 for v in rep.values() if isinstance(v, list) and v)
+    check_lines = [json.loads(line.strip().rstrip(",")) for line in lines if line.startswith('    {"id"')]
+    assert check_lines == rep["checks"]  # each check whole on its own line
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
