@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from rich.console import Console
+from rich.text import Span
 
 from lab import console as con
 from lab.cli import RunOptions, run_lab
@@ -449,3 +450,147 @@ def test_a_column_title_that_is_the_whole_configuration_is_not_repeated_as_its_o
     assert short == {c.config: c.config for c in two_tcg}  # no shorter title: printed once, no "x = x"
     one_each = [Col("tcg/microvm/qemu64,+svm"), Col("kvm/microvm/qemu64")]
     assert _short_names(one_each) == {"tcg/microvm/qemu64,+svm": "tcg", "kvm/microvm/qemu64": "kvm"}
+
+
+# -- the side-by-side table laid out by lab.console, against rich's Table -------------------
+CONSOLES = {"plain": {}, "colour": {"force_terminal": True, "color_system": "truecolor"}}
+ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _lie(exp, serial):
+    """What a lying firmware reports (as --variant lie): another CPL where it entered ring 3."""
+    return "0" if exp.id.endswith(("cpl3.iretq", "cpl3.sysret")) else serial
+
+
+def _synthetic(name: str, tmp_path) -> dict:
+    t, k = tmp_path / "t.log", tmp_path / "k.log"
+    if name == "full":
+        return _report(_checks("tcg", TCG) + _checks("kvm", KVM), [_run(TCG, t), _run(KVM, k)])
+    if name == "dead":
+        return _dead(tmp_path, lambda exp, serial: None)
+    if name == "half-dead":
+        return _dead(tmp_path, lambda exp, serial: serial if exp.scope == "host" and "rdtsc" not in exp.id else None)
+    if name == "lie":  # GDB reads 3 where serial says 0: the widest cells, and `(want 3)` in the wide view
+        def gdb(exp, serial):
+            return "3" if _lie(exp, "3") == "0" else serial if exp.scope == "host" else None
+
+        checks = _checks("tcg", TCG, observe=_lie, gdb=gdb)
+        return _report(checks + _checks("kvm", KVM, observe=_lie), [_run(TCG, t), _run(KVM, k)])
+    if name == "two-tcg":  # no short column titles: the whole configuration over each scope
+        return _report(_checks("tcg", TCG) + _checks("tcg", "tcg/microvm/max"),
+                       [_run(TCG, t), _run("tcg/microvm/max", k)])
+    if name == "odd":  # markup and an emoji code in a label (a str cell) and a value; wide, combining characters
+        checks = _checks("tcg", TCG) + [
+            Check("host.odd.[red]x:smile:", "tcg", "host", "odd", {}, "1", "1", "pass", config=TCG),
+            Check("host.odd.wide", "tcg", "host", "odd", {}, "0", "1", "fail", reason="wide", config=TCG)]
+        next(c for c in checks if c.id == "host.cpuid-vendor.leaf0").observed = "[bold]Authentic:smile:AMD"
+        report = _report(checks, [_run(TCG, t)])
+        wide = next(c for c in report["checks"] if c["id"] == "host.odd.wide")
+        wide["observed"] = "値\\0 cafe\u0301"  # the report escapes what the firmware sends; a cell need not
+        return report
+    raise ValueError(name)
+
+
+SYNTHETIC = ("full", "dead", "half-dead", "lie", "two-tcg", "odd")
+
+
+def _render_both(report: dict, width: int, view: str, kind: str) -> tuple[str, str, bool]:
+    """The report as printed (the side-by-side table laid out by lab.console where it can),
+    the same with rich's Table printing every table (printed again only where the first laid
+    one out: else it is the same print), and whether the first laid one out."""
+    laid_out, used, outputs = con._laid_out, [], []
+
+    def spy(console, table):
+        text = laid_out(console, table)
+        used.append(text is not None)
+        return text
+
+    for layout in (spy, lambda console, table: None):
+        if outputs and not any(used):
+            return outputs[0], outputs[0], False
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(con, "_laid_out", layout)
+            out = io.StringIO()
+            con.render(report, Console(file=out, width=width, **CONSOLES[kind]), view=view)
+            outputs.append(out.getvalue())
+    return outputs[0], outputs[1], any(used)
+
+
+def _same_as_rich(report: dict, widths=(100, 120, 160, 200), views=("auto", "table", "wide")) -> list[tuple]:
+    """(width, view) where the table was laid out here; asserts each output is rich's, byte
+    for byte, plain and in colour, with no line ending in blanks."""
+    fast_cases = []
+    for width in widths:
+        for view in views:
+            for kind in CONSOLES:
+                fast, slow, used = _render_both(report, width, view, kind)
+                assert fast == slow, f"{width} columns, --view {view}, {kind}"
+                assert [li for li in ESCAPE.sub("", fast).splitlines() if li != li.rstrip()] == []
+                if used and kind == "plain":
+                    fast_cases.append((width, view))
+    return fast_cases
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_table_laid_out_here_prints_what_rich_table_prints(tmp_path, name):
+    """Byte for byte at 100-200 columns, every view that can show the side-by-side table,
+    plain and through a colour terminal's escape codes; the wide view always lays it out."""
+    report = _synthetic(name, tmp_path)
+    fast_cases = _same_as_rich(report)
+    assert {(w, "wide") for w in (100, 120, 160, 200)} <= set(fast_cases)
+    if name not in ("dead", "lie", "two-tcg"):  # these fold every column, or are wider than 100
+        assert (100, "auto") in fast_cases and (100, "table") in fast_cases
+
+
+def test_table_is_laid_out_here_only_where_no_cell_wraps(tmp_path):
+    """The common case (auto, table that fits, wide) is laid out here; a table whose cells
+    wrap (--view table narrower than it) and the scope view are rich's."""
+    report = _synthetic("full", tmp_path)
+    assert _render_both(report, 100, "auto", "plain")[2]
+    assert _render_both(report, 60, "wide", "plain")[2]
+    wrapped = _synthetic("full", tmp_path)
+    vendor = next(c for c in wrapped["checks"] if c["id"] == "host.cpuid-vendor.leaf0")
+    vendor["observed"] = "AuthenticAMD-and-then-some"  # wider than 100 columns at its natural width
+    fast, slow, used = _render_both(wrapped, 100, "table", "plain")
+    assert not used and fast == slow and "observed" not in fast  # still a table, wrapped by rich
+    assert not _render_both(report, 100, "scope", "plain")[2]
+    assert _same_as_rich(wrapped, widths=(80, 90, 100), views=("table",)) == []
+
+
+def _fast_table(console: Console, report: dict):
+    """The side-by-side table as render builds it (auto view), pinned, and its laid-out Text."""
+    columns = con._columns(report)
+    shown = [c for c in columns if not c.folded]
+    groups, _ = con._split_skipped_rows(con._groups(report), shown)
+    table = con._table(shown, groups, con._short_names(columns), wide=False)
+    assert con._fits(console, table)
+    return table, con._laid_out(console, table)
+
+
+def test_laid_out_table_control_merged_segments_are_other_bytes(full):
+    """Control for the byte comparison: the laid-out text with adjacent spans of one style
+    merged (a header cell and its padding, both bold) reads the same but prints other escape
+    codes: where rich's segments break is compared too, not only the text."""
+    def printed(renderable_or_table, via_rich=False) -> str:
+        out = io.StringIO()
+        console = Console(file=out, width=100, **CONSOLES["colour"])
+        if via_rich:
+            con.out(console, renderable_or_table)
+        else:
+            console.print(renderable_or_table, no_wrap=True, overflow="ignore")
+        return out.getvalue()
+
+    table, text = _fast_table(Console(file=io.StringIO(), width=100, **CONSOLES["colour"]), full)
+    assert printed(text) == printed(table, via_rich=True)
+    merged: list[Span] = []
+    for span in text.spans:
+        if merged and merged[-1].end == span.start and merged[-1].style == span.style:
+            merged[-1] = Span(merged[-1].start, span.end, span.style)
+        else:
+            merged.append(span)
+    assert len(merged) < len(text.spans)
+    joined = text.copy()
+    joined.spans = merged
+    assert ESCAPE.sub("", printed(joined)) == ESCAPE.sub("", printed(text))
+    assert printed(joined) != printed(text)
+
