@@ -202,7 +202,19 @@ def _print_table(console: Console, table: Table, **kw) -> None:
     if text is None:
         out(console, table, **kw)
     else:
-        console.print(text, no_wrap=True, overflow="ignore", **kw)
+        console.print(LaidOut(text), **kw)
+
+
+class LaidOut:
+    """Lines laid out already, none wider than the console: printed as their Text's segments
+    (rich renders its styles), not wrapped again (a Text printed as such is first split into
+    lines, wrapped and joined back, for nothing: ~3 ms of the table's ~9)."""
+
+    def __init__(self, text: Text):
+        self.text = text
+
+    def __rich_console__(self, console: Console, options):
+        return self.text.render(console, end="\n")
 
 
 def _rich_layout(console: Console, table: Table) -> bool:
@@ -251,8 +263,15 @@ def _laid_out(console: Console, table: Table) -> Text | None:
     pads = [1] * (len(columns) - 1) + [0]
     if sum(widths) + sum(pads) + len(columns) - 1 > console.width:
         return None
-    header = [_as_text(console, c.header) for c in columns]
-    body = [[_as_text(console, r) for r in c.cells] for c in columns]
+    made: dict[str, Text | None] = {}  # a str cell's Text, made once (most are empty)
+
+    def as_text(cell) -> Text | None:
+        if isinstance(cell, str):
+            return made[cell] if cell in made else made.setdefault(cell, _as_text(console, cell))
+        return _as_text(console, cell)
+
+    header = [as_text(c.header) for c in columns]
+    body = [[as_text(r) for r in c.cells] for c in columns]
     if any(t is None for t in header) or any(t is None for col in body for t in col):
         return None
     head_lines = [t.split("\n", allow_blank=True) if "\n" in t.plain else [t] for t in header]

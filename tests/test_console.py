@@ -577,7 +577,7 @@ def test_laid_out_table_control_merged_segments_are_other_bytes(full):
         if via_rich:
             con.out(console, renderable_or_table)
         else:
-            console.print(renderable_or_table, no_wrap=True, overflow="ignore")
+            console.print(con.LaidOut(renderable_or_table))
         return out.getvalue()
 
     table, text = _fast_table(Console(file=io.StringIO(), width=100, **CONSOLES["colour"]), full)
