@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import subprocess
@@ -594,3 +595,33 @@ def test_laid_out_table_control_merged_segments_are_other_bytes(full):
     assert ESCAPE.sub("", printed(joined)) == ESCAPE.sub("", printed(text))
     assert printed(joined) != printed(text)
 
+
+REAL_RUNS = {  # invoke lab.run ... as the lab's own reports come out of it
+    "all": RunOptions(),
+    "tcg-max": RunOptions(accel="tcg", cpu="max"),
+    "hang": RunOptions(accel="tcg", kernel_args=("fault=hang",), timeout=2.0),
+    "lie": RunOptions(variant="lie"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(REAL_RUNS))
+def real_report(request, tmp_path_factory):
+    request.getfixturevalue("lie_artifacts" if request.param == "lie" else "artifacts")
+    opts = dataclasses.replace(REAL_RUNS[request.param], runs_dir=str(tmp_path_factory.mktemp(request.param)))
+    _, report = run_lab(opts, Console(file=io.StringIO(), width=100))
+    return request.param, report
+
+
+@pytest.mark.tcg
+@pytest.mark.gdb
+def test_real_reports_table_laid_out_here_prints_what_rich_table_prints(real_report, no_leftovers):
+    """The same comparison on reports of real boots: --accel all, TCG with -cpu max, a dead
+    boot (fault=hang), a lying firmware (--variant lie)."""
+    name, report = real_report
+    exits = {r["exit"] for r in report["runs"]}
+    assert exits == ({"timeout"} if name == "hang" else {"ok"})
+    assert (report["summary"]["fail"] > 0) == (name == "lie")  # the lie is caught: ✗ cells, `serial=.. gdb=..`
+    fast_cases = _same_as_rich(report)
+    assert {(w, "wide") for w in (100, 120, 160, 200)} <= set(fast_cases)
+    if name != "hang":  # a dead boot folds every column: no table but the wide view's
+        assert (200, "auto") in fast_cases
