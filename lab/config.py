@@ -75,6 +75,9 @@ class RunConfig:
     host_mode: str = "auto"
     guest_symbols: Path | None = None
     prebooted: bool = False  # lab.runner.preboot() decided it from the model's facts
+    # ...and those facts, QEMU's QOM answer for exactly this binary, accelerator, machine and
+    # model (JSON text; "" when none): the boot uses them instead of asking QEMU again.
+    cpu_facts: str = ""
 
     def __post_init__(self) -> None:
         if self.accel not in ENGINES:

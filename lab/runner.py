@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import re
@@ -171,7 +172,7 @@ def preboot(cfg: RunConfig) -> PreBoot:
     run = catalogue.run_words(model.has, gated)
     if run:
         cfg = dataclasses.replace(cfg, kernel_args=(*cfg.kernel_args, f"run={','.join(run)}"))
-    return PreBoot(dataclasses.replace(cfg, prebooted=True), facts)
+    return PreBoot(dataclasses.replace(cfg, prebooted=True, cpu_facts=json.dumps(facts)), facts)
 
 
 def preboot_all(cfgs: list[RunConfig]) -> list[PreBoot]:
@@ -255,7 +256,7 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
             gdb.prepare_in_background()  # GDB starts and reads the symbols while QEMU starts
         with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel) as machine:
             start = (lambda qom: _start_witness(gdb, machine, cfg, kvm, qom)) if gdb else None
-            boot = machine.run(start=start)
+            boot = machine.run(start=start, facts=json.loads(cfg.cpu_facts) if cfg.cpu_facts else None)
     except BootError as exc:
         outcome.error = str(exc)
         return _error_outcome(outcome, kvm, str(exc))

@@ -4,6 +4,7 @@ without long mode boots the 32-bit host kernel, SYSCALL/SYSRET follow QOM `sysca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -160,3 +161,23 @@ def test_the_models_facts_are_asked_of_qemu_once(monkeypatch, tmp_path, artifact
     assert qemu_mod.cached_cpu_model_facts(other, cache)["cpu"] == "max" and asked == ["qemu64", "max"]
     cache.write_text("{not json")  # a damaged cache is asked again, not trusted
     assert qemu_mod.cached_cpu_model_facts(cfg, cache)["cpu"] == "qemu64" and asked[-1] == "qemu64"
+
+
+# -- the pre-boot's facts are the boot's --------------------------------------------------------
+@pytest.mark.parametrize("accel", [pytest.param("tcg", marks=pytest.mark.tcg), pytest.param("kvm", marks=pytest.mark.kvm)])
+def test_a_prebooted_boot_uses_the_facts_qemu_gave_before_it(monkeypatch, tmp_path, artifacts, qemu, kvm, accel):
+    """QEMU's QOM answer is asked once, before the boot (and cached for that binary and
+    model); the boot reuses it instead of 15 more QMP round trips. The control: what this
+    very QEMU answers live at boot is the same."""
+    from lab.qemu import Machine
+
+    if accel == "kvm" and not kvm.usable:
+        pytest.skip(kvm.reason)
+    pre = runner.preboot(runner.make_config(accel, artifacts, qemu=qemu, kvm=kvm))
+    live = []
+    real = Machine.cpu_facts
+    monkeypatch.setattr(Machine, "cpu_facts", lambda self: live.append(real(self)) or live[-1])
+    out = runner.run_one(pre.cfg, tmp_path / "pre", kvm, "serial")
+    assert not live and out.boot.exit == "ok" and out.boot.cpu_facts == pre.facts
+    again = runner.run_one(dataclasses.replace(pre.cfg, cpu_facts=""), tmp_path / "live", kvm, "serial")
+    assert len(live) == 1 and live[0] == pre.facts and again.boot.cpu_facts == pre.facts
