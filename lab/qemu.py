@@ -26,10 +26,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pexpect
 import pexpect.fdpexpect
-from qemu.qmp.legacy import QEMUMonitorProtocol
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import catalogue
 from .config import RunConfig
@@ -232,6 +235,9 @@ def _die_with_parent() -> None:
 
 
 def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> QEMUMonitorProtocol:
+    # Imported here, once QEMU is starting (qemu.qmp brings asyncio: ~20 ms, which then
+    # overlaps QEMU's own start instead of preceding it).
+    from qemu.qmp.legacy import QEMUMonitorProtocol
     _wait_for_path(path, proc, deadline)
     qmp = QEMUMonitorProtocol(path)
     while True:  # the socket file exists from bind(); listen() follows a moment later
