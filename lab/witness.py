@@ -87,7 +87,8 @@ class Watch:
     error_code: bool = False
     hw: bool = False
     ends: tuple[str, ...] = ()
-    mem: tuple[tuple[str, int], ...] = ()  # (ELF symbol, offset): a byte to read at each stop
+    # (ELF symbol, offset, stub): a byte the CPU consults, read at a trap whose RIP is in that stub
+    mem: tuple[tuple[str, int, str], ...] = ()
     # (MSR, stub): at a trap whose RIP is in that probe stub, the CPU runs `witness_rdmsr` for it
     msr: tuple[tuple[int, str], ...] = ()
 
@@ -178,8 +179,10 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
             need[v] = need.get(v, 0) + 1
     ranked = sorted(need, key=lambda v: (-need[v], v))
     vectors = sorted(ranked[: caps.hw_slots - 1] if hw else ranked)
-    # Controls that live in memory the CPU consults (the TSS I/O bitmap) are read at each stop.
-    mem = tuple(sorted({("tss_iomap", g.bit // 8) for e in entries.values() for g in e.gates if g.reg == "iomap"}))
+    # Controls that live in memory the CPU consults (the TSS I/O bitmap): read at the stops of
+    # the stubs whose planned checks need them.
+    mem = tuple(sorted({("tss_iomap", g.bit // 8, e.stub.name) for cid, e in planned.items()
+                        if cid in host_vecs and e.stub for g in e.gates if g.reg == "iomap"}))
     # Controls in an MSR (no gdbstub register): read by the CPU itself, at the stops of the stubs
     # whose planned checks need them (each read is a real stop and a single step).
     msr = tuple(sorted({(g.msr, e.stub.name) for cid, e in planned.items() if cid in host_vecs and e.stub
@@ -512,8 +515,9 @@ class GdbWitness:
             specs = [w.spec() for w in plan.watches]
             stubs = stubs_of(image)
             for spec in specs:  # ELF symbols -> addresses for the collector's memory reads
-                if "mem" in spec:
-                    spec["mem"] = [image.symbols[sym] + off for sym, off in spec["mem"] if sym in image.symbols]
+                if "mem" in spec:  # (address, first and last RIP of its stub's trap)
+                    spec["mem"] = [[image.symbols[sym] + off, stubs[name].insn, stubs[name].done]
+                                   for sym, off, name in spec["mem"] if sym in image.symbols and name in stubs]
                 if "msr" in spec:  # (MSR, first and last RIP of its stub's trap): the CPU reads it there
                     spec["msr"] = [[msr, stubs[name].insn, stubs[name].done] for msr, name in spec["msr"]
                                    if name in stubs]

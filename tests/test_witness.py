@@ -221,6 +221,14 @@ def test_a_probe_run_at_another_cpl_is_read_at_that_cpl(image):
     assert "host.rdtsc.tsd0.cpl0" in read_stops(stops, image)[0]
 
 
+def test_the_io_bitmap_is_read_only_at_the_stops_of_the_stubs_that_consult_it():
+    p = witness_plan("tcg", None, host_exps(facts()))
+    consult = {r.entry.stub.name for r in catalogue.table_rows() for g in r.entry.gates if g.reg == "iomap"}
+    assert consult and all({name for _, _, name in w.mem} == consult for w in p.watches if w.kind == "trap")
+    without_io = [dataclasses.replace(e, skip="not here") if e.probe == "io" else e for e in host_exps(facts())]
+    assert not any(w.mem for w in witness_plan("tcg", None, without_io).watches)
+
+
 def test_the_msr_the_cpu_read_names_the_row(image):
     """CPUID faulting's gate is MSR 0x140[0] as the CPU's RDMSR returned it at the stop: the
     row run with faulting off reads as faulting0 whatever the records say, and a stop whose

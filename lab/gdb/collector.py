@@ -7,7 +7,8 @@ nothing: lab/witness.py turns the stops into readings. Loaded by `source`, start
 
 Watch kinds:
   trap  an IDT stub: the CPU just delivered `vector`. Records the registers and the stack
-        the CPU pushed (error code if any, RIP, CS, RFLAGS, RSP, SS) and the bytes at RIP.
+        the CPU pushed (error code if any, RIP, CS, RFLAGS, RSP, SS) and the bytes at RIP;
+        `mem` [address, first RIP, last RIP]: a byte to read where the trapping RIP is in range.
         `skip`: the stub starts with a no-op of that many bytes; the CPU resumes past it.
   regs  a code label: records the registers there.
   end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
@@ -67,8 +68,9 @@ class _Watch(gdb.Breakpoint):
                 off = word if spec.get("error_code") else 0
                 rip = int.from_bytes(bytes.fromhex(stack)[off:off + word], "little")
                 stop["at_rip"] = _memory(rip, 16)
-            if spec.get("mem"):  # controls the CPU reads from memory (the TSS I/O bitmap)
-                stop["mem"] = {str(a): _memory(a, 1) for a in spec["mem"]}
+            mem = [a for a, lo, hi in spec.get("mem", ()) if stack is not None and lo <= rip <= hi]
+            if mem:  # controls the CPU reads from memory (the TSS I/O bitmap), where its stub needs them
+                stop["mem"] = {str(a): _memory(a, 1) for a in mem}
             msrs = [m for m, lo, hi in spec.get("msr", ()) if stack is not None and lo <= rip <= hi]
             if msrs:  # controls in an MSR: the CPU reads them
                 stop["msr"] = {"%#x" % m: _rdmsr(m, spec.get("rdmsr_at")) for m in msrs}
