@@ -49,6 +49,7 @@ static struct exc_result frame_result(const struct exc_frame *f)
 /* Unexpected exception: say so on the console, then exit nonzero. */
 static NORETURN void unexpected(struct exc_frame *f)
 {
+    probe_flush_records();   /* the rows before it first, in order */
     rec_begin("info");
     rec_exc("unexpected_exception", frame_result(f));
     rec_u64("vector", f->vector);

@@ -50,6 +50,8 @@ void fault_inject(const char *kind)
         probe_running = "fault-exception";
         /* Not mapped (only 0..4 GiB is): #PF, not armed -> unexpected. */
         (void)*(volatile u64 *)0x7fff00000000ull;
+    } else if (!strcmp(kind, "table-exception")) {
+        emit_fault(kind);   /* probes_run_table raises it after its tenth row (probe.c) */
     } else if (!strcmp(kind, "kvm-internal")) {
         emit_fault(kind);
         /* kvm_pvm: emulation failure (QEMU stops); TCG: reaches IDT 0x80. */

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from lab import catalogue
+from lab.ids import check_id
 from lab.cli import select_accels
 from lab.config import ConfigError
 from lab.hostinfo import KvmStatus, ToolMissing, kvm_status, qemu_binary
@@ -80,6 +82,21 @@ def test_unexpected_exception_in_a_probe_is_an_error_with_its_cause(tmp_path, ar
     reason = integrity(out).reason
     assert "unexpected exception" in reason and "PF" in reason
     assert took < TIMEOUT + 2
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_an_exception_inside_the_table_reports_every_row_before_it(tmp_path, artifacts, qemu, kvm, accel):
+    """The table's records go out in batches (firmware/probe.c); an unexpected exception
+    renders the pending ones before its own record: the ten rows run before it are all
+    observed, in order, and the boot ends with the exception as its cause."""
+    out, _ = boot_fault(tmp_path, artifacts, qemu, kvm, accel, "table-exception")
+    assert out.boot.exit == "exit-code"
+    assert "unexpected exception #UD" in integrity(out).reason
+    assert out.transcript.info["probe_name"] == "fault-table-exception"
+    order = [r.id for r in catalogue.table_rows()]
+    seen = [check_id(o.scope, o.probe, o.params) for o in out.transcript.observations]
+    in_table = [order.index(cid) for cid in seen if cid in order]
+    assert len(in_table) == 10 and in_table == sorted(in_table)  # all ten, in the table's order
 
 
 @pytest.mark.kvm

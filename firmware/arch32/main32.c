@@ -92,6 +92,7 @@ struct exc_result try_result(void)
 static NORETURN void unexpected(const struct frame32 *t)
 {
     struct exc_result r = { 1, t->vector, t->error_code, t->eip, t->cs };
+    probe_flush_records();   /* the rows before it first, in order */
     rec_begin("info");
     rec_exc("unexpected_exception", r);
     rec_u64("vector", t->vector);

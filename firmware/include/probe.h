@@ -60,4 +60,5 @@ extern u8 tss_iomap[];
 enum { PROBE_TRAP_OTHER = 0, PROBE_TRAP_CHECKPOINT = 1, PROBE_TRAP_END = 2 };
 int probe_trap(struct exc_frame *f);
 void probes_run_table(void);
+void probe_flush_records(void);   /* the table's pending records (before any other record) */
 #endif
