@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -136,6 +137,30 @@ def test_a_gdb_internal_error_ends_gdb_without_a_core_file(tmp_path, monkeypatch
             g.console("maint internal-error the lab's negative control", timeout=5)
         assert settles(lambda: not alive(pid), timeout=5)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("core")]
+
+
+def test_gdbs_python_library_is_byte_compiled_once_into_the_labs_cache(tmp_path, monkeypatch):
+    """GDB's start-up compiles its own Python library unless bytecode is cached; the lab
+    points that cache into its own folder, whatever PYTHONDONTWRITEBYTECODE says."""
+    import lab.gdbmi
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(lab.gdbmi, "GDB_PYCACHE", tmp_path / "pyc")
+    with Gdb(tmp_path / "t.log") as g:
+        assert g.evaluate("1 + 1") == "2"
+    written = sorted(p.name for p in (tmp_path / "pyc").rglob("*.pyc"))
+    assert "__init__.cpython-%d%d.pyc" % _gdb_python_version() in written  # gdb/__init__.py
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "pyc").rglob("*.pyc")}
+    with Gdb(tmp_path / "t2.log") as g:
+        g.evaluate("1")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "pyc").rglob("*.pyc")} == mtimes  # read, not rewritten
+
+
+def _gdb_python_version() -> tuple[int, int]:
+    out = subprocess.run(["gdb", "--nx", "--batch", "-ex", "python import sys; print(sys.version_info[:2])"],
+                         capture_output=True, text=True).stdout
+    major, minor = re.findall(r"\d+", out)[:2]
+    return int(major), int(minor)
 
 
 def test_mi_quote():
