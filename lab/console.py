@@ -238,9 +238,13 @@ def _as_text(console: Console, renderable) -> Text | None:
     if isinstance(renderable, Text):
         return renderable
     if isinstance(renderable, str):
-        return console.render_str(renderable, highlight=False) if "[" in renderable or ":" in renderable \
-            else Text(renderable)
+        return console.render_str(renderable, highlight=False) if _has_markup(renderable) else Text(renderable)
     return None
+
+
+def _has_markup(text: str) -> bool:
+    """Whether rich may read markup (`[`) or an emoji code (`:`) in a str."""
+    return "[" in text or ":" in text
 
 
 def _laid_out(console: Console, table: Table) -> Text | None:
@@ -362,11 +366,9 @@ def _split_skipped_rows(groups, columns: list[Column]):
 
 def _plain(console: Console, renderable) -> str:
     """A cell's text (a str or a Text) as rich reads it."""
-    if isinstance(renderable, Text):
-        return renderable.plain
-    if "[" in renderable or ":" in renderable:  # markup or an emoji code
-        return console.render_str(renderable).plain
-    return renderable
+    if isinstance(renderable, str) and not _has_markup(renderable):
+        return renderable  # most cells: no Text to make
+    return _as_text(console, renderable).plain
 
 
 def _line_width(console: Console, renderable) -> int:

@@ -179,14 +179,15 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
             need[v] = need.get(v, 0) + 1
     ranked = sorted(need, key=lambda v: (-need[v], v))
     vectors = sorted(ranked[: caps.hw_slots - 1] if hw else ranked)
-    # Controls that live in memory the CPU consults (the TSS I/O bitmap): read at the stops of
-    # the stubs whose planned checks need them.
-    mem = tuple(sorted({("tss_iomap", g.bit // 8, e.stub.name) for cid, e in planned.items()
-                        if cid in host_vecs and e.stub for g in e.gates if g.reg == "iomap"}))
-    # Controls in an MSR (no gdbstub register): read by the CPU itself, at the stops of the stubs
-    # whose planned checks need them (each read is a real stop and a single step).
-    msr = tuple(sorted({(g.msr, e.stub.name) for cid, e in planned.items() if cid in host_vecs and e.stub
-                        for g in e.gates if g.reg == "msr"}))
+    # Controls no register at the stop holds, read only at the stops of the stubs whose planned
+    # checks need them: memory the CPU consults (the TSS I/O bitmap), and MSRs (no gdbstub
+    # register: the CPU itself runs an RDMSR for each, one single step).
+    def at_stubs(reg: str, what) -> tuple:
+        return tuple(sorted({(*what(g), e.stub.name) for cid, e in planned.items() if cid in host_vecs and e.stub
+                             for g in e.gates if g.reg == reg}))
+
+    mem = at_stubs("iomap", lambda g: ("tss_iomap", g.bit // 8))
+    msr = at_stubs("msr", lambda g: (g.msr,))
     watches = [Watch("isr_stub_3_exc" if v == 3 else f"isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw,
                      mem=mem, msr=msr)
                for v in vectors]
@@ -492,11 +493,10 @@ class GdbWitness:
         self._preparing = threading.Thread(target=work, name="gdb-prepare", daemon=True)
         self._preparing.start()
 
-    def _wait_prepared(self, timeout: float | None = None) -> None:
+    def _wait_prepared(self) -> None:
         if self._preparing is not None:
-            self._preparing.join(timeout)
-            if not self._preparing.is_alive():
-                self._preparing = None
+            self._preparing.join()
+            self._preparing = None
         if self._prepare_error is not None:
             exc, self._prepare_error = self._prepare_error, None
             raise exc
@@ -514,13 +514,16 @@ class GdbWitness:
             image = self._image
             specs = [w.spec() for w in plan.watches]
             stubs = stubs_of(image)
-            for spec in specs:  # ELF symbols -> addresses for the collector's memory reads
-                if "mem" in spec:  # (address, first and last RIP of its stub's trap)
-                    spec["mem"] = [[image.symbols[sym] + off, stubs[name].insn, stubs[name].done]
-                                   for sym, off, name in spec["mem"] if sym in image.symbols and name in stubs]
-                if "msr" in spec:  # (MSR, first and last RIP of its stub's trap): the CPU reads it there
-                    spec["msr"] = [[msr, stubs[name].insn, stubs[name].done] for msr, name in spec["msr"]
-                                   if name in stubs]
+
+            def in_stubs(items) -> list:  # (value, stub) -> [value, first and last RIP of its trap]
+                return [[value, stubs[name].insn, stubs[name].done] for value, name in items if name in stubs]
+
+            for spec in specs:  # ELF symbols -> addresses for the collector's reads
+                if "mem" in spec:
+                    spec["mem"] = in_stubs((image.symbols[sym] + off, name) for sym, off, name in spec["mem"]
+                                           if sym in image.symbols)
+                if "msr" in spec:  # the CPU reads it there
+                    spec["msr"] = in_stubs(spec["msr"])
                     spec["rdmsr_at"] = image.symbols.get(WITNESS_RDMSR)
                 # TCG: an IDT stub that starts with the 2-byte no-op (66 90) is resumed past it.
                 # Not under KVM: there a hardware breakpoint resumed without GDB's single step

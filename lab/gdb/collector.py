@@ -68,12 +68,12 @@ class _Watch(gdb.Breakpoint):
                 off = word if spec.get("error_code") else 0
                 rip = int.from_bytes(bytes.fromhex(stack)[off:off + word], "little")
                 stop["at_rip"] = _memory(rip, 16)
-            mem = [a for a, lo, hi in spec.get("mem", ()) if stack is not None and lo <= rip <= hi]
-            if mem:  # controls the CPU reads from memory (the TSS I/O bitmap), where its stub needs them
-                stop["mem"] = {str(a): _memory(a, 1) for a in mem}
-            msrs = [m for m, lo, hi in spec.get("msr", ()) if stack is not None and lo <= rip <= hi]
-            if msrs:  # controls in an MSR: the CPU reads them
-                stop["msr"] = {"%#x" % m: _rdmsr(m, spec.get("rdmsr_at")) for m in msrs}
+                mem = _for_stub(spec, "mem", rip)
+                if mem:  # controls the CPU reads from memory (the TSS I/O bitmap)
+                    stop["mem"] = {str(a): _memory(a, 1) for a in mem}
+                msrs = _for_stub(spec, "msr", rip)
+                if msrs:  # controls in an MSR: the CPU reads them
+                    stop["msr"] = {"%#x" % m: _rdmsr(m, spec.get("rdmsr_at")) for m in msrs}
         out = _state["out"]
         out.write(json.dumps(stop) + "\n")
         out.flush()
@@ -83,6 +83,11 @@ class _Watch(gdb.Breakpoint):
             # breakpoint (which under TCG flushes all of QEMU's translations).
             gdb.execute("set $pc = %d" % (regs["rip"] + spec["skip"]), to_string=True)
         return False
+
+
+def _for_stub(spec, key, rip):
+    """The values of spec[key] ([value, first RIP, last RIP] each) whose stub holds `rip`."""
+    return [value for value, lo, hi in spec.get(key, ()) if lo <= rip <= hi]
 
 
 def _packet(text):
