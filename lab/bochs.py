@@ -38,7 +38,7 @@ from .build import ROOT, BuildError
 from .config import BOCHS, ConfigError, RunConfig
 from .expectations import Facts
 from .hostinfo import ToolMissing
-from .qemu import END_RECORD, BootError, BootResult, kill_group
+from .qemu import END_RECORD, BootError, BootResult, Engine, kill_group
 
 INSTALL_HINT = ("sudo apt-get install bochs bochs-term bochsbios vgabios grub-pc-bin xorriso mtools"
                 "   (or: invoke setup)")
@@ -282,7 +282,7 @@ def _drain(master: int, sink) -> None:
                 sink.write(data)
 
 
-class BochsMachine(contextlib.AbstractContextManager):
+class BochsMachine(Engine):
     """One Bochs process: `with BochsMachine(cfg, run_dir) as m: result = m.run()`.
 
     The run folder gets `bochsrc` + `bochs.rc` (the exact boot), `bochsrc.repro` (the same
@@ -303,14 +303,6 @@ class BochsMachine(contextlib.AbstractContextManager):
         self.log_path = run_dir / "bochs.log"
         self.command: list[str] = []
         self.t_start = 0.0
-
-    def __enter__(self) -> "BochsMachine":
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -446,9 +438,6 @@ class BochsMachine(contextlib.AbstractContextManager):
                 with contextlib.suppress(Exception):
                     closer.close()
         self.sock = self.listener = None
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # -- the runner's two entry points (lab/runner.py dispatches here for accel=bochs) -----------

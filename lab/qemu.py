@@ -261,7 +261,23 @@ def _wait_for_path(path: str, proc: subprocess.Popen, deadline: float) -> None:
         time.sleep(0.002)
 
 
-class Machine(contextlib.AbstractContextManager):
+class Engine(contextlib.AbstractContextManager):
+    """An emulator process for one boot: entering starts it (`_start`), and leaving, or a
+    start that fails part-way, ends it (`close`: no process or socket left behind)."""
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Machine(Engine):
     """One QEMU process: `with Machine(cfg, run_dir) as m: result = m.run()`.
 
     Leaving the `with` block always ends QEMU (QMP quit, then SIGTERM, then SIGKILL to its
@@ -291,14 +307,6 @@ class Machine(contextlib.AbstractContextManager):
         self.t_start = 0.0
 
     # -- start ---------------------------------------------------------------------------
-    def __enter__(self) -> "Machine":
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "command.txt").write_text(shlex.join(self.command) + "\n")
@@ -482,9 +490,6 @@ class Machine(contextlib.AbstractContextManager):
                 os.unlink(os.path.join(self.sock_dir, name))
         with contextlib.suppress(OSError):
             os.rmdir(self.sock_dir)
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 1.0) -> None:
