@@ -218,8 +218,7 @@ def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object
                     if qmp is not None:
                         with contextlib.suppress(Exception):
                             qmp.cmd("quit")
-                        with contextlib.suppress(Exception):
-                            qmp.close()
+                        qmp_close(qmp)
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=1)
                 finally:
@@ -234,20 +233,44 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
-def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> QEMUMonitorProtocol:
+def qmp_client(address: str) -> QEMUMonitorProtocol:
+    """qemu.qmp's synchronous client, on an event loop of its own that `qmp_close` ends. The
+    client takes its thread's current loop (making one where there is none) and nothing closes
+    it: such a loop is then closed at interpreter exit, after its sockets are gone, and prints
+    a traceback on the way out (seen in CI after a pre-boot query QEMU refused)."""
     # Imported here, once QEMU is starting (qemu.qmp brings asyncio: ~20 ms, which then
     # overlaps QEMU's own start instead of preceding it).
+    import asyncio
+
     from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    client = QEMUMonitorProtocol(address)
+    client.lab_loop = loop
+    return client
+
+
+def qmp_close(client: QEMUMonitorProtocol | None) -> None:
+    """Ends a `qmp_client`: its connection, then its event loop. Never raises."""
+    if client is None:
+        return
+    with contextlib.suppress(Exception):
+        client.close()
+    with contextlib.suppress(Exception):
+        client.lab_loop.close()
+
+
+def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> QEMUMonitorProtocol:
     _wait_for_path(path, proc, deadline)
-    qmp = QEMUMonitorProtocol(path)
+    qmp = qmp_client(path)
     while True:  # the socket file exists from bind(); listen() follows a moment later
         try:
             qmp.connect(negotiate=True)
             return qmp
         except Exception as exc:  # noqa: BLE001
             if time.monotonic() > deadline or proc.poll() is not None:
-                with contextlib.suppress(Exception):
-                    qmp.close()
+                qmp_close(qmp)
                 raise BootError(f"QMP connection failed: {exc}") from None
             time.sleep(0.005)
 
@@ -480,7 +503,8 @@ class Machine(Engine):
                 self.proc.wait(timeout=1)
         if self.proc is not None:
             kill_group(self.proc)
-        for closer in (self.qmp, self.sock, self._log, self._stderr):
+        qmp_close(self.qmp)
+        for closer in (self.sock, self._log, self._stderr):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     closer.close()

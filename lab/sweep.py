@@ -106,7 +106,7 @@ class _Qmp(contextlib.AbstractContextManager):
     Leaving the `with` block, or an interruption while it starts, always ends that QEMU."""
 
     def __init__(self, qemu: str, accel: str):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+        from .qemu import qmp_client
 
         self.accel = accel
         self.dir = tempfile.mkdtemp(prefix=f"ringlab-{os.getpid()}-")
@@ -115,7 +115,7 @@ class _Qmp(contextlib.AbstractContextManager):
             [qemu, "-M", "none", "-accel", accel, "-nodefaults", "-no-user-config", "-display", "none",
              "-qmp", f"unix:{self.path},server=on,wait=off", "-S"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        self.qmp = QEMUMonitorProtocol(self.path)
+        self.qmp = qmp_client(self.path)
         try:
             self._connect()
         except BaseException:
@@ -139,15 +139,14 @@ class _Qmp(contextlib.AbstractContextManager):
         return self.qmp.cmd_raw(name, args)
 
     def close(self) -> None:
-        from .qemu import kill_group
+        from .qemu import kill_group, qmp_close
 
         with contextlib.suppress(Exception):
             self.qmp.cmd("quit")
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=2)
         kill_group(self.proc)
-        with contextlib.suppress(Exception):
-            self.qmp.close()
+        qmp_close(self.qmp)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.dir, "qmp.sock"))
         with contextlib.suppress(OSError):

@@ -181,3 +181,49 @@ def test_a_prebooted_boot_uses_the_facts_qemu_gave_before_it(monkeypatch, tmp_pa
     assert not live and out.boot.exit == "ok" and out.boot.cpu_facts == pre.facts
     again = runner.run_one(dataclasses.replace(pre.cfg, cpu_facts=""), tmp_path / "live", kvm, "serial")
     assert len(live) == 1 and live[0] == pre.facts and again.boot.cpu_facts == pre.facts
+
+
+FAKE_QEMU = """#!/usr/bin/env python3
+# A QEMU that opens its QMP socket and dies before it answers (as one refusing -cpu does).
+import socket, sys, time
+arg = sys.argv[sys.argv.index("-qmp") + 1]
+s = socket.socket(socket.AF_UNIX)
+s.bind(arg.split("unix:", 1)[1].split(",", 1)[0])
+s.listen(1)
+time.sleep(0.05)
+print("qemu-system-x86_64: Property 'qemu64-x86_64-cpu.nosuchflag' not found", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+def test_a_failed_qmp_query_leaves_no_event_loop_open(tmp_path, artifacts, kvm):
+    """qemu.qmp's client runs on an event loop; one left open is closed at interpreter exit,
+    after its sockets are gone, and prints a traceback after the lab's one-line error (seen
+    in CI). Every client the lab makes (lab/qemu.py qmp_client) closes its own."""
+    import gc
+    import threading
+    import warnings
+
+    from lab.qemu import BootError, cpu_model_facts
+
+    fake = tmp_path / "qemu"
+    fake.write_text(FAKE_QEMU)
+    fake.chmod(0o755)
+    cfg = runner.make_config("tcg", artifacts, qemu=str(fake), kvm=kvm)
+
+    errors: list[str] = []
+
+    def query() -> None:  # in a thread of its own, as the pre-boot runs it
+        try:
+            cpu_model_facts(cfg)
+        except BootError as exc:
+            errors.append(str(exc))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        thread = threading.Thread(target=query)
+        thread.start()
+        thread.join()
+        gc.collect()  # an event loop left open warns as it goes
+    assert errors and "nosuchflag" in errors[0]
+    assert not [w for w in caught if "unclosed event loop" in str(w.message)]
