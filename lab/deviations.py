@@ -59,6 +59,12 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "kvm_pvm: SYSCALL from CPL3 jumps to LSTAR but stays at CPL3 (CS reads 0x33)",
     ),
     Deviation(
+        "kvm_pvm-cpuid-cpl3-native", "kvm", KVM_PVM, "host", "cpuid", {"faulting": "1", "cpl": "3"}, "ok",
+        "kvm_pvm runs CPL3 natively on a host CPU without CPUID faulting (no `cpuid_fault` in the host's "
+        "/proc/cpuinfo): CPUID there completes although MSR 0x140[0] is set; CPL1/2 (emulated) fault",
+        when=(("host_cpuid_fault", False),),
+    ),
+    Deviation(
         "kvm_pvm-rdtscp-emulation", "kvm", KVM_PVM, "host", "rdtscp", {}, None,
         "kvm_pvm: executing RDTSCP (absent from its CPUID) is a KVM internal error that stops "
         "QEMU; not run under kvm_pvm",

@@ -40,6 +40,10 @@ class Facts:
     host_mode: str = "auto"
     guest_rdtsc_intercept: bool = True  # the host's RDTSC intercept (hv-intercept-rdtsc)
     features: tuple[tuple[str, bool], ...] = ()  # every boolean QOM property of the model (CPUID bits)
+    # The machine running the accelerator faults CPUID at CPL>0 itself (Linux's `cpuid_fault`
+    # flag: Intel MSR 0xCE[31], AMD CpuidUserDis). Code a KVM runs natively on that CPU (kvm_pvm's
+    # CPL3) only faults where it does (lab/deviations.py kvm_pvm-cpuid-cpl3-native).
+    host_cpuid_fault: bool = True
 
     def has(self, feature: str) -> bool:
         """A CPUID feature by its QOM property name (`rdtscp`, `umip`, `pmu`, ...): what a
@@ -52,7 +56,7 @@ class Facts:
 
     @classmethod
     def from_qemu(cls, accel: str, kvm_module: str | None, qom: dict, *, hv_signature: str, host_mode: str,
-                  guest_rdtsc_intercept: bool = True) -> "Facts":
+                  guest_rdtsc_intercept: bool = True, host_cpuid_fault: bool = True) -> "Facts":
         return cls(
             accel=accel,
             kvm_module=kvm_module if accel == "kvm" else None,
@@ -68,6 +72,7 @@ class Facts:
             hv_signature=hv_signature,
             host_mode=host_mode,
             guest_rdtsc_intercept=guest_rdtsc_intercept,
+            host_cpuid_fault=host_cpuid_fault,
             features=tuple(sorted((k, v) for k, v in qom.items() if isinstance(v, bool))),
         )
 
@@ -87,9 +92,8 @@ class Facts:
         by MSR_MISC_FEATURES_ENABLES 0x140 bit 0, Intel SDM Vol. 4 2.17). KVM emulates it for every
         guest whatever the vendor (arch/x86/kvm: CPUID always exits to KVM, which injects #GP(0)
         at CPL>0 when it is enabled); QEMU 7.2's TCG does not implement either MSR. The rule holds
-        at every CPL>0 on kvm_intel and kvm_amd; kvm_pvm faulted at CPL1-3 on this project's
-        machine (the host.cpuid.faulting rows; docs/platform.md has an earlier host where CPL3
-        did not)."""
+        at every CPL>0 on kvm_intel and kvm_amd; kvm_pvm runs CPL3 natively, so there CPUID
+        faults only where the host CPU faults it (host_cpuid_fault; docs/platform.md)."""
         return self.accel == "kvm"
 
     @property

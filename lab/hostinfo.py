@@ -69,6 +69,21 @@ def cpu_models(binary: str) -> frozenset[str]:
     return names
 
 
+@functools.cache
+def host_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU flags Linux reports for the machine running the lab (its first `flags` line);
+    empty where it cannot be read. Only facts a KVM may pass through natively are taken from it
+    (lab/expectations.py Facts.host_cpuid_fault)."""
+    try:
+        with open(cpuinfo, encoding="latin-1") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 @dataclass(frozen=True)
 class KvmStatus:
     usable: bool

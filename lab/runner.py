@@ -19,7 +19,7 @@ from . import __version__, catalogue, deviations, report
 from .build import ROOT, Artifacts, host32_of
 from .config import BOCHS, ConfigError, Module, RunConfig
 from .expectations import Facts, plan
-from .hostinfo import KvmStatus, kvm_status, qemu_version
+from .hostinfo import KvmStatus, host_cpu_flags, kvm_status, qemu_version
 from .judge import Check, judge
 from .qemu import BootError, BootResult, Machine, cached_cpu_model_facts, free_tcp_port
 from .records import Transcript, parse_stream
@@ -283,6 +283,7 @@ def facts_of(cfg: RunConfig, kvm: KvmStatus, qom: dict) -> Facts:
     return Facts.from_qemu(
         cfg.accel, kvm.module, qom, hv_signature=cfg.hv_signature, host_mode=cfg.host_mode,
         guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in cfg.kernel_args,
+        host_cpuid_fault="cpuid_fault" in host_cpu_flags(),
     )
 
 
@@ -316,6 +317,7 @@ def host_dict(qemu: str, kvm: KvmStatus) -> dict:
         "kvm_module": kvm.module,
         "kvm_usable": kvm.usable,
         "kvm_reason": kvm.reason,
+        "host_cpuid_fault": "cpuid_fault" in host_cpu_flags(),
         "python": platform.python_version(),
         "kernel": platform.release(),
     }

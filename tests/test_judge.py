@@ -158,3 +158,27 @@ def test_a_deviation_applies_only_where_the_rule_expects_something_else():
     pmu = facts(accel="kvm", kvm_module="kvm_pvm", features=(("pmu", True),))
     exp = next(e for e in plan(pmu) if e.id == "host.rdpmc.counter0.pce1.cpl0")
     assert exp.expected == "ok" and deviations.find(pmu, exp).name == "kvm_pvm-rdpmc-gp"
+
+
+def test_cpl3_cpuid_faulting_deviation_follows_the_host_cpus_own_faulting():
+    """kvm_pvm runs CPL3 natively: CPUID there faults only on a host CPU that faults it (an
+    Intel host did, this AMD host does not). Keyed on the detected flag, never on the host's
+    name; a hardware KVM emulates faulting at every CPL whatever the host (the rule)."""
+    cid = "host.cpuid.faulting1.cpl3"
+    native = facts(accel="kvm", kvm_module="kvm_pvm", host_cpuid_fault=False)
+    st = statuses(judge(native, parse_stream(honest_stream(native, alter={cid: "ok"}))))
+    assert st[cid] == "xfail" and st["host.cpuid.faulting1.cpl2"] == "pass"
+    assert statuses(judge(native, parse_stream(honest_stream(native))))[cid] == "xpass"
+    # negative controls: a host that faults CPUID itself, or a hardware KVM, must fault at CPL3
+    for f in (facts(accel="kvm", kvm_module="kvm_pvm", host_cpuid_fault=True),
+              facts(accel="kvm", kvm_module="kvm_amd", host_cpuid_fault=False),
+              facts(accel="kvm", kvm_module="kvm_intel", host_cpuid_fault=True)):
+        assert statuses(judge(f, parse_stream(honest_stream(f, alter={cid: "ok"}))))[cid] == "fail"
+
+
+def test_host_cpu_flags_reads_the_first_flags_line(tmp_path):
+    from lab.hostinfo import host_cpu_flags
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu tsc cpuid_fault\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert host_cpu_flags(str(info)) == {"fpu", "tsc", "cpuid_fault"}
+    assert host_cpu_flags(str(tmp_path / "absent")) == frozenset()
