@@ -23,7 +23,7 @@ struct probe_result probe_run(const struct probe_stub *s, int cpl, int sysret, u
     probe_cur = s;
     probe_active = 1;
     u64 rax = s->rax_is_cr4 ? read_cr4() | s->rax : s->rax;   /* rax: bits to OR into CR4 */
-    probe_call((u64)cpl, s->insn, rax, s->rcx, (u64)sysret, rflags);
+    probe_call((u64)cpl, s->pre, rax, s->rcx, (u64)sysret, rflags);
     probe_active = 0;
     return probe_res;
 }

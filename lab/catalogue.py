@@ -36,6 +36,8 @@ from .ids import check_id
 #   cpl-of:  obs = the CPL of the code the stub is in (from the CS of its trap).
 #   count:   obs = a count the host keeps (exits, traps) or its verdict: no stub, no witness.
 KINDS = ("outcome", "enter", "return", "cpuid", "cpl-of", "count")
+# The no-op each stub starts with (probe_pre_<name>), 66 90 in 32- and 64-bit code alike.
+PRE_NOP = "xchg %ax, %ax"
 # How the ring is entered: IRETQ (SDM Vol. 3A 6.14.3) or SYSRETQ (SDM Vol. 2B SYSRET).
 ENTRIES = ("iretq", "sysret")
 
@@ -412,20 +414,22 @@ def firmware_sources(bits: int = 64) -> dict[str, str]:
     asm = ["/* Generated from lab/catalogue.py by `python3 -m lab.catalogue`: do not edit. */",
            '#include "asm.h"', "    .text"]
     for s in stubs():
-        asm += [f"    .globl probe_insn_{s.name}, probe_done_{s.name}", "    .balign 16",
-                f"probe_insn_{s.name}:"]
+        # probe_pre_<name>: a 2-byte no-op the ring is entered at, where the GDB witness stops the
+        # CPU before the instruction (and moves it to probe_insn_<name> itself: lab/gdb/collector.py).
+        asm += [f"    .globl probe_pre_{s.name}, probe_insn_{s.name}, probe_done_{s.name}", "    .balign 16",
+                f"probe_pre_{s.name}:", f"    {PRE_NOP}", f"probe_insn_{s.name}:"]
         text = (s.asm32 or to_32bit(s.asm)) if bits == 32 else s.asm
         asm += [f"    {line.strip()}" for line in text.splitlines() if line.strip()]
         asm += [f"probe_done_{s.name}:", "    ud2"]
     h = ["/* Generated from lab/catalogue.py by `python3 -m lab.catalogue`: do not edit. */",
          "#ifndef PROBES_GEN_H", "#define PROBES_GEN_H", '#include "probe.h"', ""]
     for s in stubs():
-        h.append(f"extern char probe_insn_{s.name}[], probe_done_{s.name}[];")
+        h.append(f"extern char probe_pre_{s.name}[], probe_insn_{s.name}[], probe_done_{s.name}[];")
     h += ["", "static const struct probe_stub probe_stubs[] = {"]
     for s in stubs():
         rax_cr4 = s.rax.startswith("cr4")  # "cr4" or "cr4|BITS": the current CR4, BITS set
         rax = s.rax.partition("|")[2] if rax_cr4 else s.rax
-        h.append(f"    {{ probe_insn_{s.name}, probe_done_{s.name}, {int(rax_cr4)}, "
+        h.append(f"    {{ probe_pre_{s.name}, probe_insn_{s.name}, probe_done_{s.name}, {int(rax_cr4)}, "
                  f"{_c_num(rax)}, {_c_num(s.rcx)}, {int(s.continue_at)} }},")
     h += ["};", f"#define PROBE_NSTUBS {len(stubs())}", "", "static const struct probe_row probe_rows[] = {"]
     index = {s.name: i for i, s in enumerate(stubs())}

@@ -8,6 +8,8 @@
 enum probe_kind { PK_OUTCOME, PK_ENTER, PK_RETURN, PK_CPUID };
 
 struct probe_stub {
+    char *pre;         /* probe_pre_<name>: a 2-byte no-op, where the stub is entered (the
+                        * GDB witness stops there, before the instruction) */
     char *insn;        /* probe_insn_<name>: the probed instruction(s) */
     char *done;        /* probe_done_<name>: the `ud2` right after them */
     u8 rax_is_cr4;     /* RAX on entry holds the current CR4 (MOV to CR4 probes) */

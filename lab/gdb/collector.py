@@ -6,9 +6,19 @@ nothing: lab/witness.py turns the stops into readings. Loaded by `source`, start
 `python lab_collect_start(CONFIG_JSON)`.
 
 Watch kinds:
+  insn  a probe's entry no-op (probe_pre_<stub>), before the probed instruction: records the CPU
+        there (registers incl. CS, SS, RFLAGS, CR4; the live bytes from probe_insn_<stub> to its
+        return trap and GDB's own disassembly of them; from QEMU's `info registers` the CPL,
+        IDTR, GDTR and TR; the IDT's exception gates and the TSS the CPU would use; the TSS I/O
+        bitmap bytes of the ports `io` names, read through TR.base and the TSS's I/O map base),
+        then makes the CPU execute exactly the probed instruction: RIP to probe_insn_<stub> and
+        one single step, recording the state after it. Where that step ends at a trap watch (the
+        CPU delivered an exception to an IDT stub), that watch's record is written from there.
   trap  an IDT stub: the CPU just delivered `vector`. Records the registers and the stack
-        the CPU pushed (error code if any, RIP, CS, RFLAGS, RSP, SS) and the bytes at RIP;
-        `mem` [address, first RIP, last RIP]: a byte to read where the trapping RIP is in range.
+        the CPU pushed (error code if any, RIP, CS, RFLAGS, RSP, SS) and the bytes at RIP.
+        `sys`: also the IDTR/TR the CPU has (QEMU's `info registers`), its gate for `vector`,
+        the TSS and the I/O bitmap bytes of `io` where the trapping RIP is in a probe stub
+        (accelerators without insn watches: their strongest evidence).
         `skip`: the stub starts with a no-op of that many bytes; the CPU resumes past it.
   regs  a code label: records the registers there.
   end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
@@ -18,7 +28,9 @@ does not show (an MSR) where the trapping RIP is in that range: the CPU itself r
 firmware's `witness_rdmsr` (RDMSR at CPL0, its bytes 0f 32 checked first) as one single step
 with ECX = the MSR. The step and the register writes around it are raw remote-protocol
 packets: GDB's own idea of the registers, and of where it stopped, never changes, and every
-register the step touched is put back before the CPU goes on.
+register the step touched is put back before the CPU goes on. The insn watch's step is a raw
+packet too, but the CPU is meant to stay where the step left it: GDB's register cache is
+flushed after it, so GDB resumes from there.
 """
 
 import json
@@ -26,13 +38,19 @@ import time
 
 import gdb
 
-_REGS = ("cs", "rip", "rsp", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
+_REGS = ("cs", "ss", "rip", "rsp", "eflags", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
 _MASK = (1 << 64) - 1
-_state = {"out": None, "watches": {}, "word": 8}  # word: the frame's word size (4: 32-bit host)
+# word: the frame's word size (4: 32-bit host); traps: trap watches by address; idt/tr: the
+# IDTR and TR of the last `info registers` (insn watch); stubs: [first, last RIP] of each probe stub
+_state = {"out": None, "watches": {}, "word": 8, "traps": {}, "stubs": ()}
 RDMSR = bytes.fromhex("0f32")
-# QEMU's x86-64 gdbstub register numbers and sizes (the 'g' packet's layout): RAX, RCX, RDX, RSP,
-# RIP (8 bytes each), EFLAGS (4 bytes).
-_RAW = {"rax": (0, 8), "rcx": (2, 8), "rdx": (3, 8), "rsp": (7, 8), "rip": (16, 8), "eflags": (17, 4)}
+# QEMU's x86-64 gdbstub registers (the 'g' packet's layout): number -> (byte offset, size).
+# RAX..R15 are 8 bytes each (0-15), RIP 8 (16), EFLAGS 4 (17), then CS, SS, ... 4 each.
+_RAW = {"rax": (0, 0, 8), "rbx": (1, 8, 8), "rcx": (2, 16, 8), "rdx": (3, 24, 8), "rsp": (7, 56, 8),
+        "rip": (16, 128, 8), "eflags": (17, 136, 4), "cs": (18, 140, 4), "ss": (19, 144, 4)}
+SAVED = ("rax", "rcx", "rdx", "rsp", "rip", "eflags")  # what witness_rdmsr's step may change
+IDT_GATES = 32  # the exception vectors (SDM Vol. 3A 6.3.1)
+TSS_SIZE = 0x68  # the 64-bit TSS (SDM Vol. 3A 8.7); the 32-bit one (7.2.1) is as long
 
 
 def _registers():
@@ -57,32 +75,143 @@ class _Watch(gdb.Breakpoint):
         spec = self.spec
         if spec["kind"] == "end":
             return True
+        if spec["kind"] == "insn":
+            _insn(spec)
+            return False
         regs = _registers()
-        stop = {"at": spec["location"], "kind": spec["kind"], "regs": regs, "t": round(time.monotonic(), 6)}
         if spec["kind"] == "trap":
-            stop["vector"] = spec["vector"]
-            stack = _memory(regs["rsp"], 48)
-            stop["stack"] = stack
-            if stack is not None:
-                word = _state["word"]
-                off = word if spec.get("error_code") else 0
-                rip = int.from_bytes(bytes.fromhex(stack)[off:off + word], "little")
-                stop["at_rip"] = _memory(rip, 16)
-                mem = _for_stub(spec, "mem", rip)
-                if mem:  # controls the CPU reads from memory (the TSS I/O bitmap)
-                    stop["mem"] = {str(a): _memory(a, 1) for a in mem}
-                msrs = _for_stub(spec, "msr", rip)
-                if msrs:  # controls in an MSR: the CPU reads them
-                    stop["msr"] = {"%#x" % m: _rdmsr(m, spec.get("rdmsr_at")) for m in msrs}
-        out = _state["out"]
-        out.write(json.dumps(stop) + "\n")
-        out.flush()
-        if spec.get("skip"):
-            # The watch sits on a no-op the lab put there for it (its bytes checked against the
-            # ELF): resuming past it is executing it, and needs no single step over the
-            # breakpoint (which under TCG flushes all of QEMU's translations).
-            gdb.execute("set $pc = %d" % (regs["rip"] + spec["skip"]), to_string=True)
+            _trap(spec, regs)
+        else:
+            _write({"at": spec["location"], "kind": spec["kind"], "regs": regs, "t": round(time.monotonic(), 6)})
         return False
+
+
+def _write(stop):
+    out = _state["out"]
+    out.write(json.dumps(stop) + "\n")
+    out.flush()
+
+
+def _trap(spec, regs, via=None):
+    """The record of a trap watch: the CPU has just entered its IDT stub with `regs`."""
+    stop = {"at": spec["location"], "kind": "trap", "regs": regs, "t": round(time.monotonic(), 6),
+            "vector": spec["vector"]}
+    if via:
+        stop["via"] = via
+    stack = _memory(regs["rsp"], 48)
+    stop["stack"] = stack
+    if stack is not None:
+        word = _state["word"]
+        off = word if spec.get("error_code") else 0
+        rip = int.from_bytes(bytes.fromhex(stack)[off:off + word], "little")
+        stop["at_rip"] = _memory(rip, 16)
+        if spec.get("sys") and any(lo <= rip <= hi for lo, hi in _state["stubs"]):
+            # No stop before the instruction here: what the CPU used to deliver it, read now.
+            sysregs = _sysregs()
+            stop["sys"] = sysregs
+            stop["gate"] = _gate(sysregs, spec["vector"])
+            stop["tss"] = _tss(sysregs)
+            ports = _for_stub(spec, "io", rip)
+            if ports:
+                stop["io"] = _iomap(sysregs, ports)
+        msrs = _for_stub(spec, "msr", rip)
+        if msrs:  # controls in an MSR: the CPU reads them
+            stop["msr"] = {"%#x" % m: _rdmsr(m, spec.get("rdmsr_at")) for m in msrs}
+    _write(stop)
+    if spec.get("skip"):
+        # The watch sits on a no-op the lab put there for it (its bytes checked against the
+        # ELF): resuming past it is executing it, and needs no single step over the
+        # breakpoint (which under TCG flushes all of QEMU's translations).
+        gdb.execute("set $pc = %d" % (regs["rip"] + spec["skip"]), to_string=True)
+
+
+def _insn(spec):
+    """At a probe's entry no-op: the CPU before the instruction, the instruction, the CPU after."""
+    regs = _registers()
+    insn, done = spec["insn"], spec["done"]
+    stop = {"at": spec["location"], "kind": "insn", "stub": spec["stub"], "regs": regs,
+            "t": round(time.monotonic(), 6)}
+    code = _memory(insn, done - insn + 2)
+    stop["bytes"] = code
+    if code is not None:  # GDB's own decoder, on the bytes the CPU is about to execute
+        arch = gdb.selected_frame().architecture()
+        stop["asm"] = [[d["addr"], d["length"], d["asm"]] for d in arch.disassemble(insn, end_pc=done)]
+    sysregs = _sysregs()
+    stop["sys"] = sysregs
+    stop["idt"] = _idt(sysregs)
+    stop["tss"] = _tss(sysregs)
+    if spec.get("io"):
+        stop["io"] = _iomap(sysregs, spec["io"])
+    # Exactly one instruction: RIP to the probed instruction (past the no-op, which does nothing
+    # else), one single step. Raw packets: GDB does not step over anything of its own here.
+    _raw_set({"rip": insn})
+    _packet("s")
+    gdb.execute("maint flush register-cache", to_string=True)  # the CPU stays where the step left it
+    after = _registers()
+    stop["after"] = after
+    stop["after_stack"] = _memory(after["rsp"], 48)
+    _write(stop)
+    trap = _state["traps"].get(after["rip"])
+    if trap is not None:  # the step ended in an IDT stub the plan watches: its record, from here
+        _trap(trap, after, via=spec["location"])
+
+
+def _sysregs():
+    """CPL, IDTR, GDTR and TR as QEMU's `info registers` shows them (the gdbstub has no such
+    registers): {"cpl": n, "idt": [base, limit], "gdt": [...], "tr": [selector, base, limit]}."""
+    text = gdb.execute("monitor info registers", to_string=True)
+    out = {}
+    for line in text.splitlines():
+        head, _, rest = line.partition("=")
+        words = rest.split()
+        key = head.strip()
+        if key in ("IDT", "GDT") and len(words) >= 2:
+            out[key.lower()] = [int(words[0], 16), int(words[1], 16)]
+        elif key == "TR" and len(words) >= 3:
+            out["tr"] = [int(words[0], 16), int(words[1], 16), int(words[2], 16)]
+        if "CPL=" in line:
+            out["cpl"] = int(line.split("CPL=", 1)[1].split()[0])
+    _state["sys"] = out
+    return out
+
+
+def _gate_size():
+    return 16 if _state["word"] == 8 else 8  # SDM Vol. 3A 6.14.1 (64-bit) / 6.11 (32-bit)
+
+
+def _idt(sysregs):
+    """The exception gates (vectors 0-31) of the IDT the CPU uses, hex."""
+    if "idt" not in sysregs:
+        return None
+    return _memory(sysregs["idt"][0], IDT_GATES * _gate_size())
+
+
+def _gate(sysregs, vector):
+    if "idt" not in sysregs:
+        return None
+    return _memory(sysregs["idt"][0] + vector * _gate_size(), _gate_size())
+
+
+def _tss(sysregs):
+    return _memory(sysregs["tr"][1], TSS_SIZE) if "tr" in sysregs else None
+
+
+def _iomap(sysregs, ports):
+    """Port -> the 2 bytes of the TSS I/O permission bitmap the CPU reads for it (SDM Vol. 1
+    18.5.2: at TR.base + the I/O map base (TSS offset 0x66) + port/8; past TR.limit: none,
+    the access is denied), with that base: {"base": n, "ports": {port: hex or None}}."""
+    if "tr" not in sysregs:
+        return None
+    _sel, base, limit = sysregs["tr"]
+    raw = _memory(base + 0x66, 2)
+    if raw is None:
+        return None
+    iobase = int.from_bytes(bytes.fromhex(raw), "little")
+    out = {}
+    for port in ports:
+        off = iobase + port // 8
+        out[str(port)] = _memory(base + off, 2) if off + 1 <= limit else None
+    return {"base": iobase, "limit": limit, "ports": out}
 
 
 def _for_stub(spec, key, rip):
@@ -98,12 +227,12 @@ def _packet(text):
 
 def _raw_registers():
     g = bytes.fromhex(_packet("g"))
-    return {r: int.from_bytes(g[n * 8:n * 8 + size], "little") for r, (n, size) in _RAW.items()}
+    return {r: int.from_bytes(g[off:off + size], "little") for r, (_n, off, size) in _RAW.items()}
 
 
 def _raw_set(regs):
     for r, value in regs.items():
-        n, size = _RAW[r]
+        n, _off, size = _RAW[r]
         _packet("P%x=%s" % (n, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little").hex()))
 
 
@@ -112,7 +241,7 @@ def _rdmsr(msr, at):
     complete there (no RDMSR at `at`, or it faulted). The CPU's registers are as before."""
     if at is None or _memory(at, len(RDMSR)) != RDMSR.hex():
         return None
-    saved = _raw_registers()
+    saved = {r: v for r, v in _raw_registers().items() if r in SAVED}
     try:
         _raw_set({"rcx": msr, "rip": at})
         _packet("s")  # one instruction; the reply is the stop after it
@@ -128,7 +257,10 @@ def lab_collect_start(config_json):
     config = json.loads(config_json)
     _state["out"] = open(config["out"], "a", buffering=1)
     _state["word"] = config.get("word", 8)
+    _state["stubs"] = [tuple(r) for r in config.get("stubs", ())]
     for spec in config["watches"]:
+        if spec["kind"] == "trap" and spec.get("addr") is not None:
+            _state["traps"][spec["addr"]] = spec
         try:
             _state["watches"][spec["location"]] = _Watch(spec)
         except gdb.error as exc:  # a missing symbol: the lab reports it per check
