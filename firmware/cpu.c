@@ -10,6 +10,9 @@ struct tss64 {
     u16 reserved3;
     u16 iomap_base;         /* offset of tss_iomap (SDM Vol. 1 18.5.2) */
     u8 iomap[32 + 1];       /* ports 0-255, then the 0xff byte the CPU may read past the end */
+#ifdef LAB_LIE_IOMAP
+    u8 iomap_used[32 + 1];  /* lie-iomap: the bitmap the CPU uses (all denied); probe.c sets `iomap` */
+#endif
 } PACKED;
 
 struct idt_gate {
@@ -70,6 +73,11 @@ void cpu_init(void)
     tss.iomap_base = __builtin_offsetof(struct tss64, iomap);
     for (unsigned i = 0; i < sizeof(tss.iomap); i++)
         tss.iomap[i] = 0xff;
+#ifdef LAB_LIE_IOMAP
+    tss.iomap_base = __builtin_offsetof(struct tss64, iomap_used);
+    for (unsigned i = 0; i < sizeof(tss.iomap_used); i++)
+        tss.iomap_used[i] = 0xff;
+#endif
     u64 base = (u64)&tss, limit = sizeof(tss) - 1;
     int ti = SEL_TSS / 8;
     gdt[ti] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ull << 40) |
@@ -85,6 +93,10 @@ void cpu_init(void)
     }
     /* 0x80: only for the fault=kvm-internal test (int $0x80 at CPL0). */
     set_gate(0x80, (u64)isr_stub_128, 0, 3);
+#ifdef LAB_LIE_INT
+    extern char lie_fake_gp[];
+    set_gate(0x4d, (u64)lie_fake_gp, 0, 3);   /* lie-int: a DPL3 gate for its software INT */
+#endif
     idt_load();
 
     /* SYSCALL/SYSRET (APM Vol. 2 6.1.1). EFER.SCE was set in boot.S. */

@@ -3,15 +3,7 @@
  * hypervisor. Each probe prints exactly one obs record and never judges. */
 #include "probe.h"
 
-#if defined(LAB_LIE)
-const char lab_variant[] = "lie";
-#elif defined(LAB_LIE_CONTEXT)
-const char lab_variant[] = "lie-context";
-#elif defined(LAB_LIE_SKIP)
-const char lab_variant[] = "lie-skip";
-#else
-const char lab_variant[] = "normal";
-#endif
+const char lab_variant[] = LAB_VARIANT_NAME;   /* firmware/Makefile VARIANT */
 
 extern u64 boot_cr0, boot_cr4, boot_efer, mb_info;
 extern char __kernel_end[];

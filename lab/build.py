@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Negative controls (firmware/Makefile): `lie` reports wrong values (both witnesses catch it);
 # `lie-context` runs probes at another CPL / CR4 / MSR gate than it reports and `lie-skip` reports `ok`
 # for probes it never ran (the records look right: only the GDB witness catches these two).
-VARIANTS = ("normal", "lie", "lie-context", "lie-skip")
+# The rest lie in ways only a witness that sees the CPU execute the probed instruction catches: the
+# records say what the rules expect (docs/gdb.md "Negative controls").
+VARIANTS = ("normal", "lie", "lie-context", "lie-skip", "lie-insn", "lie-int", "lie-frame", "lie-past", "lie-iomap")
 
 
 @dataclass(frozen=True)

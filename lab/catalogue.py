@@ -407,7 +407,12 @@ def to_32bit(asm: str) -> str:
     return re.sub(r"%r([abcd]x|sp|bp|si|di)\b", r"%e\1", asm)
 
 
-def firmware_sources(bits: int = 64) -> dict[str, str]:
+# Negative controls (firmware/Makefile): builds whose stub holds another instruction than the
+# catalogue declares. The lab never uses these texts: the witness must find them out.
+SWAPPED = {"lie-insn": {"rdtsc": "cli\n    nop"}, "lie-int": {"rdtsc": "int $0x4d"}}
+
+
+def firmware_sources(bits: int = 64, variant: str = "normal") -> dict[str, str]:
     """`probes.gen.S` (one stub per probed instruction, each with its two labels) and
     `probes.gen.h` (the row table the firmware iterates). `bits=32`: the same table with
     the stubs' 32-bit text (`Stub.asm32`) for the 32-bit host kernel (firmware/arch32)."""
@@ -419,6 +424,7 @@ def firmware_sources(bits: int = 64) -> dict[str, str]:
         asm += [f"    .globl probe_pre_{s.name}, probe_insn_{s.name}, probe_done_{s.name}", "    .balign 16",
                 f"probe_pre_{s.name}:", f"    {PRE_NOP}", f"probe_insn_{s.name}:"]
         text = (s.asm32 or to_32bit(s.asm)) if bits == 32 else s.asm
+        text = SWAPPED.get(variant, {}).get(s.name, text)
         asm += [f"    {line.strip()}" for line in text.splitlines() if line.strip()]
         asm += [f"probe_done_{s.name}:", "    ud2"]
     h = ["/* Generated from lab/catalogue.py by `python3 -m lab.catalogue`: do not edit. */",
@@ -454,9 +460,9 @@ def firmware_sources(bits: int = 64) -> dict[str, str]:
     return {"probes.gen.S": "\n".join(asm) + "\n", "probes.gen.h": "\n".join(h)}
 
 
-def write_firmware_sources(out_dir: Path, bits: int = 64) -> None:
+def write_firmware_sources(out_dir: Path, bits: int = 64, variant: str = "normal") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in firmware_sources(bits).items():
+    for name, text in firmware_sources(bits, variant).items():
         path = out_dir / name
         if not path.exists() or path.read_text() != text:  # keep make's timestamps when unchanged
             path.write_text(text)
@@ -492,9 +498,9 @@ if __name__ == "__main__":  # make: python3 -m lab.catalogue OUT_DIR; docs: --do
         root = Path(__file__).resolve().parent.parent
         for name in DOCS:
             (root / name).write_text(docs_text((root / name).read_text()))
-    elif len(sys.argv) == 2 and not sys.argv[1].startswith("-"):
-        write_firmware_sources(Path(sys.argv[1]))
-    elif len(sys.argv) == 3 and sys.argv[2] == "--bits=32" and not sys.argv[1].startswith("-"):
-        write_firmware_sources(Path(sys.argv[1]), 32)
+    elif 2 <= len(sys.argv) <= 4 and not sys.argv[1].startswith("-") and all(
+            a == "--bits=32" or a.startswith("--variant=") for a in sys.argv[2:]):
+        opts = dict(a[2:].split("=", 1) for a in sys.argv[2:])
+        write_firmware_sources(Path(sys.argv[1]), int(opts.get("bits", 64)), opts.get("variant", "normal"))
     else:  # an option it does not know is not a folder to create
-        sys.exit("usage: python3 -m lab.catalogue OUT_DIR [--bits=32] | --docs")
+        sys.exit("usage: python3 -m lab.catalogue OUT_DIR [--bits=32] [--variant=V] | --docs")

@@ -5,15 +5,7 @@
  * bootinfo.c, probe.c and realmode.S with the 64-bit kernel. */
 #include "probe.h"
 
-#if defined(LAB_LIE)
-const char lab_variant[] = "lie";
-#elif defined(LAB_LIE_CONTEXT)
-const char lab_variant[] = "lie-context";
-#elif defined(LAB_LIE_SKIP)
-const char lab_variant[] = "lie-skip";
-#else
-const char lab_variant[] = "normal";
-#endif
+const char lab_variant[] = LAB_VARIANT_NAME;   /* firmware/Makefile VARIANT */
 
 extern u32 boot_cr0, boot_cr4, mb_info;
 extern const u32 isr_stub_table[32];

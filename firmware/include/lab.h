@@ -247,7 +247,7 @@ void info_cpuid(void);
 void realmode_report(void);
 
 /* ---- misc ---- */
-extern const char lab_variant[];   /* "normal", "lie", "lie-context" or "lie-skip" */
+extern const char lab_variant[];   /* "normal" or a negative control (firmware/Makefile VARIANTS) */
 #ifdef LAB_LIE
 #define LAB_IS_LIE 1
 #else
