@@ -97,7 +97,13 @@ def judge_one(
     if gdb is not None and witness != "serial":
         check.witnesses["gdb"] = gdb
         if evidence:
-            check.details["gdb.evidence"] = " ".join(f"{k}={v}" for k, v in evidence.items())
+            # What GDB saw of it (the instruction and its delivery, or the trap only) and, where the
+            # accelerator keeps it from the instruction, the links of the chain it could not see.
+            shown = {k: v for k, v in evidence.items() if k not in ("saw", "missing")}
+            check.details["gdb.evidence"] = " ".join(f"{k}={v}" for k, v in shown.items())
+            for key in ("saw", "missing"):
+                if key in evidence:
+                    check.details[f"gdb.{key}"] = evidence[key]
     else:
         gdb = None
     if serial is None:

@@ -238,6 +238,10 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     watches += [Watch(loc, "regs", hw=hw) for loc in sorted(set(entry_stops.values()))]
     checks = list(entry_stops) + list(guest_vecs)
     for cid, vs in host_vecs.items():
+        # A chained stub's faults are seen by the single step, wherever its IDT sends the CPU: only
+        # its return trap (#UD) needs a watch.
+        if chained and planned[cid].stub is not None and planned[cid].stub.name in chained:
+            vs = vs & {6}
         missing = vs - set(vectors)
         if missing:
             unwitnessed[cid] = (f"{caps.name}: no hardware breakpoint left for vector "
@@ -861,8 +865,11 @@ class GdbWitness:
                 if (plan.caps.software_breakpoints and spec["kind"] == "trap" and addr is not None
                         and image.read(addr, 2) == NOP2):
                     spec["skip"] = 2
+            msr = next((sp for sp in specs if sp.get("msr")), {})
             config = {"out": str(self.stops_path), "watches": specs, "word": image.bits // 8,
-                      "stubs": [[st.insn, st.done] for st in stubs.values()]}
+                      "stubs": [[st.insn, st.done] for st in stubs.values()],
+                      "faults": {"error_codes": sorted(x86.EXC_WITH_ERROR_CODE), "msr": msr.get("msr", []),
+                                 "rdmsr_at": msr.get("rdmsr_at")}}
             self._gdb.console("python lab_collect_start(" + repr(json.dumps(config)) + ")")
             self._gdb.cont()
         except BaseException:

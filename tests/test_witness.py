@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -71,7 +73,14 @@ def test_an_msr_gate_is_read_at_the_stops_of_its_stubs_only_where_its_checks_run
 @pytest.mark.parametrize("module", ["kvm_intel", "kvm_amd", "kvm_pvm", None])
 def test_kvm_plans_fit_the_hardware_slots_and_cover_every_check_that_runs(module):
     p, exps, f = kvm_plan(module)
-    assert all(w.hw for w in p.watches) and len(p.watches) <= HW_BREAKPOINT_SLOTS
+    # Hardware breakpoints fit DR0-DR3; the probes' entry no-ops (a hardware KVM only) take
+    # software ones, so a plan stops at the instruction exactly where the module allows it.
+    assert len([w for w in p.watches if w.hw]) <= HW_BREAKPOINT_SLOTS
+    assert all(w.kind == "insn" for w in p.watches if not w.hw)
+    assert bool(p.chained) is (module in ("kvm_intel", "kvm_amd"))
+    host = {cid for cid in p.checks if cid.startswith("host.")}
+    assert set(p.missing) == (set() if p.chained else host)  # the report names the links it lacks
+    assert all(w.sys for w in p.watches if w.kind == "trap") is not bool(p.chained)
     ran = {e.id for e in exps if not e.skip and deviant(f, [e]).get(e.id, "run") is not None}
     ran -= set(p.unwitnessed)
     assert set(p.checks) == ran and ran
@@ -83,12 +92,18 @@ def test_a_plan_short_of_hardware_slots_names_what_it_cannot_see(monkeypatch):
     from dataclasses import replace
 
     real = capabilities
-    monkeypatch.setattr("lab.witness.capabilities", lambda a, m: replace(real(a, m), hw_slots=2))
+    # Without stops at the instructions, each fault needs the watch of its vector.
+    monkeypatch.setattr("lab.witness.capabilities",
+                        lambda a, m: replace(real(a, m), hw_slots=2, no_insn_stops="not here"))
     p, exps, _ = kvm_plan("kvm_intel")
     assert len(p.watches) == 2 and len(p.vectors) == 1  # one vector and the end of the host phase
     lost = {cid for cid, why in p.unwitnessed.items() if "no hardware breakpoint left" in why}
     by_id = {e.id: e for e in exps}
     assert lost and all(by_id[cid].expected.startswith("#") for cid in lost)  # the faults' vector lost
+    # With them (a hardware KVM), a fault is seen by the single step whatever watch its vector has.
+    monkeypatch.setattr("lab.witness.capabilities", lambda a, m: replace(real(a, m), hw_slots=2))
+    p, exps, _ = kvm_plan("kvm_intel")
+    assert p.vectors == (6,) and not [cid for cid, why in p.unwitnessed.items() if "hardware breakpoint" in why]
 
 
 def test_capabilities_follow_the_detected_module():
@@ -104,39 +119,95 @@ def image(artifacts):
     return Image.load(artifacts.symbols)
 
 
-def cpu_trace(image, exps, outcome_of):
+RSP0 = 0x20000  # the synthetic CPU's TSS.RSP0 (16-byte aligned)
+IDT_BASE, TSS_BASE, TSS_LIMIT, IOMAP_BASE = 0x5000, 0x6000, 0x88, 0x68
+CODE_SEL = {0: 0x8, 1: 0x31, 2: 0x42, 3: 0x2b}
+DATA_SEL = {0: 0x10, 1: 0x39, 2: 0x4a, 3: 0x23}
+
+
+def _idt(image):
+    """Exception gates 0-31 as the firmware sets them: present 64-bit interrupt gates to isr_stub_<n>."""
+    out = b""
+    for v in range(32):
+        off = image.symbols.get(f"isr_stub_{v}", 0)
+        out += (off & 0xFFFF).to_bytes(2, "little") + (0x8).to_bytes(2, "little") + bytes([0, 0x8E]) \
+            + (off >> 16 & 0xFFFF).to_bytes(2, "little") + (off >> 32).to_bytes(4, "little") + bytes(4)
+    return out.hex()
+
+
+def _tss():
+    return (bytes(4) + RSP0.to_bytes(8, "little") + bytes(0x68 - 12)).hex()
+
+
+@pytest.fixture(scope="module")
+def decoded(image):
+    """Each host stub's instructions as binutils' decoder (the one GDB uses) reads the binary:
+    what an honest CPU's live bytes decode to. [[address, length, text], ...] per stub."""
+    out = {}
+    for name, st in stubs_of(image).items():
+        text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={st.insn:#x}",
+                               f"--stop-address={st.done + 2:#x}", str(image.path)],
+                              capture_output=True, text=True, check=True).stdout
+        lines = [ln.split("\t") for ln in text.splitlines() if re.match(r"^\s+[0-9a-f]+:\t", ln)]
+        addrs = [int(ln[0].strip().rstrip(":"), 16) for ln in lines]
+        out[name] = [[a, nxt - a, ln[1].strip()] for a, nxt, ln in zip(addrs, addrs[1:] + [st.done + 2], lines)]
+    return out
+
+
+def cpu_trace(image, exps, outcome_of, chained=None, sys=False):
     """The stops a CPU produces for these checks, by the architecture: for each row the stub
     runs at its CPL under its gate, and the outcome (from `outcome_of(exp)`) decides the trap:
     a fault at probe_insn_<stub>, or the #UD return trap at probe_done_<stub>. Registers and
-    the pushed frame are what the CPU would hold; memory at RIP is the binary's."""
+    the pushed frame are what the CPU would hold (the handler's RSP below TSS.RSP0 or the
+    aligned current stack); memory at RIP is the binary's.
+
+    `chained`: the decoded stubs (fixture `decoded`): a session with insn watches (TCG, a
+    hardware KVM), so each row starts with the stop at its entry no-op and the single step;
+    else only traps, which read IDTR/TR, the gate and the TSS themselves when `sys` (kvm_pvm)."""
     stubs = stubs_of(image)
     rows = {r.id: r for r in catalogue.table_rows()}
     lstar = image.symbols["syscall_entry"]
+    idt, tss = _idt(image), _tss()
     stops = []
 
-    iomap = image.symbols["tss_iomap"]
+    def handler(vector, before):
+        """Where and with which RSP the CPU enters the handler of `vector` from `before`."""
+        base = RSP0 if before["cs"] & 3 else before["rsp"] & ~0xF
+        err = vector in x86.EXC_WITH_ERROR_CODE
+        return {"cs": 0x8, "ss": 0, "rip": image.symbols[f"isr_stub_{vector}"], "rsp": base - 8 * (5 + err),
+                "eflags": 0x2, "cr4": before["cr4"], "efer": 0x501, "rax": before["rax"], "rbx": before["rbx"],
+                "rcx": before["rcx"], "rdx": before["rdx"]}
 
-    def trap(vector, rip, cs, rsp=0x9000, err=0, rflags=0x2, mem=None, msr=None, **regs):
+    def trap(vector, frame_rip, before, err=0, via=None, io=None, msr=None):
+        regs = handler(vector, before)
         stack = (err.to_bytes(8, "little") if vector in x86.EXC_WITH_ERROR_CODE else b"")
-        stack += b"".join(v.to_bytes(8, "little") for v in (rip, cs, rflags, rsp, cs + 8))
-        base = {"cs": 0x8, "rip": 0, "rsp": 0, "cr4": 0x20, "efer": 0x501, "rax": 0, "rbx": 0, "rcx": 0, "rdx": 0}
-        base.update(regs)
-        stops.append({"at": f"isr_stub_{vector}", "kind": "trap", "vector": vector, "regs": base,
-                      "stack": stack.hex(), "at_rip": image.read(rip, 16).hex(), "mem": mem or {}})
+        stack += b"".join(v.to_bytes(8, "little") for v in (frame_rip, before["cs"], before["eflags"], before["rsp"],
+                                                           before["ss"]))
+        stop = {"at": f"isr_stub_{vector}", "kind": "trap", "vector": vector, "regs": regs, "stack": stack.hex(),
+                "at_rip": image.read(frame_rip, 16).hex()}
+        if via:
+            stop["via"] = via
         if msr:
-            stops[-1]["msr"] = msr
+            stop["msr"] = msr
+        if sys and not via:
+            stop.update(sys={"cpl": 0, "idt": [IDT_BASE, 0xFFF], "tr": [0x50, TSS_BASE, TSS_LIMIT]},
+                        gate=idt[vector * 32:(vector + 1) * 32], tss=tss)
+            if io:
+                stop["io"] = io
+        stops.append(stop)
+        return regs
 
     for e in exps:
         row = rows.get(e.id)
         if row is None:
             continue
         stub = stubs[row.entry.stub.name]
+        spec = row.entry.stub
         out = outcome_of(e)
         if out is None:
             continue
         cpl = row.cpl
-        cs = {0: 0x8, 1: 0x31, 2: 0x42, 3: 0x2b}[cpl]
-        cr4, rflags, mem, msr = 0x20, 0x2, {}, {}
+        cr4, rflags, ports, msr = 0x20, 0x2, {}, {}
         for g in row.entry.gates:  # the controls as the CPU holds them
             value = int(row.params[g.param])
             if g.reg == "cr4":
@@ -144,24 +215,46 @@ def cpu_trace(image, exps, outcome_of):
             elif g.reg == "iopl":
                 rflags |= value << 12
             elif g.reg == "iomap":
-                mem[str(iomap + g.bit // 8)] = f"{0 if value else 0xff:02x}"
+                ports[str(g.bit)] = "0000" if value else "ffff"
             elif g.reg == "msr":  # what the CPU's RDMSR at the stop returns (lab/gdb/collector.py)
                 msr[f"{g.msr:#x}"] = value << g.bit
-        emit = functools.partial(trap, rflags=rflags, mem=mem, msr=msr)
-        if row.entry.stub.continue_at:  # SYSCALL: the checkpoint, then the LSTAR entry's trap
-            emit(6, stub.insn, cs, cr4=cr4)
-            reached = int(out)
-            emit(6, lstar, {0: 0x8, 3: 0x2b}[reached], cr4=cr4, rcx=stub.done)
-        elif out.startswith("#"):
-            vec = next(v for v, m in x86.EXC_MNEMONICS.items() if out[1:].split("(")[0] == m)
-            emit(vec, stub.insn, cs, cr4=cr4)
-        elif row.entry.kind == "return":
-            emit(6, stub.done, cs, cr4=cr4)  # the handler runs at CPL0: $cs = 0x8 in `regs`
-        elif row.entry.kind == "cpuid":
-            regs = _cpuid_regs(row.entry, out)
-            emit(6, stub.done, cs, cr4=cr4, **regs)
-        else:
-            emit(6, stub.done, cs, cr4=cr4)
+        io = {"base": IOMAP_BASE, "limit": TSS_LIMIT, "ports": ports} if ports else None
+        rax = (cr4 | int(spec.rax.partition("|")[2] or "0", 0)) if spec.rax.startswith("cr4") else \
+            int(spec.rax or "0", 0)
+        before = {"cs": CODE_SEL[cpl], "ss": DATA_SEL[cpl], "rip": stub.insn - 2, "rsp": 0x9000 + 0x1000 * cpl,
+                  "eflags": rflags, "cr4": cr4, "efer": 0x501, "rax": rax, "rbx": 0, "rcx": int(spec.rcx or "0", 0),
+                  "rdx": 0}
+        pre = None
+        if chained is not None:
+            pre = {"at": f"probe_pre_{stub.name}", "kind": "insn", "stub": stub.name, "regs": before,
+                   "bytes": image.read(stub.insn, stub.done - stub.insn + 2).hex(), "asm": chained[stub.name],
+                   "sys": {"cpl": cpl, "idt": [IDT_BASE, 0xFFF], "tr": [0x50, TSS_BASE, TSS_LIMIT]},
+                   "idt": idt, "tss": tss}
+            if io:
+                pre["io"] = io
+            stops.append(pre)
+        fault = out.startswith("#")
+        if spec.continue_at or stub.insn == stub.done or fault:  # the step delivers an exception
+            vec = next(v for v, m in x86.EXC_MNEMONICS.items() if out[1:].split("(")[0] == m) if fault else 6
+            if pre is not None:
+                pre["after"] = handler(vec, before)
+                pre["after_stack"] = ""
+            trap(vec, stub.insn, before, via=pre and pre["at"], io=io, msr=msr)
+            if spec.continue_at:  # SYSCALL: from the checkpoint on to the LSTAR entry's trap
+                reached = int(out)
+                at_syscall = dict(before, rcx=stub.done, cs={0: 0x8, 3: 0x2b}[reached])
+                trap(6, lstar, dict(at_syscall, cs=at_syscall["cs"]), io=io, msr=msr)
+                stops[-1]["regs"]["rcx"] = stub.done
+            continue
+        after = dict(before, rip=stub.done)
+        if spec.asm.strip() == "sti":
+            after["eflags"] |= 1 << 9
+        if row.entry.kind == "cpuid":
+            after.update(_cpuid_regs(row.entry, out))
+        if pre is not None:
+            pre["after"] = after
+            pre["after_stack"] = ""
+        trap(6, stub.done, after, io=io, msr=msr)
     return stops
 
 
@@ -179,13 +272,13 @@ def _cpuid_regs(entry, value):
 
 
 @pytest.mark.parametrize("module", ["kvm_intel", "kvm_amd"])
-def test_a_hardware_kvm_trace_is_read_whole(image, module):
+def test_a_hardware_kvm_trace_is_read_whole(image, decoded, module):
     """kvm_intel/kvm_amd follow the architecture: SYSCALL from CPL3 reaches CPL0, RDTSC at
     CPL3 with TSD=1 faults. Replayed through the reader, every planned check is read once,
     with the value the rule expects."""
     p, exps, _ = kvm_plan(module)
-    stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: e.expected)
-    found, stray = read_stops(stops, image)
+    stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: e.expected, chained=decoded)
+    found, stray = read_stops(stops, image, chained=p.chained)
     result = verdicts(p, found, None)
     assert not stray
     by_id = {e.id: e for e in exps}
@@ -194,14 +287,148 @@ def test_a_hardware_kvm_trace_is_read_whole(image, module):
     assert result[check_id("host", "cpl-return", {"from_cpl": 3, "via": "syscall"})].value == "0"
 
 
+def _tcg(exps=None):
+    f = facts(rdtscp=True, features=(("umip", True),))
+    exps = exps or host_exps(f)
+    return witness_plan("tcg", None, exps), exps
+
+
+def test_a_tcg_trace_is_read_whole_through_the_chain(image, decoded):
+    """Every host check that runs under TCG is read from its chain: the stop at the entry no-op,
+    GDB's decoding there, the single step and the delivery it ended in."""
+    p, exps = _tcg()
+    assert p.chained == {r.entry.stub.name for r in catalogue.table_rows() if r.id in p.checks}
+    stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: e.expected, chained=decoded)
+    found, stray = read_stops(stops, image, chained=p.chained)
+    result = verdicts(p, found, None)
+    assert not stray
+    by_id = {e.id: e for e in exps}
+    for cid in p.checks:
+        assert result[cid].value == by_id[cid].expected, (cid, result[cid].value)
+        assert result[cid].detail["saw"] == "the instruction and its delivery", cid
+
+
+def _forge(image, decoded, cid, outcome=None, edit=None):
+    """The honest chained trace of one check, edited by `edit(stops)`; its reading's value."""
+    p, exps = _tcg()
+    exp = next(e for e in exps if e.id == cid)
+    stops = cpu_trace(image, [exp], lambda e: outcome or e.expected, chained=decoded)
+    if edit:
+        edit(stops)
+    found, stray = read_stops(stops, image, chained=p.chained)
+    return verdicts(p, found, None)[cid].value, stray
+
+
+def test_another_instruction_that_faults_the_same_way_is_no_rdtsc(image, decoded):
+    """lie-insn: RDTSC's stub holds CLI; at CPL3 it raises the #GP(0) RDTSC would. GDB's own
+    decoding of the live bytes names it, and the reading is no longer the serial's."""
+    st = stubs_of(image)["rdtsc"]
+
+    def swap(stops):
+        stops[0]["bytes"] = "fa900f0b"
+        stops[0]["asm"] = [[st.insn, 1, "cli"], [st.insn + 1, 1, "nop"], [st.done, 2, "ud2"]]
+    value, _ = _forge(image, decoded, "host.rdtsc.tsd1.cpl3", edit=swap)
+    assert value.startswith("#GP(0) [GDB:") and "`cli; nop; ud2`" in value and "`rdtsc; ud2`" in value
+    assert "live bytes fa900f0b" in value  # and it is not what the build has either
+
+
+def test_a_software_int_through_the_gp_stub_is_no_fault_of_the_instruction(image, decoded):
+    """lie-int: `int $0x4d` whose DPL3 gate leads to a handler that pushes a fake error code, moves
+    the frame's RIP back and jumps into the #GP stub: the step ends in no exception handler of
+    the IDT, and the instruction is an INT."""
+    st = stubs_of(image)["rdtsc"]
+
+    def soft_int(stops):
+        pre, trap = stops
+        pre["asm"] = [[st.insn, 2, "int    $0x4d"], [st.done, 2, "ud2"]]
+        pre["after"] = dict(pre["after"], rip=0x123456)  # the forger's handler, not an exception's
+        del trap["via"]  # reached by a jump: a stop of the #GP watch of its own
+    value, _ = _forge(image, decoded, "host.rdtsc.tsd1.cpl3", edit=soft_int)
+    assert "`int $0x4d; ud2`" in value.replace("    ", " ") or "int    $0x4d" in value
+    assert "after the instruction the CPU was at 0x123456" in value
+
+
+def test_a_hand_built_frame_and_a_probe_entered_past_its_instruction_have_no_chain(image, decoded):
+    """lie-frame (a #GP frame made at CPL0 on TSS.RSP0) and lie-past (the stub entered at its return
+    trap): the traps look right, but no stop at the instruction came before them."""
+    for cid in ("host.rdtsc.tsd1.cpl3", "host.rdtsc.tsd0.cpl2"):
+        value, _ = _forge(image, decoded, cid, edit=lambda stops: stops.pop(0))
+        assert "no stop at probe_pre_rdtsc before this trap" in value, value
+
+
+def test_the_delivery_must_be_the_cpus(image, decoded):
+    """What an honest delivery implies: the IDT gate the CPU had sends it to the stub, the error
+    code is pushed exactly for vectors that have one, the frame holds the instruction's RIP
+    and the state the CPU had there."""
+    cid = "host.priv-insn.hlt.cpl3"
+
+    def gate_elsewhere(stops):  # IDT gate 13 points at another handler than the stub
+        idt = bytearray.fromhex(stops[0]["idt"])
+        idt[13 * 16] ^= 0x10
+        stops[0]["idt"] = idt.hex()
+    assert "IDT gate 13 sends the CPU to" in _forge(image, decoded, cid, edit=gate_elsewhere)[0]
+
+    def no_error_code(stops):  # a frame of 5 words where #GP pushes 6
+        trap = stops[1]
+        trap["regs"]["rsp"] += 8
+        stops[0]["after"]["rsp"] += 8
+    assert "with an error code for vector 13" in _forge(image, decoded, cid, edit=no_error_code)[0]
+
+    def other_rip(stops):  # a fault reported at the return trap
+        raw = bytearray.fromhex(stops[1]["stack"])
+        raw[8:16] = stubs_of(image)["hlt"].done.to_bytes(8, "little")
+        stops[1]["stack"] = raw.hex()
+    value = _forge(image, decoded, cid, edit=other_rip)[0]
+    assert "the frame's RIP is" in value or "no stop at probe_pre_hlt" in value
+
+    def other_cs(stops):  # the frame says CPL3, the CPU ran it at CPL1
+        stops[0]["regs"] = dict(stops[0]["regs"], cs=0x31, ss=0x39)
+        stops[0]["sys"]["cpl"] = 1
+    assert "the frame's CS is 0x2b, the CPU ran the instruction with 0x31" in _forge(image, decoded, cid,
+                                                                                    edit=other_cs)[0]
+
+    def interruptible(stops):
+        stops[0]["regs"]["eflags"] |= 1 << 9
+    assert "IF or TF set" in _forge(image, decoded, cid, edit=interruptible)[0]
+
+
+def test_the_instructions_inputs_are_the_catalogues(image, decoded):
+    """CPUID of another leaf than the catalogue's is another probe, even with its register values."""
+    def leaf1(stops):
+        stops[0]["regs"]["rax"] = 1
+    value, _ = _forge(image, decoded, "host.cpuid-vendor.leaf0", edit=leaf1)
+    assert "RAX is 0x1 before the instruction, the catalogue gives 0x0" in value
+
+
+def test_the_io_gate_is_the_bitmap_the_cpu_reads_through_tr(image, decoded):
+    """lie-iomap: the bitmap read through TR.base + the TSS's I/O map base names the row, so a row
+    run with another bitmap than the one the firmware set reads as that other row."""
+    p, exps = _tcg()
+    allowed = next(e for e in exps if e.id == "host.io.in.iopl3.allow1.cpl1")
+    stops = cpu_trace(image, [allowed], lambda e: e.expected, chained=decoded)
+    stops[0]["io"]["ports"] = {str(catalogue.IO_PORT): "ffff"}  # the CPU's bitmap denies the port
+    found, _ = read_stops(stops, image, chained=p.chained)
+    assert set(found) == {"host.io.in.iopl3.allow0.cpl1"}
+    stops[0]["io"]["ports"] = {str(catalogue.IO_PORT): None}  # past TR.limit: denied (SDM Vol. 1 18.5.2)
+    assert set(read_stops(stops, image, chained=p.chained)[0]) == {"host.io.in.iopl3.allow0.cpl1"}
+
+
+def test_an_instruction_whose_delivery_was_not_seen_still_reads_as_a_disagreement(image, decoded):
+    value, _ = _forge(image, decoded, "host.rdtsc.tsd1.cpl3", edit=lambda stops: stops.pop(1))
+    assert value.startswith("#GP(0) [GDB:") and "which no watch stops at" in value
+
+
 def test_a_kvm_pvm_trace_reads_its_deviations(image):
     p, exps, f = kvm_plan("kvm_pvm")
     dev = deviant(f, exps)
-    stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: dev.get(e.id) or e.expected)
-    result = verdicts(p, read_stops(stops, image)[0], None)
+    stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: dev.get(e.id) or e.expected, sys=True)
+    result = verdicts(p, read_stops(stops, image, chained=p.chained)[0], None)
     assert result["host.cpl-return.from3.syscall"].value == "3"
     assert result["host.rdtsc.tsd1.cpl3"].value == "ok"
     assert all(r.value not in (NEVER, UNREACHED) for r in result.values())
+    assert not any("[GDB:" in r.value for r in result.values())  # the trap's own evidence holds
+    assert all(r.detail["missing"].startswith("kvm_pvm: no stop at the instruction") for cid, r in result.items()
+               if cid.startswith("host."))
 
 
 def test_a_probe_run_at_another_cpl_is_read_at_that_cpl(image):
@@ -222,11 +449,16 @@ def test_a_probe_run_at_another_cpl_is_read_at_that_cpl(image):
 
 
 def test_the_io_bitmap_is_read_only_at_the_stops_of_the_stubs_that_consult_it():
-    p = witness_plan("tcg", None, host_exps(facts()))
     consult = {r.entry.stub.name for r in catalogue.table_rows() for g in r.entry.gates if g.reg == "iomap"}
-    assert consult and all({name for _, _, name in w.mem} == consult for w in p.watches if w.kind == "trap")
+    # TCG: at the stop before the instruction, of those stubs only
+    p = witness_plan("tcg", None, host_exps(facts()))
+    assert consult and {w.stub for w in p.watches if w.io} == consult and not any(w.io for w in p.watches
+                                                                                  if w.kind == "trap")
+    # kvm_pvm (no stop before the instruction): at the trap, within those stubs
+    pvm, _, _ = kvm_plan("kvm_pvm")
+    assert all({name for _, name in w.io} == consult for w in pvm.watches if w.kind == "trap")
     without_io = [dataclasses.replace(e, skip="not here") if e.probe == "io" else e for e in host_exps(facts())]
-    assert not any(w.mem for w in witness_plan("tcg", None, without_io).watches)
+    assert not any(w.io for w in witness_plan("tcg", None, without_io).watches)
 
 
 def test_the_msr_the_cpu_read_names_the_row(image):
@@ -250,7 +482,7 @@ def test_a_fault_at_other_bytes_than_the_binary_does_not_read_as_the_probe(image
     stops = cpu_trace(image, exps, lambda e: e.expected)
     stops[0]["at_rip"] = "0f0b" + stops[0]["at_rip"][4:]  # memory says ud2, the binary hlt
     reading = read_stops(stops, image)[0]["host.priv-insn.hlt.cpl3"][0]
-    assert reading.value == "#GP(0)@0f" and reading.detail["binary"] == "f4"
+    assert "[GDB: the CPU executed 0f at" in reading.value and reading.detail["binary"] == "f4"
 
 
 def test_a_syscall_entry_without_its_checkpoint_is_not_a_reading(image):
@@ -383,6 +615,60 @@ def test_only_gdb_catches_a_firmware_that_lies_about_what_ran(tmp_path, accel, v
             assert "host.cpuid.faulting1.cpl0" in failed  # run with MSR 0x140[0] clear: the CPU's RDMSR says so
     else:
         assert {f"host.rdtsc.tsd0.cpl{c}" for c in range(4)} <= set(failed)
+
+
+# What each lie of the CPU's execution forges (firmware/Makefile): the checks only a witness that
+# sees the instruction catches, and what GDB then names.
+INSN_LIES = {
+    "lie-insn": ({f"host.rdtsc.tsd1.cpl{c}" for c in (1, 2, 3)}, "the catalogue declares `rdtsc; ud2`"),
+    "lie-int": ({f"host.rdtsc.tsd1.cpl{c}" for c in (1, 2, 3)}, "the catalogue declares `rdtsc; ud2`"),
+    "lie-frame": ({"host.rdtsc.tsd1.cpl3"}, "no stop at probe_pre_rdtsc before this trap"),
+    "lie-past": ({f"host.rdtsc.tsd0.cpl{c}" for c in range(4)}, "no stop at probe_pre_rdtsc before this trap"),
+    "lie-iomap": ({f"host.io.{i}.iopl3.allow1.cpl{c}" for i in ("in", "out") for c in (1, 2, 3)}, "never executed"),
+}
+
+
+@needs_gdb
+@pytest.mark.gdb
+@pytest.mark.tcg
+@pytest.mark.parametrize("variant", sorted(INSN_LIES))
+def test_gdb_sees_the_cpu_execute_the_instruction(tmp_path, variant, qemu, kvm, no_leftovers):
+    """Each lie passes the serial witness (its records say what the rules expect) and fails both
+    witnesses under TCG, where GDB stops the CPU at the instruction, with the broken link named."""
+    serial = boot(tmp_path, "tcg", variant, qemu, kvm, witness="serial")
+    assert not [(c.id, c.reason) for c in serial.checks if c.status in ("fail", "error")]
+    both = boot(tmp_path, "tcg", variant, qemu, kvm, witness="both")
+    failed = {c.id: c.reason for c in both.checks if c.status == "fail"}
+    targets, why = INSN_LIES[variant]
+    assert targets <= set(failed), sorted(targets - set(failed))
+    assert all("witnesses disagree" in failed[cid] and why in failed[cid] for cid in targets), \
+        [failed[cid] for cid in targets]
+    assert not [c.id for c in both.checks if c.status == "error"]
+    # the normal build's same checks: GDB saw the instruction and its delivery
+    normal = {c.id: c for c in boot(tmp_path, "tcg", "normal", qemu, kvm).checks}
+    assert all(normal[cid].status == "pass" and normal[cid].details.get("gdb.saw") == "the instruction and its delivery"
+               for cid in targets)
+
+
+@needs_gdb
+@pytest.mark.gdb
+@pytest.mark.kvm
+@pytest.mark.parametrize("variant", sorted(set(INSN_LIES) - {"lie-int"}))  # INT n: kvm_pvm's emulation failure
+def test_under_kvm_each_lie_is_caught_or_its_missing_link_named(tmp_path, variant, qemu, kvm, no_leftovers):
+    """Under a KVM that stops GDB at the instruction (kvm_intel, kvm_amd) the lies are caught as
+    under TCG; under one that does not (kvm_pvm) each targeted check is caught from what the trap
+    shows, or its report names the links GDB could not see."""
+    both = boot(tmp_path, "kvm", variant, qemu, kvm, witness="both")
+    targets, _why = INSN_LIES[variant]
+    by_id = {c.id: c for c in both.checks}
+    chained = capabilities("kvm", kvm.module).insn_stops
+    for cid in targets:
+        c = by_id[cid]
+        if c.status == "skip":
+            continue
+        caught = c.status == "fail" and "witnesses disagree" in c.reason
+        assert caught or (not chained and c.details.get("gdb.missing", "").startswith(f"{kvm.module}: no stop")), \
+            (cid, c.status, c.reason, c.details)
 
 
 @needs_gdb

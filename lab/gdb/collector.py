@@ -42,7 +42,8 @@ _REGS = ("cs", "ss", "rip", "rsp", "eflags", "cr4", "efer", "rax", "rbx", "rcx",
 _MASK = (1 << 64) - 1
 # word: the frame's word size (4: 32-bit host); traps: trap watches by address; idt/tr: the
 # IDTR and TR of the last `info registers` (insn watch); stubs: [first, last RIP] of each probe stub
-_state = {"out": None, "watches": {}, "word": 8, "traps": {}, "stubs": ()}
+# faults: what a trap record needs where no watch is (error_codes: the vectors that push one; msr)
+_state = {"out": None, "watches": {}, "word": 8, "traps": {}, "stubs": (), "faults": {"error_codes": ()}}
 RDMSR = bytes.fromhex("0f32")
 # QEMU's x86-64 gdbstub registers (the 'g' packet's layout): number -> (byte offset, size).
 # RAX..R15 are 8 bytes each (0-15), RIP 8 (16), EFLAGS 4 (17), then CS, SS, ... 4 each.
@@ -151,9 +152,27 @@ def _insn(spec):
     stop["after"] = after
     stop["after_stack"] = _memory(after["rsp"], 48)
     _write(stop)
-    trap = _state["traps"].get(after["rip"])
-    if trap is not None:  # the step ended in an IDT stub the plan watches: its record, from here
+    # The step ended in an exception handler: its trap record, from here (the plan's watch there
+    # if it has one, which the CPU then resumes past; else the handler its IDT gate names).
+    trap = _state["traps"].get(after["rip"]) or _handler_spec(stop.get("idt"), after["rip"])
+    if trap is not None:
         _trap(trap, after, via=spec["location"])
+
+
+def _handler_spec(idt_hex, rip):
+    """A trap spec for the exception vector whose IDT gate sends the CPU to `rip`, or None."""
+    if not idt_hex:
+        return None
+    raw, size = bytes.fromhex(idt_hex), _gate_size()
+    for v in range(len(raw) // size):
+        g = raw[v * size:(v + 1) * size]
+        off = int.from_bytes(g[0:2], "little") | int.from_bytes(g[6:8], "little") << 16
+        if size == 16:
+            off |= int.from_bytes(g[8:12], "little") << 32
+        if g[5] & 0x80 and off == rip:
+            return dict(_state["faults"], location="vector_%d" % v, kind="trap", vector=v,
+                        error_code=v in _state["faults"]["error_codes"])
+    return None
 
 
 def _sysregs():
@@ -258,6 +277,7 @@ def lab_collect_start(config_json):
     _state["out"] = open(config["out"], "a", buffering=1)
     _state["word"] = config.get("word", 8)
     _state["stubs"] = [tuple(r) for r in config.get("stubs", ())]
+    _state["faults"] = config.get("faults", _state["faults"])
     for spec in config["watches"]:
         if spec["kind"] == "trap" and spec.get("addr") is not None:
             _state["traps"][spec["addr"]] = spec
