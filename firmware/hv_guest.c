@@ -49,6 +49,9 @@ void hv_config_parse(struct hv_config *c)
     c->sig_len = n;
     c->intercept_rdtsc = flag("hv-intercept-rdtsc", 1);
     c->intercept_cpuid = flag("hv-intercept-cpuid", 1);
+#ifdef LAB_LIE_GUEST_CPUID
+    c->intercept_cpuid = 0;   /* lie-guest-cpuid: the guest's CPUID never exits ... */
+#endif
     c->npt = flag("hv-npt", 1);
     c->fault = cmdline_get("hv-fault");
 }
@@ -176,6 +179,19 @@ u64 hv_native_cpuid_cycles(u64 iterations)
 int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r)
 {
     u32 fn = (u32)r->rax;
+#ifdef LAB_LIE_GUEST_CPUID
+    /* ... yet its CPUID reports carry what the host would have answered had it exited: the
+     * records say what the rules expect of a host that intercepts CPUID (negative control). */
+    u32 leaf = fn == LABHC_CPUID_VENDOR ? 0 : fn == LABHC_CPUID_HV_BIT ? 1 : fn == LABHC_CPUID_HV_SIG ? 0x40000000 : 2;
+    if (leaf != 2) {
+        struct cpuid_regs q;
+        hv_cpuid(c->cfg, leaf, 0, &q);
+        if (leaf == 1)
+            r->rdi = q.ecx;
+        else
+            r->rsi = q.eax, r->rdx = q.ebx, r->rcx = q.ecx, r->r8 = q.edx;
+    }
+#endif
 
     switch (fn) {
     case LABHC_HELLO:

@@ -290,6 +290,11 @@ static void svm_npt_init(void)
 
 static void report_exits(void)
 {
+#ifdef LAB_LIE_GUEST_CPUID
+    for (unsigned i = 0; i < NSTATS; i++)   /* the negative control: exits that never happened */
+        if (exit_stats[i].code == VMEXIT_CPUID && !exit_stats[i].count)
+            exit_stats[i].count = 3;
+#endif
     for (unsigned i = 0; i < NSTATS; i++) {
         if (!exit_stats[i].count)
             continue;

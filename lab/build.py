@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # for probes it never ran (the records look right: only the GDB witness catches these two).
 # The rest lie in ways only a witness that sees the CPU execute the probed instruction catches: the
 # records say what the rules expect (docs/gdb.md "Negative controls").
-VARIANTS = ("normal", "lie", "lie-context", "lie-skip", "lie-insn", "lie-int", "lie-frame", "lie-past", "lie-iomap")
+VARIANTS = ("normal", "lie", "lie-context", "lie-skip", "lie-insn", "lie-int", "lie-frame", "lie-past", "lie-iomap", "lie-guest-cpuid")
 
 
 @dataclass(frozen=True)

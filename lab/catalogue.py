@@ -269,6 +269,10 @@ REF_GUEST_END = "the guest ran all its probes and ended through its DONE report 
 _SOFT_GATE = ("none: the software host keeps the guest's CR4.TSD virtual (host memory, not CPU state) and "
               "emulates what the gate decides")
 _HOST_ANSWERS = "none: the host, not the CPU, answers it (an exit or a trap the host emulates)"
+# The guest's CPUID (guests/guest/entry.S guest_cpuid): GDB stops at its CPUID (guest_cpuid_insn),
+# at the #VMEXIT the CPU takes on it (SVM: svm_vmexit_return, exit code and guest RIP from the
+# VMCB the CPU just wrote) and where the guest gets its registers back (guest_cpuid_done).
+_GUEST_CPUID = {"guest-svm": "cpuid", "guest-soft": "cpuid", "guest-vmx": "none: Bochs has no gdbstub"}
 
 CATALOGUE += (
     Probe("cpl-enter", "ring", "cpl-of", None, (("cpl", (0,)), ("via", ("vmrun",))), "guest_entered",
@@ -300,12 +304,13 @@ CATALOGUE += (
           REF_INTERCEPT, "the RDTSC value the guest got: the host's (intercepted) or the CPU's", scopes=GUEST_SCOPES,
           witness=_HOST_ANSWERS),
     Probe("cpuid-vendor", "cpuid", "count", None, (("leaf", (0,)),), "vendor", f"{REF_VENDOR}; {REF_GUEST_CPUID}",
-          "CPUID leaf 0 as the guest sees it", scopes=GUEST_SCOPES, witness=_HOST_ANSWERS),
+          "CPUID leaf 0 as the guest sees it", scopes=GUEST_SCOPES, witness=_GUEST_CPUID, cpuid=(0, 0, "bytes:bdc")),
     Probe("cpuid-hv-bit", "cpuid", "count", None, (), "guest_hv_bit", f"{REF_HV_BIT}; {REF_GUEST_CPUID}",
-          "the hypervisor bit as the guest sees it", scopes=GUEST_SCOPES, witness=_HOST_ANSWERS),
+          "the hypervisor bit as the guest sees it", scopes=GUEST_SCOPES, witness=_GUEST_CPUID,
+          cpuid=(1, 0, "bit:c31")),
     Probe("cpuid-hv-signature", "cpuid", "count", None, (), "guest_hv_signature", REF_GUEST_CPUID,
           "CPUID 0x40000000 as the guest sees it: the lab host's signature", scopes=GUEST_SCOPES,
-          witness=_HOST_ANSWERS),
+          witness=_GUEST_CPUID, cpuid=(0x40000000, 0, "bytes:bcd")),
     Probe("guest-end", "guest", "count", None, (), "guest_end", REF_GUEST_END, "the guest ran to its end",
           scopes=GUEST_SCOPES, witness=_HOST_ANSWERS),
     Probe("vmexit", "guest", "count", None, (("reason", ("cpuid", "rdtsc", "hlt", "ioio")),), "exit_seen",

@@ -42,6 +42,9 @@ UNREAD = "?"  # a gate the stop holds no reading of
 COLLECTOR = Path(__file__).resolve().parent / "gdb" / "collector.py"
 END_OF_HOST_PROBES = "hv_main"
 WITNESS_RDMSR = "witness_rdmsr"  # firmware/probe.c: the RDMSR the CPU runs for the witness
+GUEST_CPUID_INSN, GUEST_CPUID_DONE = "guest_cpuid_insn", "guest_cpuid_done"  # guests/guest/entry.S
+VMEXIT_AT, VMCB_AT = "svm_vmexit_return", "svm_vmcb"  # firmware/svm_run.S, svm.c
+SVM_EXIT_CPUID = 0x72  # APM Vol. 2 App. C
 NOP2 = bytes.fromhex("6690")  # xchg %ax,%ax: where a stub starts with it, the witness steps past  # the host's probe phase is over when the CPU gets here
 
 
@@ -115,6 +118,8 @@ class Watch:
     msr: tuple[tuple[int, str], ...] = ()
     stub: str = ""  # insn: the probe stub whose entry no-op it is
     sys: bool = False  # trap: read IDTR/TR, the gate and the TSS here (no insn watch before it)
+    arm: str = ""  # regs: enable ("-": disable) the watch at that location when it stops here
+    vmcb: str = ""  # vmexit: the symbol of the VMCB whose exit fields it reads
 
     def spec(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, (), False) or k == "kind"}
@@ -181,6 +186,7 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     entry_stops: dict[str, str] = {}  # check id -> label to stop at
     unwitnessed: dict[str, str] = {}
     planned: dict[str, catalogue.Probe] = {}  # check id -> its catalogue entry
+    cpuid_checks: list[str] = []  # the guest's CPUID, read at guest_cpuid_insn/_done (and its exit)
     for exp in expectations:
         entry = entries.get((exp.scope, exp.probe, tuple(exp.params.items())))
         if entry is None or exp.skip or (exp.id in deviant and deviant[exp.id] is None):
@@ -191,12 +197,16 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
             unwitnessed[exp.id] = how.removeprefix("none: ")
         elif exp.scope == "guest-soft" and not caps.stops_in_soft_guest:
             unwitnessed[exp.id] = caps.soft_guest_note
+        elif how == "cpuid" and exp.scope == "guest-soft":
+            cpuid_checks.append(exp.id)  # CPUID at the guest's CPL1: natively, or a #GP the host answers
         elif exp.scope in ("host", "guest-soft"):
             host_vecs[exp.id] = _vector_set(exp, deviant)
         elif not caps.stops_in_guest:
             unwitnessed[exp.id] = f"{caps.name}: GDB cannot stop inside a nested guest"
         elif how == "entry":
             entry_stops[exp.id] = "guest_start"
+        elif how == "cpuid":
+            cpuid_checks.append(exp.id)
         else:
             guest_vecs[exp.id] = _vector_set(exp, deviant)
     hw = caps.hw_slots is not None
@@ -236,7 +246,16 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
         gvecs = sorted({v for vs in guest_vecs.values() for v in vs})
         watches += [Watch(f"guest_isr_stub_{v}", "trap", v, v in x86.EXC_WITH_ERROR_CODE, hw) for v in gvecs]
     watches += [Watch(loc, "regs", hw=hw) for loc in sorted(set(entry_stops.values()))]
-    checks = list(entry_stops) + list(guest_vecs)
+    if cpuid_checks:
+        # The #VMEXIT watch is armed only from the guest's CPUID to its return (3 stops, not one
+        # per exit): the collector enables it at guest_cpuid_insn and disables it at guest_cpuid_done.
+        svm = any(cid.startswith("guest-svm.") for cid in cpuid_checks)
+        soft_bp = hw and not caps.insn_stops  # a hardware KVM takes software breakpoints here
+        watches += [Watch(GUEST_CPUID_INSN, "regs", hw=soft_bp, arm=VMEXIT_AT if svm else ""),
+                    Watch(GUEST_CPUID_DONE, "regs", hw=soft_bp, arm=f"-{VMEXIT_AT}" if svm else "")]
+        if svm:
+            watches.append(Watch(VMEXIT_AT, "vmexit", hw=hw, vmcb=VMCB_AT))
+    checks = list(entry_stops) + list(guest_vecs) + cpuid_checks
     for cid, vs in host_vecs.items():
         # A chained stub's faults are seen by the single step, wherever its IDT sends the CPU: only
         # its return trap (#UD) needs a watch.
@@ -329,6 +348,8 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
     stray: list[dict] = []
     checkpoint: dict | None = None  # the last checkpoint trap (SYSCALL stubs): CS and RSP there
     pending: dict | None = None  # the last insn stop, until the trap that closes its chain
+    cpuid_pre: dict | None = None  # the guest's last stop at its CPUID ...
+    exits: list[dict] = []  # ... and the #VMEXITs since
 
     def flush() -> None:  # an insn stop no trap closed: its reading from what the step showed
         nonlocal pending
@@ -342,6 +363,17 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
         if kind == "insn":
             flush()
             pending = stop
+            continue
+        if kind == "vmexit":
+            exits.append(stop)
+            continue
+        if kind == "regs" and stop["at"] in (GUEST_CPUID_INSN, GUEST_CPUID_DONE):
+            flush()
+            if stop["at"] == GUEST_CPUID_INSN:
+                cpuid_pre, exits = stop, []
+            else:
+                _guest_cpuid(cpuid_pre, exits, stop, guest, guest_scope, out, stray)
+                cpuid_pre, exits = None, []
             continue
         if kind == "regs":  # a stop at a label: the CPL the CPU runs it at
             flush()
@@ -434,6 +466,46 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
             _add(out, scope, entry.probe, params, _with_problems(value, problems), evidence)
     flush()
     return out, stray
+
+
+def _guest_cpuid(pre: dict | None, exits: list[dict], done: dict, guest: Image | None, scope: str | None,
+                 out: dict, stray: list) -> None:
+    """The guest's CPUID from what the CPU did: at guest_cpuid_insn the leaf the guest asked for
+    (RAX, and its CS), under SVM the #VMEXIT the CPU took on it (exit code CPUID, the guest's RIP
+    at that CPUID and the same leaf in the VMCB it just wrote: APM Vol. 2 15.5.2, App. C), then the
+    registers the guest got back at guest_cpuid_done: the check's value."""
+    if guest is None or scope is None:
+        return
+    insn, after = guest.symbols.get(GUEST_CPUID_INSN), guest.symbols.get(GUEST_CPUID_DONE)
+    evidence = {"at": done["at"], "rip": f"{done['regs']['rip']:#x}"}
+    if pre is None:
+        stray.append({**evidence, "why": "the guest got CPUID's registers back with no stop at its CPUID"})
+        return
+    leaf = pre["regs"]["rax"] & 0xFFFFFFFF
+    entry = next((e for e in catalogue.CATALOGUE if scope in e.scopes and e.cpuid and e.cpuid[0] == leaf), None)
+    if entry is None:
+        return  # a leaf the guest asks for itself, no check's
+    problems = []
+    evidence.update({"leaf": f"{leaf:#x}", "guest.cs": f"{pre['regs']['cs']:#x}",
+                     "saw": "the guest's CPUID" + (", its #VMEXIT" if scope == "guest-svm" else "")
+                            + " and the registers it got back"})
+    if scope == "guest-svm":
+        cpuid_exits = [x for x in exits if (x.get("vmcb") or {}).get("exit_code") == SVM_EXIT_CPUID]
+        if len(exits) != 1 or len(cpuid_exits) != 1:
+            problems.append(f"{len(cpuid_exits)} CPUID #VMEXITs among {len(exits)} between the guest's CPUID and "
+                            "its return, not one")
+        else:
+            vmcb = cpuid_exits[0]["vmcb"]
+            evidence.update({"exit": f"{vmcb['exit_code']:#x}", "exit.rip": f"{vmcb['rip']:#x}",
+                             "exit.cpl": str(vmcb["cpl"])})
+            if vmcb["rip"] != insn or vmcb["rax"] & 0xFFFFFFFF != leaf:
+                problems.append(f"the CPUID #VMEXIT was at guest RIP {vmcb['rip']:#x} leaf {vmcb['rax']:#x}, the "
+                                f"guest's CPUID is at {insn:#x} leaf {leaf:#x}")
+    if done["regs"]["rip"] != after:
+        problems.append(f"the guest resumed at {done['regs']['rip']:#x}, not after its CPUID")
+    params = {k: str(v[0]) for k, v in entry.dims}
+    value = _decode_cpuid(done["regs"], entry.cpuid[2])
+    _add(out, scope, entry.probe, params, _with_problems(value, problems), evidence)
 
 
 def _with_problems(value: str, problems: list[str]) -> str:
@@ -853,6 +925,9 @@ class GdbWitness:
                     spec["insn"], spec["done"] = stub.insn, stub.done
                     spec["io"] = [port for port, _name in spec.get("io", ())]
                     continue
+                if spec["kind"] == "vmexit":
+                    spec["vmcb"] = image.symbols.get(spec["vmcb"])
+                    spec["enabled"] = False  # armed by the guest's CPUID (plan: Watch.arm)
                 if "io" in spec:
                     spec["io"] = in_stubs(spec["io"])
                 if "msr" in spec:  # the CPU reads it there

@@ -143,6 +143,25 @@ probe_done_guest_\name:
     GUEST_UMIP_STUB smsw, "smsw %ax"
     GUEST_UMIP_STUB str, "str %ax"
 
+/* void guest_cpuid(u32 leaf, u32 out[4]): CPUID (subleaf 0) at a label of its own, so the GDB
+ * witness sees the CPU exit on it (guest_cpuid_insn) and the registers the guest got back
+ * (guest_cpuid_done); out = EAX, EBX, ECX, EDX. */
+    .globl guest_cpuid, guest_cpuid_insn, guest_cpuid_done
+guest_cpuid:
+    push %rbx
+    mov %rsi, %r8
+    mov %edi, %eax
+    xor %ecx, %ecx
+guest_cpuid_insn:
+    cpuid
+guest_cpuid_done:
+    mov %eax, 0(%r8)
+    mov %ebx, 4(%r8)
+    mov %ecx, 8(%r8)
+    mov %edx, 12(%r8)
+    pop %rbx
+    ret
+
     .globl probe_insn_guest_rdtsc, probe_done_guest_rdtsc
 probe_insn_guest_rdtsc:
     rdtsc

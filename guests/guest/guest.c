@@ -144,16 +144,18 @@ static void setup_tables(void)
     __asm__ volatile("lidt %0" :: "m"(idtr));
 }
 
+void guest_cpuid(u32 leaf, u32 out[4]);   /* entry.S: CPUID at the witness's labels */
+
 static void probe_cpuid(void)
 {
-    u32 a, b, c, d;
+    u32 r[4];
 
-    cpuid(0, &a, &b, &c, &d);
-    hc(LABHC_CPUID_VENDOR, 0, a, b, c, d, 0);
-    cpuid(1, &a, &b, &c, &d);
-    hc(LABHC_CPUID_HV_BIT, c, 0, 0, 0, 0, 0);
-    cpuid(0x40000000, &a, &b, &c, &d);
-    hc(LABHC_CPUID_HV_SIG, 0, a, b, c, d, 0);
+    guest_cpuid(0, r);
+    hc(LABHC_CPUID_VENDOR, 0, r[0], r[1], r[2], r[3], 0);
+    guest_cpuid(1, r);
+    hc(LABHC_CPUID_HV_BIT, r[2], 0, 0, 0, 0, 0);
+    guest_cpuid(0x40000000, r);
+    hc(LABHC_CPUID_HV_SIG, 0, r[0], r[1], r[2], r[3], 0);
     nprobes += 3;
 }
 

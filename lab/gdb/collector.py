@@ -20,7 +20,10 @@ Watch kinds:
         the TSS and the I/O bitmap bytes of `io` where the trapping RIP is in a probe stub
         (accelerators without insn watches: their strongest evidence).
         `skip`: the stub starts with a no-op of that many bytes; the CPU resumes past it.
-  regs  a code label: records the registers there.
+  regs  a code label: records the registers there; `arm`: enables (a leading "-": disables) the
+        watch at that location, so it stops only between two labels.
+  vmexit  the host's first instruction after #VMEXIT: the registers and the exit fields the CPU
+        just wrote to the VMCB at `vmcb` (exit code, EXITINFO1, the guest's CPL, RIP and RAX).
   end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
 
 A trap watch with `msr` entries [MSR, first RIP, last RIP] also reads a control QEMU's gdbstub
@@ -82,9 +85,27 @@ class _Watch(gdb.Breakpoint):
         regs = _registers()
         if spec["kind"] == "trap":
             _trap(spec, regs)
-        else:
-            _write({"at": spec["location"], "kind": spec["kind"], "regs": regs, "t": round(time.monotonic(), 6)})
+            return False
+        stop = {"at": spec["location"], "kind": spec["kind"], "regs": regs, "t": round(time.monotonic(), 6)}
+        if spec["kind"] == "vmexit" and spec.get("vmcb"):
+            stop["vmcb"] = {name: _read_int(spec["vmcb"] + off, size) for name, off, size in VMCB_EXIT}
+        _write(stop)
+        arm = spec.get("arm")
+        if arm:  # a watch that runs only between two points (the guest's CPUID and its return)
+            bp = _state["watches"].get(arm.lstrip("-"))
+            if bp is not None:
+                bp.enabled = not arm.startswith("-")
         return False
+
+
+# The VMCB fields the CPU writes at #VMEXIT (APM Vol. 2 App. B): name, offset, size.
+VMCB_EXIT = (("exit_code", 0x070, 8), ("exit_info1", 0x078, 8), ("cpl", 0x4CB, 1), ("rip", 0x578, 8),
+             ("rax", 0x5F8, 8))
+
+
+def _read_int(address, size):
+    raw = _memory(address, size)
+    return None if raw is None else int.from_bytes(bytes.fromhex(raw), "little")
 
 
 def _write(stop):
@@ -283,6 +304,8 @@ def lab_collect_start(config_json):
             _state["traps"][spec["addr"]] = spec
         try:
             _state["watches"][spec["location"]] = _Watch(spec)
+            if spec.get("enabled") is False:
+                _state["watches"][spec["location"]].enabled = False
         except gdb.error as exc:  # a missing symbol: the lab reports it per check
             _state["out"].write(json.dumps({"error": str(exc), "at": spec["location"]}) + "\n")
     gdb.write("LABC armed %d\n" % len(_state["watches"]))
