@@ -133,7 +133,8 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
             with console.status(f"{accel}: floor, lab, GDB, pc, naive"):
                 floor = _time(lambda: floor_boot(cfg), rounds)
                 serial = _time(lambda: lab_boot(cfg, "serial"), rounds)
-                gdb = _time(lambda: lab_boot(cfg, "both"), rounds)
+                witnessed: list = []
+                gdb = _time(lambda: witnessed.append(lab_boot(cfg, "both")), rounds)
                 pc = _time(lambda: lab_boot(pc_cfg, "serial"), max(1, min(rounds, 3)))
                 n_checks = len([c for c in lab_boot(cfg, "serial").checks if c.status != "skip"])
                 naive = [sum(_time(lambda: lab_boot(cfg, "serial"), n_checks)) for _ in range(naive_rounds)]
@@ -144,6 +145,9 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
                 "naive_s": _stats(naive), "naive_boots": n_checks,
                 "lab_over_floor": s["median"] / f["median"],
                 "gdb_added_s": g["median"] - s["median"],
+                # the CPU stops GDB made in a witnessed boot, and what each costs the boot
+                "gdb_stops": gdb_stops(witnessed[-1]),
+                "gdb_per_stop_ms": 1000 * (g["median"] - s["median"]) / max(1, gdb_stops(witnessed[-1])),
                 "naive_over_lab": statistics.median(naive) / s["median"],
                 "pc_over_microvm": statistics.median(pc) / s["median"],
                 "guest_costs_cycles": costs,
@@ -159,6 +163,14 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
     results["sweep"] = sweep_measure(console)
     results["verdicts"] = _verdicts(results)
     return results
+
+
+def gdb_stops(outcome) -> int:
+    """How many times the witness stopped the CPU in that boot (gdb.readings.json)."""
+    try:
+        return int(json.loads((outcome.run_dir / "gdb.readings.json").read_text())["stops"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _verdicts(r: dict) -> list[dict]:
@@ -197,6 +209,9 @@ def _print(console: Console, r: dict) -> None:
     for accel, a in r["accels"].items():
         console.print(f"  {accel} min-max: floor {rng(a['floor_s'])}, serial {rng(a['lab_serial_s'])}, "
                       f"+GDB {rng(a['lab_gdb_s'])}", highlight=False)
+        if a.get("gdb_stops"):
+            console.print(f"  {accel} GDB witness: {a['gdb_stops']} stops a boot, {a['gdb_added_s']:+.3f} s a boot, "
+                          f"{a['gdb_per_stop_ms']:.2f} ms a stop", highlight=False)
     console.print(f"full invoke lab.run --accel all: {_fmt(r['full_run_s'])}")
     v = r.get("full_run_checks") or {}
     if v.get("per_s"):
@@ -250,6 +265,10 @@ def readme_block(r: dict) -> str:
             f"| {accel.upper()} | {a['floor_s']['median']:.3f} s | {a['lab_serial_s']['median']:.3f} s "
             f"({a['lab_over_floor']:.2f}x floor) | {a['gdb_added_s']:+.2f} s | {a['naive_s']['median']:.1f} s "
             f"({a['naive_over_lab']:.0f}x lab, {a['naive_boots']} boots) | {a['pc_over_microvm']:.1f}x microvm |")
+    stops = [f"{accel.upper()} {a['gdb_stops']} stops a boot, {a['gdb_per_stop_ms']:.2f} ms a stop"
+             for accel, a in r["accels"].items() if a.get("gdb_stops")]
+    if stops:
+        lines += ["", "GDB witness: " + "; ".join(stops) + "."]
     lines += ["", f"Full `invoke lab.run --accel all` with both witnesses: {r['full_run_s']['median']:.2f} s wall."]
     v = r.get("full_run_checks") or {}
     if v.get("per_s"):

@@ -35,6 +35,10 @@ def test_block_shows_the_figures():
     missed = bench.readme_block(figures(full_s=MISSED))  # a missed target shows as a figure
     assert f"full run <= {bench.TARGETS['full_run_s']} s: {MISSED} (missed)" in missed
     assert "load average" not in block
+    assert "stops a boot" not in block  # a bench.json from before the per-stop figures
+    per_stop = {**figures()}
+    per_stop["accels"] = {"tcg": {**figures()["accels"]["tcg"], "gdb_stops": 166, "gdb_per_stop_ms": 1.81}}
+    assert "GDB witness: TCG 166 stops a boot, 1.81 ms a stop." in bench.readme_block(per_stop)
     assert "load average 3.9 on 2 cores" in bench.readme_block({**figures(), "load_1min": 3.9, "cores": 2})
 
 
