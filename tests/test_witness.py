@@ -543,6 +543,41 @@ def test_gdb_agrees_on_every_witnessed_check(tmp_path, accel, qemu, kvm, no_left
     assert all(c.witnesses["gdb"] == c.witnesses["serial"] for c in out.checks if "gdb" in c.witnesses)
 
 
+@needs_gdb
+@pytest.mark.gdb
+@pytest.mark.parametrize("accel", ACCELS)
+def test_a_recorded_session_reads_the_same_replayed_and_not_once_forged(tmp_path, accel, qemu, kvm, no_leftovers):
+    """The reading is a pure function of the recorded stops: a real session's record, replayed,
+    gives the session's readings; edited as a forger would need to, it does not."""
+    out = boot(tmp_path, accel, "normal", qemu, kvm)
+    stops = [json.loads(line) for line in (out.run_dir / "gdb.stops.jsonl").read_text().splitlines()]
+    saved = json.loads((out.run_dir / "gdb.readings.json").read_text())
+    chained = frozenset(w["stub"] for w in saved["watches"] if w["kind"] == "insn")
+    assert bool(chained) is capabilities(accel, kvm.module).insn_stops
+    scope = next((c.split(".")[0] for c in saved["checks"] if c.startswith("guest-")), None)
+    image, guest = Image.load(out.cfg.symbols), Image.load(out.cfg.guest_symbols)
+
+    def replay(edited):
+        found, _ = read_stops(edited, image, guest, scope, chained)
+        return {cid: rs[0].value for cid, rs in found.items()}
+
+    expected = {r["check_id"]: r["value"] for r in saved["readings"]}
+    assert replay(stops) == expected
+    cid = "host.rdtsc.tsd1.cpl2"
+    at = next(i for i, s in enumerate(stops) if s.get("kind") == "trap" and s["vector"] == 13
+              and int.from_bytes(bytes.fromhex(s["stack"])[16:24], "little") & 3 == 2
+              and s.get("at_rip", "").startswith("0f31"))
+    forged = [dict(s) for s in stops]
+    if chained:  # the trap without the stop before the instruction (a hand-built frame)
+        del forged[at - 1]
+        assert "no stop at probe_pre_rdtsc" in replay(forged)[cid]
+    else:  # kvm_pvm: the trap's own evidence, an IDT gate that sends the CPU elsewhere
+        gate = bytearray.fromhex(forged[at]["gate"])
+        gate[0] ^= 0x10
+        forged[at]["gate"] = gate.hex()
+        assert "IDT gate 13 sends the CPU to" in replay(forged)[cid]
+
+
 EFER = 0xC0000080  # an MSR QEMU's gdbstub also shows as a register: the RDMSR's control
 # The fault path: no such MSR, so RDMSR raises #GP(0) (SDM Vol. 2B RDMSR) under KVM. QEMU 7.2's
 # TCG has no #GP in its RDMSR (it reads an MSR it does not know as 0): there the reading is 0.
