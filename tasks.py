@@ -54,7 +54,9 @@ def setup(c):
 
 
 @task(help={"variant": "normal (default), or a negative control: lie (wrong values), lie-context (runs probes "
-                       "at another CPL/CR4 than it reports), lie-skip (reports probes it never ran)"})
+                       "at another CPL/CR4 than it reports), lie-skip (reports probes it never ran), lie-insn, "
+                       "lie-int, lie-frame, lie-past, lie-iomap, lie-guest-cpuid (lies about what the CPU executed: "
+                       "docs/gdb.md)"})
 def build(c, variant="normal"):
     """Build the host kernel and the guest (incremental)."""
     from lab.build import build as do_build
@@ -93,7 +95,8 @@ def build(c, variant="normal"):
                      "CPU has it, else the software host)",
         "kernel_arg": "KEY=VALUE for the kernel command line, repeatable (default: none; keys: "
                       "lab/config.py KERNEL_ARGS, e.g. fault=hang)",
-        "variant": "normal|lie|lie-context|lie-skip: kernel build (default: normal; the others are negative controls)",
+        "variant": "normal|lie|lie-context|lie-skip|lie-insn|lie-int|lie-frame|lie-past|lie-iomap|lie-guest-cpuid: "
+                   "kernel build (default: normal; the others are negative controls, docs/gdb.md)",
         "timeout": "S: seconds a boot may take before it is an error (default: 15)",
         "view": "auto|table|scope|wide: the checks side by side (made for 100 columns), one scope at a "
                 "time, or every column unfolded at its natural width (default: auto, the table if it fits "
@@ -213,7 +216,8 @@ def soak(c, n=100, accel="all", witness="both", json=None):
         "out": "DIR: the sweep folder, new or empty (default: runs/sweep-<time>)",
         "versions": "also QEMU's versioned model names (Skylake-Client-v1, ...)",
         "qemu": "PATH: QEMU binary (default: $LAB_QEMU or qemu-system-x86_64)",
-        "variant": "normal|lie|lie-context|lie-skip: kernel build (default: normal; the others are negative controls)",
+        "variant": "normal|lie|lie-context|lie-skip|lie-insn|lie-int|lie-frame|lie-past|lie-iomap|lie-guest-cpuid: "
+                   "kernel build (default: normal; the others are negative controls, docs/gdb.md)",
         "timeout": "S: seconds a boot may take before it is an error (default: 15)",
         "splits": "N: pytest-split shards (with --group; default: no split)",
         "group": "K: which pytest-split shard to run, 1..N",
