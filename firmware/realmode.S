@@ -108,6 +108,8 @@ rm_real:                            /* real-address mode */
     mov %cr0, %eax
     mov %ax, RM(rm_res_cr0)
     movw $0, RM(rm_res_faulted)
+realmode_pre:                       /* GDB witness: stops here, steps the rdtsc (docs/gdb.md) */
+    xchg %ax, %ax
     .globl realmode_rdtsc
 realmode_rdtsc:                     /* GDB witness (CR0.PE=0, CR4.TSD=1) */
     rdtsc                           /* 2 bytes: the IVT stubs skip it */
@@ -147,8 +149,9 @@ rm_res_cr0:     .word 0
 rm_blob_end:
 
     /* Where realmode_rdtsc really executes (the copy below 1 MiB). */
-    .globl realmode_rdtsc_copy
+    .globl realmode_rdtsc_copy, realmode_pre_copy
     .set realmode_rdtsc_copy, RM(realmode_rdtsc)
+    .set realmode_pre_copy, RM(realmode_pre)
 
     .code32
     .section .rodata

@@ -181,7 +181,7 @@ CATALOGUE: tuple[Probe, ...] = (
     Probe("rdtsc", "tsc", "outcome", None, (("tsd", (1,)), ("cpl", (0,)), ("mode", ("real",))),
           "cpl_gate", f"{REF_RDTSC}; SDM Vol. 3A 20.1 (real-address mode)",
           "RDTSC with CR4.TSD=1 in real mode (CR0.PE=0): no fault", gate=CR4_TSD, needs="tsc",
-          witness="none: runs at boot in real mode, before the IDT the witness reads frames from"),
+          witness="realmode"),  # firmware/realmode.S: GDB stops at its copy below 1 MiB, steps the RDTSC
     Probe("rdtscp", "tsc", "outcome", Stub("rdtscp", "rdtscp"), (("tsd", (0, 1)), ("cpl", CPLS)),
           "cpl_gate", REF_RDTSCP, "RDTSCP under CR4.TSD; #UD without the CPUID bit", gate=CR4_TSD,
           needs="rdtscp"),

@@ -42,6 +42,9 @@ UNREAD = "?"  # a gate the stop holds no reading of
 COLLECTOR = Path(__file__).resolve().parent / "gdb" / "collector.py"
 END_OF_HOST_PROBES = "hv_main"
 WITNESS_RDMSR = "witness_rdmsr"  # firmware/probe.c: the RDMSR the CPU runs for the witness
+# The real-mode RDTSC runs from a copy below 1 MiB (firmware/realmode.S): its entry no-op and
+# instruction there, as absolute ELF symbols.
+REALMODE, REALMODE_PRE, REALMODE_INSN = "realmode", "realmode_pre_copy", "realmode_rdtsc_copy"
 GUEST_CPUID_INSN, GUEST_CPUID_DONE = "guest_cpuid_insn", "guest_cpuid_done"  # guests/guest/entry.S
 VMEXIT_AT, VMCB_AT = "svm_vmexit_return", "svm_vmcb"  # firmware/svm_run.S, svm.c
 SVM_EXIT_CPUID = 0x72  # APM Vol. 2 App. C
@@ -187,13 +190,20 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     unwitnessed: dict[str, str] = {}
     planned: dict[str, catalogue.Probe] = {}  # check id -> its catalogue entry
     cpuid_checks: list[str] = []  # the guest's CPUID, read at guest_cpuid_insn/_done (and its exit)
+    realmode: list[str] = []  # the real-mode RDTSC (firmware/realmode.S)
     for exp in expectations:
         entry = entries.get((exp.scope, exp.probe, tuple(exp.params.items())))
         if entry is None or exp.skip or (exp.id in deviant and deviant[exp.id] is None):
             continue
         planned[exp.id] = entry
         how = entry.witness_in(exp.scope)
-        if how.startswith("none"):
+        if how == "realmode":  # no IDT, no trap: only the chain's stop and step can see it
+            if caps.insn_stops:
+                realmode.append(exp.id)
+            else:
+                unwitnessed[exp.id] = f"{caps.name}: runs at boot in real mode, with no trap to read; only a stop " \
+                                      f"at the instruction could see it ({caps.no_insn_stops})"
+        elif how.startswith("none"):
             unwitnessed[exp.id] = how.removeprefix("none: ")
         elif exp.scope == "guest-soft" and not caps.stops_in_soft_guest:
             unwitnessed[exp.id] = caps.soft_guest_note
@@ -238,6 +248,8 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
                for v in vectors]
     watches += [Watch(f"probe_pre_{name}", "insn", stub=name, io=tuple(x for x in io if x[1] == name))
                 for name in chained]
+    if realmode:
+        watches.append(Watch(REALMODE_PRE, "insn", stub=REALMODE))
     # The host's probe phase ends at hv_main: its stubs go there, unless a guest under the
     # software host (which traps into the same stubs) is to be witnessed too.
     if not any(cid.startswith("guest-soft.") for cid in host_vecs):
@@ -255,7 +267,7 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
                     Watch(GUEST_CPUID_DONE, "regs", hw=soft_bp, arm=f"-{VMEXIT_AT}" if svm else "")]
         if svm:
             watches.append(Watch(VMEXIT_AT, "vmexit", hw=hw, vmcb=VMCB_AT))
-    checks = list(entry_stops) + list(guest_vecs) + cpuid_checks
+    checks = list(entry_stops) + list(guest_vecs) + cpuid_checks + realmode
     for cid, vs in host_vecs.items():
         # A chained stub's faults are seen by the single step, wherever its IDT sends the CPU: only
         # its return trap (#UD) needs a watch.
@@ -353,7 +365,9 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
 
     def flush() -> None:  # an insn stop no trap closed: its reading from what the step showed
         nonlocal pending
-        if pending is not None and pending.get("stub") in host_stubs:
+        if pending is not None and pending.get("stub") == REALMODE:
+            _realmode(pending, image, out)
+        elif pending is not None and pending.get("stub") in host_stubs:
             _insn_only(pending, host_stubs[pending["stub"]], image, word, out, stray)
         pending = None
 
@@ -506,6 +520,42 @@ def _guest_cpuid(pre: dict | None, exits: list[dict], done: dict, guest: Image |
     params = {k: str(v[0]) for k, v in entry.dims}
     value = _decode_cpuid(done["regs"], entry.cpuid[2])
     _add(out, scope, entry.probe, params, _with_problems(value, problems), evidence)
+
+
+def _realmode(pre: dict, image: Image, out: dict) -> None:
+    """The real-mode RDTSC (firmware/realmode.S): at its entry no-op the CPU has CR0.PE=0 and the
+    CR4.TSD the row names, the instruction there is RDTSC (live, and the bytes the build copied),
+    and the single step ends right after it (completed: no fault, SDM Vol. 2B RDTSC: TSD binds
+    only in protected mode) or in the handler its IVT names (the exception, SDM Vol. 3A 20.1.4)."""
+    regs, after = pre["regs"], pre.get("after") or {}
+    insn = image.symbols.get(REALMODE_INSN)
+    problems = []
+    asm = [a[2] for a in pre.get("asm") or []]
+    if not asm or not same_instruction(asm[0], "rdtsc"):
+        problems.append(f"the CPU was to execute `{asm[0] if asm else '?'}`, the catalogue declares `rdtsc`")
+    built = image.read(image.symbols["realmode_rdtsc"], 2)
+    if bytes.fromhex(pre.get("bytes") or "")[:2] != built:
+        problems.append(f"live bytes {pre.get('bytes', '')[:4]} at the copy, the build has {built.hex()}")
+    if regs.get("cr0", 0) & 1:
+        problems.append(f"CR0 {regs.get('cr0', 0):#x}: protected mode, not real-address mode")
+    if regs["eflags"] & TF:
+        problems.append("RFLAGS.TF set before the instruction")
+    if after.get("rip") == (insn or -1) + 2 and after.get("cs") == regs["cs"]:
+        outcome = "ok"
+    else:
+        ivt = bytes.fromhex(pre.get("idt") or "")
+        target = (after.get("cs", 0) << 4) + after.get("rip", 0)
+        vector = next((v for v in range(len(ivt) // 4) if (int.from_bytes(ivt[4 * v + 2:4 * v + 4], "little") << 4)
+                       + int.from_bytes(ivt[4 * v:4 * v + 2], "little") == target), None)
+        outcome = x86.exception_value(vector) if vector is not None else "?"
+        if vector is None:
+            problems.append(f"after the instruction the CPU was at {target:#x}: neither after it nor an IVT handler")
+    entry = next(e for e in catalogue.CATALOGUE if e.witness_in("host") == REALMODE)
+    params, value = _params(entry, 0, regs, {"rflags": regs["eflags"]}, outcome)
+    _add(out, "host", entry.probe, params, _with_problems(value, problems),
+         {"at": pre["at"], "insn": "; ".join(asm[:1]), "insn.cr0": f"{regs.get('cr0', 0):#x}",
+          "insn.cr4": f"{regs['cr4']:#x}", "saw": "the instruction and the state right after it",
+          "chain": "insn -> step: completed" if outcome == "ok" else f"insn -> step: {outcome}"})
 
 
 def _with_problems(value: str, problems: list[str]) -> str:
@@ -918,6 +968,10 @@ class GdbWitness:
 
             for spec in specs:  # ELF symbols -> addresses for the collector's reads
                 spec["addr"] = image.symbols.get(spec["location"])
+                if spec["kind"] == "insn" and spec["stub"] == REALMODE:
+                    spec["insn"] = image.symbols.get(REALMODE_INSN)
+                    spec["done"] = spec["insn"] + 2 if spec["insn"] is not None else None
+                    continue
                 if spec["kind"] == "insn":
                     stub = stubs.get(spec["stub"])
                     if stub is None:

@@ -52,8 +52,8 @@ def test_every_table_row_that_runs_is_witnessed_under_tcg():
     p = witness_plan("tcg", None, exps)
     runs = {e.id for e in exps if not e.skip}
     table = {r.id for r in catalogue.table_rows()} & runs
-    assert set(p.checks) == table  # every host probe the firmware runs from its table
-    assert set(p.unwitnessed) == runs - table  # the real-mode one
+    assert set(p.checks) == runs  # every host probe the firmware runs from its table, and the real-mode one
+    assert runs - table == {"host.rdtsc.tsd1.cpl0.real"} and not p.unwitnessed
     assert set(p.vectors) == {6, 13} and not any(w.hw for w in p.watches)  # from the outcomes
     # TCG offers no CPUID faulting: its rows do not run, so no stop reads its MSR
     assert not any(w.msr for w in p.watches)
@@ -154,6 +154,18 @@ def decoded(image):
     return out
 
 
+def _realmode_stop(image):
+    """The stop at firmware/realmode.S's entry no-op, CR0.PE=0 and CR4.TSD=1, and its RDTSC's step."""
+    insn = image.symbols["realmode_rdtsc_copy"]
+    ivt = b"".join((0x7100 + 8 * v).to_bytes(2, "little") + bytes(2) for v in range(32))
+    pre = {"at": "realmode_pre_copy", "kind": "insn", "stub": "realmode", "bytes": "0f310f20",
+           "asm": [[insn, 2, "rdtsc"], [insn + 2, 3, "mov    %cr4,%rax"]], "idt": ivt.hex(),
+           "regs": {"cs": 0, "ss": 0, "rip": insn - 2, "rsp": 0x6800, "eflags": 0x46, "cr0": 0x10, "cr4": 0x4,
+                    "efer": 0, "rax": 0, "rbx": 0, "rcx": 0, "rdx": 0}}
+    pre["after"] = dict(pre["regs"], rip=insn + 2)
+    return pre
+
+
 def cpu_trace(image, exps, outcome_of, chained=None, sys=False):
     """The stops a CPU produces for these checks, by the architecture: for each row the stub
     runs at its CPL under its gate, and the outcome (from `outcome_of(exp)`) decides the trap:
@@ -199,6 +211,8 @@ def cpu_trace(image, exps, outcome_of, chained=None, sys=False):
 
     for e in exps:
         row = rows.get(e.id)
+        if e.id == "host.rdtsc.tsd1.cpl0.real" and chained is not None and outcome_of(e) == "ok":
+            stops.append(_realmode_stop(image))
         if row is None:
             continue
         stub = stubs[row.entry.stub.name]
@@ -297,7 +311,7 @@ def test_a_tcg_trace_is_read_whole_through_the_chain(image, decoded):
     """Every host check that runs under TCG is read from its chain: the stop at the entry no-op,
     GDB's decoding there, the single step and the delivery it ended in."""
     p, exps = _tcg()
-    assert p.chained == {r.entry.stub.name for r in catalogue.table_rows() if r.id in p.checks}
+    assert p.chained == {r.entry.stub.name for r in catalogue.table_rows() if r.id in p.checks} | {"realmode"}
     stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: e.expected, chained=decoded)
     found, stray = read_stops(stops, image, chained=p.chained)
     result = verdicts(p, found, None)
@@ -305,7 +319,7 @@ def test_a_tcg_trace_is_read_whole_through_the_chain(image, decoded):
     by_id = {e.id: e for e in exps}
     for cid in p.checks:
         assert result[cid].value == by_id[cid].expected, (cid, result[cid].value)
-        assert result[cid].detail["saw"] == "the instruction and its delivery", cid
+        assert result[cid].detail["saw"].startswith("the instruction and "), cid
 
 
 def _forge(image, decoded, cid, outcome=None, edit=None):
@@ -416,6 +430,23 @@ def test_the_io_gate_is_the_bitmap_the_cpu_reads_through_tr(image, decoded):
 def test_an_instruction_whose_delivery_was_not_seen_still_reads_as_a_disagreement(image, decoded):
     value, _ = _forge(image, decoded, "host.rdtsc.tsd1.cpl3", edit=lambda stops: stops.pop(1))
     assert value.startswith("#GP(0) [GDB:") and "which no watch stops at" in value
+
+
+def test_the_real_mode_rdtsc_is_read_from_its_step(image):
+    """firmware/realmode.S: no IDT, no trap. The stop at its entry no-op must show CR0.PE=0 and
+    RDTSC there; the step ends after it (ok) or in the handler its IVT names (the exception)."""
+    p, exps = _tcg()
+    insn = image.symbols["realmode_rdtsc_copy"]
+    pre = _realmode_stop(image)
+
+    def read(stop):
+        found, _ = read_stops([stop], image, chained=p.chained)
+        return verdicts(p, found, None)["host.rdtsc.tsd1.cpl0.real"].value
+    assert read(pre) == "ok"
+    assert read({**pre, "after": dict(pre["after"], rip=0x7100 + 8 * 13)}) == "#GP(0)"
+    assert "protected mode, not real-address mode" in read({**pre, "regs": dict(pre["regs"], cr0=0x11)})
+    assert "the catalogue declares `rdtsc`" in read({**pre, "asm": [[insn, 1, "cli"]]})
+    assert read({**pre, "regs": dict(pre["regs"], cr4=0)}) == NEVER  # run with TSD clear: another row
 
 
 def test_a_kvm_pvm_trace_reads_its_deviations(image):

@@ -41,7 +41,7 @@ import time
 
 import gdb
 
-_REGS = ("cs", "ss", "rip", "rsp", "eflags", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
+_REGS = ("cs", "ss", "rip", "rsp", "eflags", "cr0", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
 _MASK = (1 << 64) - 1
 # word: the frame's word size (4: 32-bit host); traps: trap watches by address; idt/tr: the
 # IDTR and TR of the last `info registers` (insn watch); stubs: [first, last RIP] of each probe stub
@@ -72,7 +72,10 @@ def _memory(address, size):
 class _Watch(gdb.Breakpoint):
     def __init__(self, spec):
         kind = gdb.BP_HARDWARE_BREAKPOINT if spec.get("hw") else gdb.BP_BREAKPOINT
-        super().__init__("*" + spec["location"], type=kind, internal=False)
+        # By the address the lab read from the ELF where it has one (absolute symbols such as the
+        # real-mode copy's have no type GDB can take the address of), else by name (guest symbols).
+        where = "*%#x" % spec["addr"] if spec.get("addr") is not None else "*" + spec["location"]
+        super().__init__(where, type=kind, internal=False)
         self.spec = spec
 
     def stop(self):
