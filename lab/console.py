@@ -594,10 +594,29 @@ def _boots(report: dict, console: Console) -> None:
             out(console, Text(f"  cause: {r['exit_detail']}; last serial line: {last if last is not None else '(none)'}",
                                style="red"), soft_wrap=True)
         out(console, Text(f"  log: {r['log']}"), soft_wrap=True)
+        saw = _gdb_saw(report, r["config"])
+        if saw:
+            out(console, Text(f"  GDB saw: {saw}"), soft_wrap=True)
         for line in _cost_lines(r.get("costs", {})):
             out(console, f"  {line}")
         if r["repro"]:
             out(console, f"  reproduce: {r['repro']}", soft_wrap=True, highlight=False)
+
+
+def _gdb_saw(report: dict, config: str) -> str:
+    """What the GDB witness saw of this boot's checks (each check's `gdb.saw`), counted, with
+    the links it could not see where the accelerator kept it from the instruction."""
+    counts: dict[str, int] = {}
+    missing = ""
+    for c in report["checks"]:
+        details = c.get("details") or {}
+        if c.get("config") == config and "gdb.saw" in details:
+            counts[details["gdb.saw"]] = counts.get(details["gdb.saw"], 0) + 1
+            missing = missing or details.get("gdb.missing", "")
+    text = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    if text and missing:  # "kvm_pvm: no stop at the instruction: ...": its first two clauses
+        return f"{text} ({': '.join(missing.split(': ')[:2])}; report.json `gdb.missing` lists the links)"
+    return text
 
 
 def last_serial_line(run: dict) -> str | None:

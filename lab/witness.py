@@ -395,7 +395,8 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
                 if guest_scope in entry.scopes and entry.witness_in(guest_scope) == "entry":
                     params, value = _params(entry, regs["cs"] & 3, regs, {}, "ok")
                     _add(out, guest_scope, entry.probe, params, value,
-                         {"at": stop["at"], "cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}"})
+                         {"at": stop["at"], "cs": f"{regs['cs']:#x}", "rip": f"{regs['rip']:#x}",
+                          "saw": "the guest's first instruction"})
             continue
         if kind != "trap":
             flush()
@@ -459,8 +460,8 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
                 evidence["binary"] = binary.hex()
                 problems.append(f"the CPU executed {executed[: len(binary)].hex()} at {rip:#x}, the binary has "
                                 f"{binary.hex()}")
-            if scope == "host":
-                evidence["saw"] = "the trap only"
+            evidence["saw"] = "the trap only" if scope == "host" else "the trap at the guest's own IDT" \
+                if in_guest_idt else "the guest's trap at the host's IDT"
         if spec.continue_at and rip == stub.insn and vector == 6:
             checkpoint = {"cpl": cpl, "cs": frame["cs"], "rsp": frame["rsp"], "problems": problems,
                           "evidence": {k: v for k, v in evidence.items() if k in ("saw", "insn", "chain")}}
