@@ -1088,7 +1088,9 @@ class GdbWitness:
             "unwitnessed": self.plan.unwitnessed,
             "missing": self.plan.missing,
             "error": self.error,
-            "stops": len(stops),
+            # the CPU stops GDB made (a record `via` a step was written at the stop before it)
+            "stops": sum(1 for s in stops if "via" not in s and "error" not in s),
+            "records": len(stops),
             "seconds": round(self.seconds, 4),
             "stray": stray,
             "readings": [asdict(r) for r in result.values()],

@@ -176,6 +176,13 @@ def _insn(spec):
     stop["after"] = after
     stop["after_stack"] = _memory(after["rsp"], 48)
     _write(stop)
+    if after["rip"] == done and done != insn and code is not None and code[-4:] == "0f0b":
+        # It completed: the CPU is at the return trap. One more step runs that ud2 and delivers
+        # its #UD here, instead of a stop of the #UD watch of its own (each real stop makes QEMU
+        # translate again all it runs next).
+        _packet("s")
+        gdb.execute("maint flush register-cache", to_string=True)
+        after = _registers()
     # The step ended in an exception handler: its trap record, from here (the plan's watch there
     # if it has one, which the CPU then resumes past; else the handler its IDT gate names).
     trap = _state["traps"].get(after["rip"]) or _handler_spec(stop.get("idt"), after["rip"])
