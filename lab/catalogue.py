@@ -426,8 +426,11 @@ def firmware_sources(bits: int = 64, variant: str = "normal") -> dict[str, str]:
     for s in stubs():
         # probe_pre_<name>: a 2-byte no-op the ring is entered at, where the GDB witness stops the
         # CPU before the instruction (and moves it to probe_insn_<name> itself: lab/gdb/collector.py).
+        # The instruction stays 16-byte aligned (the no-op before the boundary): measured under
+        # kvm_pvm with -cpu max, an unaligned SIDT at CPL0 had its #UD return trap reach a
+        # hardware-breakpointed IDT stub as a guest #DB instead of a GDB stop (docs/gdb.md).
         asm += [f"    .globl probe_pre_{s.name}, probe_insn_{s.name}, probe_done_{s.name}", "    .balign 16",
-                f"probe_pre_{s.name}:", f"    {PRE_NOP}", f"probe_insn_{s.name}:"]
+                "    .skip 14, 0xcc", f"probe_pre_{s.name}:", f"    {PRE_NOP}", f"probe_insn_{s.name}:"]
         text = (s.asm32 or to_32bit(s.asm)) if bits == 32 else s.asm
         text = SWAPPED.get(variant, {}).get(s.name, text)
         asm += [f"    {line.strip()}" for line in text.splitlines() if line.strip()]
