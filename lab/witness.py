@@ -262,9 +262,9 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
         # The #VMEXIT watch is armed only from the guest's CPUID to its return (3 stops, not one
         # per exit): the collector enables it at guest_cpuid_insn and disables it at guest_cpuid_done.
         svm = any(cid.startswith("guest-svm.") for cid in cpuid_checks)
-        soft_bp = hw and not caps.insn_stops  # a hardware KVM takes software breakpoints here
-        watches += [Watch(GUEST_CPUID_INSN, "regs", hw=soft_bp, arm=VMEXIT_AT if svm else ""),
-                    Watch(GUEST_CPUID_DONE, "regs", hw=soft_bp, arm=f"-{VMEXIT_AT}" if svm else "")]
+        cpuid_hw = hw and not caps.insn_stops  # a hardware KVM takes software breakpoints here
+        watches += [Watch(GUEST_CPUID_INSN, "regs", hw=cpuid_hw, arm=VMEXIT_AT if svm else ""),
+                    Watch(GUEST_CPUID_DONE, "regs", hw=cpuid_hw, arm=f"-{VMEXIT_AT}" if svm else "")]
         if svm:
             watches.append(Watch(VMEXIT_AT, "vmexit", hw=hw, vmcb=VMCB_AT))
     checks = list(entry_stops) + list(guest_vecs) + cpuid_checks + realmode
@@ -471,8 +471,9 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
         for entry in catalogue.by_stub(stub.name):
             if scope not in entry.scopes or entry.witness_in(scope).startswith("none"):
                 continue
-            state = dict(regs, cr4=(pre["regs"]["cr4"] if pre is not None else regs["cr4"]))
-            params, value = _params(entry, cpl, {**after, "cr4": state["cr4"]}, frame, outcome,
+            # CR4 as the instruction ran under it (at the stop before it, where there was one)
+            cr4 = pre["regs"]["cr4"] if pre is not None else regs["cr4"]
+            params, value = _params(entry, cpl, {**after, "cr4": cr4}, frame, outcome,
                                     io_readings(gates_from), msr_readings(stop))
             unread = [k for k, v in params.items() if v == UNREAD]
             if unread:  # the row cannot be named: its check stays unread (never executed / unreached)
@@ -579,7 +580,6 @@ def _norm_insn(text: str, bits: int = 64) -> tuple[str, str]:
     ops = _NUM.sub(lambda m: str(int(m.group(0), 0)), re.sub(r"\s+", "", ops))
     if bits == 32:
         ops = _REG32.sub(r"%r\1", ops)
-        mnem = mnem
     return mnem, ops
 
 

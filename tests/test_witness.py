@@ -4,7 +4,6 @@ catches the firmware variants that lie in ways the serial records cannot show.""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 import shutil
