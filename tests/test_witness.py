@@ -290,14 +290,21 @@ def test_a_hardware_kvm_trace_is_read_whole(image, decoded, module):
     CPL3 with TSD=1 faults. Replayed through the reader, every planned check is read once,
     with the value the rule expects."""
     p, exps, _ = kvm_plan(module)
+    result = _read_whole(image, decoded, p, exps)
+    assert result[check_id("host", "cpl-return", {"from_cpl": 3, "via": "syscall"})].value == "0"
+
+
+def _read_whole(image, decoded, p, exps):
+    """The architecture's chained trace of every planned check, read: each with the rule's value."""
     stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: e.expected, chained=decoded)
     found, stray = read_stops(stops, image, chained=p.chained)
     result = verdicts(p, found, None)
     assert not stray
     by_id = {e.id: e for e in exps}
     for cid in p.checks:
-        assert result[cid].value == by_id[cid].expected, cid
-    assert result[check_id("host", "cpl-return", {"from_cpl": 3, "via": "syscall"})].value == "0"
+        assert result[cid].value == by_id[cid].expected, (cid, result[cid].value)
+        assert result[cid].detail["saw"].startswith("the instruction and "), cid
+    return result
 
 
 def _tcg(exps=None):
@@ -311,14 +318,7 @@ def test_a_tcg_trace_is_read_whole_through_the_chain(image, decoded):
     GDB's decoding there, the single step and the delivery it ended in."""
     p, exps = _tcg()
     assert p.chained == {r.entry.stub.name for r in catalogue.table_rows() if r.id in p.checks} | {"realmode"}
-    stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: e.expected, chained=decoded)
-    found, stray = read_stops(stops, image, chained=p.chained)
-    result = verdicts(p, found, None)
-    assert not stray
-    by_id = {e.id: e for e in exps}
-    for cid in p.checks:
-        assert result[cid].value == by_id[cid].expected, (cid, result[cid].value)
-        assert result[cid].detail["saw"].startswith("the instruction and "), cid
+    _read_whole(image, decoded, p, exps)
 
 
 def _forge(image, decoded, cid, outcome=None, edit=None):
