@@ -54,3 +54,19 @@ def test_an_elfs_image_is_read_from_its_cache_only_while_the_elf_is_unchanged(tm
     os.utime(elf, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     again = Image.load(elf)
     assert "planted" not in again.symbols and again.read(again.symbols["witness_rdmsr"], 2) == b"\x0f\x32"
+
+
+def test_an_edit_within_the_second_of_the_last_compile_is_compiled_too(tmp_path, monkeypatch):
+    """compileall keys a pyc on the source's mtime in whole seconds; a module rewritten in the same
+    second (another size) kept the old bytecode. The build compares the size too."""
+    (tmp_path / "lab").mkdir()
+    src = tmp_path / "lab" / "m.py"
+    src.write_text("X = 1\n")
+    monkeypatch.setattr(build, "ROOT", tmp_path)
+    build.compile_lab()
+    st = os.stat(src)
+    src.write_text("X = 1234567\n")
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same mtime: only the size differs
+    assert not _current(src)  # the control
+    build.compile_lab()
+    assert _current(src)
