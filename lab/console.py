@@ -40,7 +40,9 @@ from .judge import show
 
 STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yellow",
          "xpass": "magenta", "skip": "dim"}
-MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "x", "xpass": "X", "skip": "-"}
+# An xfail's mark is not a cross: without colour `x` read as a fail (issue 20).
+MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "~", "xpass": "X", "skip": "-"}
+LEGEND = "✓ pass  ✗ fail  ! error  ~ xfail (a named deviation)  X xpass  - skip  ᵍ GDB read the same"
 SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-vmx": "guest (VMX)", "guest-soft": "guest (soft)"}
 VIEWS = ("auto", "table", "scope", "wide")
 DESIGN_WIDTH = 100  # the width the table view is made for, and the default when piped
@@ -498,12 +500,15 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     # What each column title stands for, where the title is shorter than the configuration.
     out(console, "columns: " + "; ".join(f"{short[c]} = {c}" if short[c] != c else c for c in configs),
                   highlight=False)
+    _answers(report, console, short)
 
     folded = [] if view == "wide" else [c for c in columns if c.folded]
     shown = [c for c in columns if c not in folded]
     hidden: dict[str, list[str]] = {}  # group -> rows skipped in every shown column
     if view != "wide":
         groups, hidden = _split_skipped_rows(groups, shown)
+    if shown:  # the symbols appear in the table or the scope view
+        out(console, Text(LEGEND, style="dim"), highlight=False)
     if view == "wide":
         table = _table(shown, groups, short, wide=True)
         # Its natural width even past the terminal's (for `less -S` or a wide window).
@@ -540,8 +545,42 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     _boots(report, console)
     s = report["summary"]
     line = "  ".join(f"{k}={v}" for k, v in s.items())
+    causes = skip_causes(report)
+    if causes:  # skips the CPU model explains apart from the rest (lab/judge.py SKIP_CAUSES)
+        line += " (" + ", ".join(f"{n} {cause}" for cause, n in causes.items()) + ")"
     bad = s["fail"] + s["error"]
     out(console, f"[{'bold red' if bad else 'bold green'}]{line}[/]")
+
+
+def skip_causes(report: dict) -> dict[str, int]:
+    """Skips by what they follow from (a check's `cause`; "other" where it has none)."""
+    counts: dict[str, int] = {}
+    for c in report["checks"]:
+        if c["status"] == "skip":
+            cause = c.get("cause") or "other"
+            counts[cause] = counts.get(cause, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _answers(report: dict, console: Console, short: dict[str, str]) -> None:
+    """The lab's three questions answered from this run's checks, per configuration (lab/answers.py)."""
+    from .answers import answers
+
+    found = answers(report)
+    silent = [short.get(a.config, a.config) for a in found if not a.lines]
+    found = [a for a in found if a.lines]
+    if silent:
+        out(console, Text(f"{', '.join(silent)}: no answers, nothing observed (why: below)", style="dim"),
+            highlight=False)
+    if not found:
+        return
+    out(console, "[bold]Answers[/] from this run's checks (\\[the judge's verdict]; the rows are in the table)",
+        highlight=False)
+    notes = []
+    for a in found:
+        for i, (status, text) in enumerate(a.lines):
+            notes.append((short.get(a.config, a.config) if i == 0 else "", Text(text, style=STYLE[status])))
+    _print_notes(console, notes, key_style=False)
 
 
 def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column], short: dict[str, str],
@@ -568,7 +607,7 @@ def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column],
     _print_notes(console, notes)
 
 
-def _print_notes(console: Console, notes: list[tuple[str, Text]]) -> None:
+def _print_notes(console: Console, notes: list[tuple[str, Text]], key_style: bool = True) -> None:
     """Lines that wrap under their own text (a hanging indent), never cut."""
     if not notes:
         return
@@ -576,7 +615,7 @@ def _print_notes(console: Console, notes: list[tuple[str, Text]]) -> None:
     grid.add_column(no_wrap=True)
     grid.add_column(overflow="fold")
     for key, text in notes:
-        grid.add_row(Text(key, style=text.style), text)
+        grid.add_row(Text(key, style=text.style if key_style else "bold"), text)
     # Each column at the width rich would give it, without its measuring every line.
     key_width = max(cell_len(key) for key, _ in notes)
     room = console.width - key_width - 1

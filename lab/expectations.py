@@ -114,6 +114,9 @@ class Expectation:
     expected: str
     rule: str
     skip: str | None = None  # why this check cannot run in this configuration
+    # What the skip follows from: MODEL (the virtual CPU lacks the feature, or the engine does
+    # not offer it) or SETUP (the host mode chosen runs another scope): counted apart in reports.
+    skip_cause: str = ""
     id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -204,6 +207,21 @@ def _guest_skip(facts: Facts, scope: str) -> str | None:
     return f"the {facts.guest_mode.upper() if facts.guest_mode != 'soft' else 'software'} host runs the guest"
 
 
+MODEL, SETUP = "cpu-model", "setup"  # Expectation.skip_cause
+
+
+def _skip_cause(facts: Facts, row: Row, reason: str | None) -> str:
+    """A guest scope another host mode runs is the setup's doing; every other skip of the plan
+    follows from what the CPU model (or the engine) offers."""
+    if reason is None:
+        return ""
+    host = row.scope.removeprefix("guest-")
+    if row.scope != "host" and facts.long_mode and not (host == "svm" and not facts.svm) \
+            and not (host == "vmx" and not facts.vmx) and reason == _guest_skip(facts, row.scope):
+        return SETUP
+    return MODEL
+
+
 def _skip(facts: Facts, row: Row) -> str | None:
     if row.scope != "host" and _guest_skip(facts, row.scope):
         return _guest_skip(facts, row.scope)
@@ -280,7 +298,8 @@ def scope_plan(facts: Facts, scope: str, info: dict[str, str] | None = None) -> 
     for r in rows(scope):
         expected = _expected(facts, r, info or {})
         if expected is not None:
-            out.append(Expectation(scope, r.probe, r.params, expected, r.entry.ref, _skip(facts, r)))
+            why = _skip(facts, r)
+            out.append(Expectation(scope, r.probe, r.params, expected, r.entry.ref, why, _skip_cause(facts, r, why)))
     return out
 
 

@@ -14,6 +14,11 @@ from .ids import check_id
 from .records import Observation, Transcript
 
 STATUSES = ("pass", "fail", "xfail", "xpass", "skip", "error")
+# What a skip follows from (a check's `cause`, docs/records.md): the CPU model or engine lacks
+# the feature, the host mode runs another scope, a named deviation would break the boot, or
+# the run asked for other probes only (--only).
+DEVIATION, NOT_ASKED = "deviation", "not-asked"
+SKIP_CAUSES = ("cpu-model", "setup", DEVIATION, NOT_ASKED)
 UNREACHED = "unreached"
 
 
@@ -32,6 +37,7 @@ class Check:
     witnesses: dict[str, str] = field(default_factory=dict)
     config: str = ""
     details: dict[str, str] = field(default_factory=dict)
+    cause: str = ""  # a skip's source: SKIP_CAUSES
 
     def as_dict(self) -> dict:
         out = {
@@ -50,6 +56,8 @@ class Check:
         }
         if self.details:
             out["details"] = self.details
+        if self.status == "skip" and self.cause:
+            out["cause"] = self.cause
         return out
 
 
@@ -91,6 +99,7 @@ def judge_one(
     if exp.skip or (dev is not None and dev.observed is None):
         check.status = "skip"
         check.reason = exp.skip or f"{dev.name}: {dev.reason}"
+        check.cause = exp.skip_cause if exp.skip else DEVIATION
         return check
     if serial is not None:
         check.witnesses["serial"] = serial

@@ -69,6 +69,14 @@ def render(report: dict, width: int, view: str = "auto") -> str:
     return out.getvalue()
 
 
+def table_part(text: str) -> list[str]:
+    """The lines from the table's header on: the header, the columns line and the answers
+    (lab/answers.py) come before it, ended by the legend."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(con.LEGEND.split("  ")[0]))
+    return ["", ""] + lines[at + 1:]  # the table's header on lines 2.. as before the answers came
+
+
 def values_intact(text: str, report: dict) -> list[str]:
     """Observed values of non-skipped checks that do not appear whole in the output."""
     missing = []
@@ -120,7 +128,7 @@ def test_no_trailing_spaces_with_colours_either(full):
 def test_wide_view_is_every_column_at_its_natural_width(full, width):
     text = render(full, width, "wide")
     assert values_intact(text, full) == []
-    header = "\n".join(text.splitlines()[2:5])
+    header = "\n".join(table_part(text)[2:5])
     assert header.count("guest (soft)") == 2 and header.count("guest (SVM)") == 2  # nothing folded
     assert "cpl-enter.cpl1.iretq" in text  # full ids, one row each
 
@@ -128,8 +136,8 @@ def test_wide_view_is_every_column_at_its_natural_width(full, width):
 @pytest.mark.parametrize("width", (100, 120))
 def test_table_view_fits_100_columns(full, width):
     text = render(full, width)
-    assert "observed" not in text.splitlines()[3]  # the side-by-side table, not the scope view
-    table_lines = text.split("not shown")[0].splitlines()[:-1]
+    assert "observed" not in table_part(text)[3]  # the side-by-side table, not the scope view
+    table_lines = "\n".join(table_part(text)).split("not shown")[0].splitlines()[:-1]
     assert max(len(line.rstrip()) for line in table_lines) <= 100
 
 
@@ -182,7 +190,7 @@ def test_auto_falls_back_to_scope_view_when_the_table_does_not_fit(full):
 
 def test_all_skip_columns_fold_into_one_line_that_says_why(full):
     text = render(full, 100)
-    header = " ".join(text.splitlines()[2:4])
+    header = " ".join(table_part(text)[2:4])
     assert header.count("guest (soft)") == 1 and header.count("guest (SVM)") == 1
     soft = next(c for c in full["checks"] if c["config"] == TCG and c["scope"] == "guest-soft")
     svm = next(c for c in full["checks"] if c["config"] == KVM and c["scope"] == "guest-svm")
@@ -200,7 +208,7 @@ def test_a_column_with_one_observed_value_is_not_folded(tmp_path):
     soft = next(c for c in checks if c.scope == "guest-soft")
     soft.status, soft.observed, soft.reason = "fail", "1", "expected nothing"
     text = render(_report(checks, [_run(TCG, tmp_path / "t.log")]), 120)
-    assert "guest (soft)" in " ".join(text.splitlines()[2:4])
+    assert "guest (soft)" in " ".join(table_part(text)[2:4])
     assert "guest (soft):" not in " ".join(text.split()).split("columns not shown")[-1]
 
 
