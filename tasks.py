@@ -101,20 +101,24 @@ def build(c, variant="normal"):
         "view": "auto|table|scope|wide: the checks side by side (made for 100 columns), one scope at a "
                 "time, or every column unfolded at its natural width (default: auto, the table if it fits "
                 "the terminal or $COLUMNS, else scope)",
+        "only": "FAMILY|PROBE|GLOB[,...]: run and judge just these (families: lab/catalogue.py, e.g. tsc; "
+                "probes, e.g. cpuid-vendor; check-id globs, e.g. 'rdtsc.tsd1.*'); the rest is absent "
+                "(default: everything)",
+        "markdown": "PATH: also write a Markdown report here (default: none)",
     },
     iterable=["kernel_arg"],
     auto_shortflags=False,  # -h is help, not --hv-signature
 )
 def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=False, qemu=None,
         witness="both", hv_signature=None, host_mode="auto", kernel_arg=None, variant="normal", timeout="15",
-        view="auto"):
+        view="auto", only=None, markdown=None):
     """Boot the lab kernel under each accelerator and judge what it saw."""
     from lab.cli import USER_ERRORS, RunOptions, run_lab
 
     opts = RunOptions(accel=accel, cpu=cpu, machine=machine, json=json, junit=junit, tap=tap, qemu=qemu,
                       witness=witness, hv_signature=hv_signature, host_mode=host_mode,
                       kernel_args=tuple(kernel_arg or ()), variant=variant, timeout=timeout,
-                      view=view)
+                      view=view, only=only, markdown=markdown)
     try:
         status, _ = run_lab(opts)
     except USER_ERRORS as exc:
@@ -279,8 +283,33 @@ def _int_or_none(value, name: str) -> int | None:
         raise _fail(f"--{name} {value!r}: a whole number") from None
 
 
+@task(
+    help={
+        "path": "RUN_DIR|BOOT_DIR|serial.log: a saved run (runs/<time>), one of its boot folders, or its serial.log",
+        "only": "FAMILY|PROBE|GLOB[,...]: judge just these, as lab.run --only (default: what the saved run asked)",
+        "json": "PATH: write the new JSON report here (default: none; the saved one is left as it is)",
+        "markdown": "PATH: write a Markdown report here (default: none)",
+        "view": "auto|table|scope|wide, as for lab.run (default: auto)",
+    },
+    auto_shortflags=False,
+)
+def judge(c, path, only=None, json=None, markdown=None, view="auto"):
+    """Judge a saved run again with today's rules (nothing boots) and say which verdicts changed."""
+    from lab.cli import USER_ERRORS
+    from lab.console import make_console
+    from lab.rejudge import judge_main
+
+    try:
+        status = judge_main(path, make_console(), only=only, json_path=json, markdown=markdown, view=view)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    if status:
+        raise Exit(code=status)
+
+
 lab = Collection("lab")
 lab.add_task(run)
+lab.add_task(judge)
 lab.add_task(debug)
 lab.add_task(sweep)
 lab.add_task(merge)

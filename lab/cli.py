@@ -14,7 +14,7 @@ from . import console as console_mod
 from . import report as report_mod
 from . import bochs as bochs_mod
 from .config import (ACCELS, BOCHS, HOST_MODES, MACHINES, ConfigError, check_cpu_model, check_kernel_arg,
-                     check_signature, parse_timeout)
+                     check_only, check_signature, only_asked, only_skip_words, parse_timeout)
 from .hostinfo import KvmStatus, ToolMissing, cpu_models, kvm_status, qemu_binary, require_tool
 from .judge import Check
 from .runner import (WITNESSES, full_report, keep_runs, make_config, new_run_root, not_run_check,
@@ -39,6 +39,8 @@ class RunOptions:
     runs_dir: str | None = None
     quiet: bool = False
     view: str = "auto"
+    only: str | None = None  # FAMILY|PROBE|GLOB[,...]: run and judge just those (config.check_only)
+    markdown: str | None = None  # PATH: also a Markdown report (lab/report.py)
 
 
 def select_accels(choice: str, kvm: KvmStatus) -> tuple[list[str], list[tuple[str, str]]]:
@@ -94,12 +96,18 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
             raise ConfigError("--witness gdb: Bochs has no gdbstub, so GDB cannot witness it (docs/bochs.md); "
                               "use --witness serial, or a QEMU accelerator")
         witness = "serial"
+    only = check_only(opts.only)
+    kernel_args = tuple(opts.kernel_args)
+    if only:  # the firmware leaves out every other host family (firmware/probe.c `skip=`)
+        from .runner import with_skips
+
+        kernel_args = with_skips(kernel_args, only_skip_words(only))
     art = build_mod.build(opts.variant)
     cfgs = [
         make_config(a, art, qemu=bochs_mod.bochs_binary() if a == BOCHS else qemu, kvm=kvm, machine=opts.machine,
                     cpu=cpu,
                     hv_signature=opts.hv_signature, host_mode=opts.host_mode,
-                    kernel_args=opts.kernel_args, timeout_s=timeout)
+                    kernel_args=kernel_args, timeout_s=timeout)
         for a, cpu in bochs_mod.engine_cpus(accels, opts.cpu, every=opts.accel == bochs_mod.EVERY)
     ]
     # From the first QEMU on (the pre-boot CPU query), Ctrl-C and SIGTERM stop everything cleanly.
@@ -121,7 +129,12 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+    if only:  # what was not asked is absent, not an error (the boot's own row stays)
+        for o in outcomes:
+            o.checks = [c for c in o.checks if kept_by_only(c, only)]
     rep = full_report(outcomes, qemu, kvm, skipped_checks, witness)
+    if only:
+        rep["only"] = list(only)
     if BOCHS in {o.cfg.accel for o in outcomes} and len(outcomes) > 1:  # engines side by side (lab/differential.py)
         from . import differential  # only with Bochs in the run
 
@@ -131,6 +144,8 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
         report_mod.write_json(rep, report_mod.check_target(opts.json, "--json"))
     if opts.junit:
         report_mod.write_junit(rep, report_mod.check_target(opts.junit, "--junit"))
+    if opts.markdown:
+        report_mod.write_markdown(rep, report_mod.check_target(opts.markdown, "--markdown"))
     if not opts.quiet:
         console_mod.render(rep, console, view=opts.view)  # a dead boot: its cause and last serial line
         if "differential" in rep:
@@ -144,6 +159,11 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     return (1 if s["fail"] or s["error"] else 0), rep
 
 
+def kept_by_only(check: Check, only: tuple[str, ...]) -> bool:
+    """`--only` keeps what it names, and the boot's and the guest's own ends (run.integrity, guest-end)."""
+    return check.id == "run.integrity" or check.probe == "guest-end" or only_asked(check.id, check.probe, only)
+
+
 def _folder(run_root: Path | None) -> str:
     return f"; run folder {run_root}" if run_root else " before any boot"
 
@@ -152,9 +172,17 @@ def validate(opts: RunOptions) -> tuple[str, float]:
     """Every path and value the user gave, before any work: raises ConfigError/ToolMissing
     (one line each) and creates nothing. Returns the QEMU binary and the timeout."""
     timeout = parse_timeout(opts.timeout)
-    for flag, path in (("--json", opts.json), ("--junit", opts.junit)):
-        if path:
-            report_mod.check_target(path, flag)
+    check_only(opts.only)
+    named = [(flag, path) for flag, path in (("--json", opts.json), ("--junit", opts.junit),
+                                             ("--markdown", opts.markdown)) if path is not None]
+    for flag, path in named:
+        if path == "":
+            raise ConfigError(f"{flag} '': name a file")
+        report_mod.check_target(path, flag)
+    for i, (flag, path) in enumerate(named):  # one file written twice: the second overwrites the first
+        for other, same in named[i + 1:]:
+            if Path(path).expanduser().resolve() == Path(same).expanduser().resolve():
+                raise ConfigError(f"{flag} and {other} name the same file {path}: give each its own")
     if opts.machine.split(",")[0] not in MACHINES:
         raise ConfigError(f"--machine {opts.machine!r}: choose one of {', '.join(MACHINES)}")
     if opts.host_mode not in HOST_MODES:

@@ -162,3 +162,70 @@ def check_cpu_model(cpu: str, models: frozenset[str], qemu: str) -> None:
     close = difflib.get_close_matches(base.lower(), sorted(by_lower), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(by_lower[c] for c in close)}?" if close else ""
     raise ConfigError(f"--cpu {cpu!r}: QEMU has no CPU model {base!r}{hint} (list: {qemu} -cpu help)")
+
+
+# -- `--only`: one question at a time -------------------------------------------------------
+def _only_targets() -> list[tuple[str, str, str]]:
+    """(check id, probe, family) for every catalogue row of every scope, and the boot's own."""
+    rows = [r for scope in ("host", *catalogue.GUEST_SCOPES) for r in catalogue.rows(scope)]
+    return [(r.id, r.probe, r.entry.family) for r in rows]
+
+
+_FAMILIES: dict[str, str] = {}
+
+
+def only_families() -> dict[str, str]:
+    """check id -> its family, for every catalogue row (made once)."""
+    if not _FAMILIES:
+        _FAMILIES.update({cid: family for cid, _, family in _only_targets()})
+    return _FAMILIES
+
+
+def only_matches(word: str, check_id: str, probe: str, family: str) -> bool:
+    """A `--only` word names a family, a probe, or is a glob over check ids (with or without
+    their scope: `rdtsc.tsd1.*` or `host.rdtsc.*`)."""
+    import fnmatch
+
+    if word in (probe, family):
+        return True
+    bare = check_id.split(".", 1)[1] if "." in check_id else check_id
+    return fnmatch.fnmatchcase(check_id, word) or fnmatch.fnmatchcase(bare, word)
+
+
+def check_only(text: str | None) -> tuple[str, ...]:
+    """`--only FAMILY|PROBE|GLOB[,...]`: each word must select at least one check of the catalogue.
+    Returns the words ("" or None: everything)."""
+    if text is None or text == "":
+        if text == "":
+            raise ConfigError("--only '': name a probe family, a probe or a check-id glob, e.g. --only tsc "
+                              "or --only 'rdtsc.tsd1.*'")
+        return ()
+    words = tuple(w.strip() for w in text.split(","))
+    targets = _only_targets()
+    families = sorted({f for _, _, f in targets})
+    for word in words:
+        if not word or not _CMDLINE_VALUE_RE.match(word):
+            raise ConfigError(f"--only {text!r}: an empty or blank word; give comma-separated families, probes or "
+                              "check-id globs")
+        if not any(only_matches(word, *t) for t in targets):
+            close = difflib.get_close_matches(word, families + sorted({p for _, p, _ in targets}), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"--only {word!r} selects no check{hint} (families: {', '.join(families)}; probes and "
+                              "check ids: python3 -m lab.catalogue --docs, docs/probes.md)")
+    return words
+
+
+def only_skip_words(words: tuple[str, ...]) -> list[str]:
+    """The firmware's `skip=` words for `--only`: every host-table family none of whose rows
+    the words select (firmware/probe.c skips a family by name). Guest probes run with the guest."""
+    if not words:
+        return []
+    keep = {r.entry.family for r in catalogue.table_rows()
+            if any(only_matches(w, r.id, r.probe, r.entry.family) for w in words)}
+    return sorted({r.entry.family for r in catalogue.table_rows()} - keep)
+
+
+def only_asked(check_id: str, probe: str, words: tuple[str, ...]) -> bool:
+    """Whether `--only` words select a check (its family from the catalogue; else its probe)."""
+    family = only_families().get(check_id, probe)
+    return any(only_matches(w, check_id, probe, family) for w in words)

@@ -490,8 +490,9 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     h = report["host"]
     kvm = h["kvm_module"] or "none"
     kvm_note = "" if h["kvm_usable"] else f" (unusable: {h['kvm_reason']})"
+    only = f"  only: {','.join(report['only'])}" if report.get("only") else ""
     out(console, f"[bold]ring-lab {report['lab_version']}[/]  QEMU {h['qemu']}  KVM module: {kvm}{kvm_note}"
-                  f"  witness: {report.get('witness', 'both')}", highlight=False)
+                  f"  witness: {report.get('witness', 'both')}{only}", highlight=False)
 
     columns = _columns(report)
     groups = _groups(report)

@@ -1,4 +1,4 @@
-"""Reports in standard formats: the JSON contract of DESIGN.md, JUnit XML and TAP 13."""
+"""Reports in standard formats: the JSON contract of DESIGN.md, JUnit XML, TAP 13 and Markdown."""
 
 from __future__ import annotations
 
@@ -116,12 +116,20 @@ def write_junit(report: dict, path: Path) -> None:
     _atomic_write(path, ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n")
 
 
+def _tap_text(value) -> str:
+    """A TAP description's text: `#` starts a directive there, so it is escaped (TAP 13)."""
+    return str(value).replace("\\", "\\\\").replace("#", "\\#")
+
+
 def tap(report: dict) -> str:
-    """TAP 13: skip and xfail as # SKIP / # TODO, so TAP consumers count them right."""
+    """TAP 13: skip and xfail as # SKIP / # TODO, so TAP consumers count them right; every
+    line names what was expected and observed."""
     lines = ["TAP version 13", f"1..{len(report['checks'])}"]
     for n, c in enumerate(report["checks"], 1):
         ok = c["status"] in ("pass", "skip", "xfail", "xpass")
-        line = f"{'ok' if ok else 'not ok'} {n} - {_case_name(c)}"
+        line = f"{'ok' if ok else 'not ok'} {n} - {_tap_text(_case_name(c))}"
+        if c["status"] != "skip":
+            line += f": expected {_tap_text(c['expected'])}, observed {_tap_text(c['observed'])}"
         if c["status"] == "skip":
             line += f" # SKIP {c['reason']}"
         elif c["status"] in ("xfail", "xpass"):
@@ -131,3 +139,46 @@ def tap(report: dict) -> str:
             lines += ["  ---", f"  status: {c['status']}", f"  expected: {json.dumps(c['expected'])}",
                       f"  observed: {json.dumps(c['observed'])}", f"  reason: {json.dumps(c['reason'])}", "  ..."]
     return "\n".join(lines) + "\n"
+
+
+def _md(value) -> str:
+    """A Markdown table cell: `|` and newlines would end it; backticks keep values literal."""
+    text = "—" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: dict) -> str:
+    """The run as Markdown: the header, the answers (lab/answers.py), the summary, then one
+    table per configuration with every check (expected, observed, status, reason, rule)."""
+    from .answers import answers
+
+    h = report["host"]
+    s = report["summary"]
+    out = [f"# ring-lab {report['lab_version']}", "",
+           f"QEMU {h['qemu']}, KVM module {h['kvm_module'] or 'none'}, witness {report.get('witness', 'both')}"
+           + (f", only {', '.join(report['only'])}" if report.get("only") else ""), "",
+           "**" + "  ".join(f"{k}={v}" for k, v in s.items()) + "**", ""]
+    found = [a for a in answers(report) if a.lines]
+    if found:
+        out += ["## Answers", ""]
+        for a in found:
+            out.append(f"- `{a.config}`")
+            out += [f"  - {_md(text)}" for _, text in a.lines]
+        out.append("")
+    configs = list(dict.fromkeys(c["config"] for c in report["checks"]))
+    for config in configs:
+        out += [f"## `{config}`", "", "| check | expected | observed | status | reason | rule |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| `{_md(c['id'])}` | `{_md(c['expected'])}` | `{_md(c['observed'])}` | {c['status']} | "
+                f"{_md(c['reason'])} | {_md(c['rule'])} |" for c in report["checks"] if c["config"] == config]
+        out.append("")
+    runs = report.get("runs", [])
+    if runs:
+        out += ["## Boots", ""]
+        out += [f"- `{r['config']}`: exit {r['exit']}, {r['wall_s']} s, log `{r['log']}`" for r in runs]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    _atomic_write(path, markdown(report))
