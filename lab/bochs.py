@@ -509,6 +509,18 @@ def run_one(cfg: RunConfig, run_dir: Path, cancel: threading.Event | None = None
 EVERY = "every"  # --accel every: QEMU's accelerators and Bochs, for the differential view
 
 
+def version(run_dir) -> str | None:
+    """The Bochs version its banner printed on the boot's terminal (`Bochs x86 Emulator 2.7`)."""
+    import re
+
+    try:
+        text = (Path(run_dir) / "bochs.console").read_bytes()[:8192].decode("latin-1")
+    except OSError:
+        return None
+    found = re.search(r"Bochs x86 Emulator (\S+)", text)
+    return found.group(1) if found else None
+
+
 def missing_reason() -> str:
     """Why Bochs cannot run here ("" when it can)."""
     try:

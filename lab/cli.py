@@ -135,6 +135,9 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     rep = full_report(outcomes, qemu, kvm, skipped_checks, witness)
     if only:
         rep["only"] = list(only)
+    bochs_runs = [o for o in outcomes if o.cfg.accel == BOCHS]
+    if bochs_runs:  # the header names the engine that ran (lab/console.py)
+        rep["host"]["bochs"] = next((v for o in bochs_runs if (v := bochs_mod.version(o.run_dir))), "unknown version")
     if BOCHS in {o.cfg.accel for o in outcomes} and len(outcomes) > 1:  # engines side by side (lab/differential.py)
         from . import differential  # only with Bochs in the run
 

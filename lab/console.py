@@ -491,7 +491,10 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     kvm = h["kvm_module"] or "none"
     kvm_note = "" if h["kvm_usable"] else f" (unusable: {h['kvm_reason']})"
     only = f"  only: {','.join(report['only'])}" if report.get("only") else ""
-    out(console, f"[bold]ring-lab {report['lab_version']}[/]  QEMU {h['qemu']}  KVM module: {kvm}{kvm_note}"
+    engines = {r.get("accel") for r in report["runs"]}
+    qemu = "" if engines == {"bochs"} else f"  QEMU {h['qemu']}  KVM module: {kvm}{kvm_note}"
+    bochs = f"  Bochs {h['bochs']}" if h.get("bochs") else ""
+    out(console, f"[bold]ring-lab {report['lab_version']}[/]{qemu}{bochs}"
                   f"  witness: {report.get('witness', 'both')}{only}", highlight=False)
 
     columns = _columns(report)
@@ -508,8 +511,9 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     hidden: dict[str, list[str]] = {}  # group -> rows skipped in every shown column
     if view != "wide":
         groups, hidden = _split_skipped_rows(groups, shown)
-    if shown:  # the symbols appear in the table or the scope view
-        out(console, Text(LEGEND, style="dim"), highlight=False)
+    if shown:  # the symbols appear in the table or the scope view; ᵍ only where GDB witnessed
+        legend = LEGEND if report.get("witness", "both") != "serial" else LEGEND.rsplit("  ᵍ", 1)[0]
+        out(console, Text(legend, style="dim"), highlight=False)
     if view == "wide":
         table = _table(shown, groups, short, wide=True)
         # Its natural width even past the terminal's (for `less -S` or a wide window).
@@ -577,10 +581,17 @@ def _answers(report: dict, console: Console, short: dict[str, str]) -> None:
         return
     out(console, "[bold]Answers[/] from this run's checks (\\[the judge's verdict]; the rows are in the table)",
         highlight=False)
+    names = {a.config: short.get(a.config, a.config) for a in found}
+    if max(cell_len(n) for n in names.values()) > 8:  # long labels: each on a line of its own, answers under it
+        for a in found:
+            out(console, Text(names[a.config], style="bold"), highlight=False)
+            _print_notes(console, [("  " if i == 0 else "", Text(text, style=STYLE[status]))
+                                   for i, (status, text) in enumerate(a.lines)], key_style=False)
+        return
     notes = []
     for a in found:
         for i, (status, text) in enumerate(a.lines):
-            notes.append((short.get(a.config, a.config) if i == 0 else "", Text(text, style=STYLE[status])))
+            notes.append((names[a.config] if i == 0 else "", Text(text, style=STYLE[status])))
     _print_notes(console, notes, key_style=False)
 
 

@@ -11,6 +11,8 @@ machine. Change `--cpu` and the expectations change with it.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 from .ids import check_id
@@ -185,15 +187,23 @@ LONG_MODE_ONLY = ("runs in 64-bit mode only (SDM Vol. 2B SYSCALL/SYSRET: SYSRETQ
                   "are 64-bit); the host kernel is 32-bit (no long mode: QOM lm=false)")
 
 
+def _said(facts: Facts, text: str) -> str:
+    """A reason in the engine's vocabulary: QEMU describes a model by QOM properties, Bochs by
+    the CPUID table it dumps for the model (lab/bochs.py)."""
+    if facts.accel != "bochs":
+        return text
+    return re.sub(r"QOM `?(\w+)`?(=\w+)?", "Bochs' CPUID dump of the model", text)
+
+
 def _guest_skip(facts: Facts, scope: str) -> str | None:
     """Why a guest scope does not run in this configuration (None: it runs)."""
     host = scope.removeprefix("guest-")
     if not facts.long_mode:
-        return NO_HV_32
+        return _said(facts, NO_HV_32)
     if host == "svm" and not facts.svm:
         if facts.accel == "kvm":
             return f"no SVM under KVM ({facts.kvm_module or 'unknown module'} gives its guests no SVM)"
-        return "no SVM: this CPU model has none (CPUID 0x80000001 ECX[2]; QOM `svm`)"
+        return _said(facts, "no SVM: this CPU model has none (CPUID 0x80000001 ECX[2]; QOM `svm`)")
     if host == "vmx" and not facts.vmx:
         return "no VMX: this CPU model has none (CPUID.1:ECX[5]; SDM Vol. 3C 23.6)"
     if facts.guest_mode == host:
@@ -226,9 +236,9 @@ def _skip(facts: Facts, row: Row) -> str | None:
     if row.scope != "host" and _guest_skip(facts, row.scope):
         return _guest_skip(facts, row.scope)
     if row.entry.long_mode_only and not facts.long_mode:
-        return LONG_MODE_ONLY
+        return _said(facts, LONG_MODE_ONLY)
     if row.entry.family == "syscall" and not facts.syscall:
-        return "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)"
+        return _said(facts, "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)")
     for gate in row.entry.gates:
         if gate.needs.startswith("accel:") and not facts.has(gate.needs):
             return f"{facts.accel} does not offer {gate.needs[6:]} ({gate.name}): not run"

@@ -128,3 +128,87 @@ def test_every_engine_view_says_which_engine_deviates_on_the_checks_line():
     assert [line.split("  ")[0] for line in block] == ["tcg", "kvm", "bochs corei7_skylake_x", "bochs trinity_apu"]
     assert "deviation kvm_pvm-rdtsc-tsd-cpl3: ok (architecture: #GP(0))" in block[1]
     assert block[0].endswith("pass #GP(0)")
+
+
+def _values(*checks):
+    rep = report(*checks)
+    for c in rep["checks"]:
+        c.setdefault("scope", c["id"].split(".")[0])
+    return differential.build(rep)["values"]
+
+
+def test_value_differences_are_listed_and_explained_although_every_engine_passes():
+    (vendor, bit, sig) = _values(
+        check(TCG, "host.cpuid-vendor.leaf0", "pass", "AuthenticAMD"),
+        check(BOCHS, "host.cpuid-vendor.leaf0", "pass", "GenuineIntel"),
+        check(TCG, "host.cpuid-hv-bit", "pass", "1"), check(BOCHS, "host.cpuid-hv-bit", "pass", "0"),
+        check(TCG, "host.cpuid-hv-signature", "pass", "TCGTCGTCGTCG"),
+        check(BOCHS, "host.cpuid-hv-signature", "pass", "\\xa0\\x0f\\0\\0d\\0\\0\\0\\0\\0\\0\\0"))
+    assert vendor["id"] == "host.cpuid-vendor.leaf0" and "vendor" in vendor["sides"][BOCHS]["why"]
+    assert "can tell it is virtual" in bit["sides"][TCG]["why"] and "clear" in bit["sides"][BOCHS]["why"]
+    assert "QEMU's TCG names itself" in sig["sides"][TCG]["why"]
+    # Bochs' Intel model: no hypervisor bit, so the leaf is out of range (SDM Vol. 2A CPUID)
+    assert "highest basic leaf's data, as on Intel" in sig["sides"][BOCHS]["why"]
+
+
+def test_out_of_range_zeros_follow_the_vendor():
+    rep = {"runs": [{"config": c} for c in (TCG, BOCHS_AMD)], "checks": [
+        check(TCG, "host.cpuid-vendor.leaf0", "pass", "AuthenticAMD"),
+        check(BOCHS_AMD, "host.cpuid-vendor.leaf0", "pass", "AuthenticAMD"),
+        check(TCG, "host.cpuid-hv-bit", "pass", "1"), check(BOCHS_AMD, "host.cpuid-hv-bit", "pass", "0"),
+        check(TCG, "host.cpuid-hv-signature", "pass", "TCGTCGTCGTCG"),
+        check(BOCHS_AMD, "host.cpuid-hv-signature", "pass", "\\0" * 12)]}
+    for c in rep["checks"]:
+        c["scope"] = "host"
+    sig = differential.build(rep)["values"][-1]
+    assert "zeros, as AMD answers a leaf out of range" in sig["sides"][BOCHS_AMD]["why"]
+
+
+def test_negative_control_a_value_the_rule_did_not_expect_says_so():
+    (bit,) = _values(check(TCG, "host.cpuid-hv-bit", "pass", "1"),
+                     check(BOCHS, "host.cpuid-hv-bit", "fail", "1", "0", "expected 0, observed 1"),
+                     check(KVM, "host.cpuid-hv-bit", "pass", "0"))
+    assert bit["sides"][BOCHS]["why"].startswith("fail: the rule expects 0")
+
+
+def test_equal_values_are_not_listed():
+    assert _values(check(TCG, "host.cpuid-hv-bit", "pass", "1"), check(KVM, "host.cpuid-hv-bit", "pass", "1")) == []
+
+
+def test_render_shows_the_values_and_why():
+    rep = report(check(TCG, "host.cpuid-hv-bit", "pass", "1"), check(BOCHS, "host.cpuid-hv-bit", "pass", "0"))
+    for c in rep["checks"]:
+        c["scope"] = "host"
+    console = Console(record=True, width=100)
+    differential.render(differential.build(rep), console)
+    text = " ".join(console.export_text().split())
+    assert "1 value(s) that differ between engines" in text and "0: the engine leaves CPUID.1:ECX[31] clear" in text
+
+
+def test_bochs_speaks_its_own_vocabulary_and_qemu_keeps_qom():
+    from lab.expectations import Facts, plan
+
+    bochs = Facts(accel="bochs", kvm_module=None, vendor="GenuineIntel", rdtscp=True, svm=False, vmx=True,
+                  hypervisor=False)
+    tcg = Facts(accel="tcg", kvm_module=None, vendor="GenuineIntel", rdtscp=True, svm=False, hypervisor=True)
+    why = {e.skip for e in plan(bochs) if e.scope == "guest-svm"}
+    assert why == {"no SVM: this CPU model has none (CPUID 0x80000001 ECX[2]; Bochs' CPUID dump of the model)"}
+    assert {e.skip for e in plan(tcg) if e.scope == "guest-svm"} == {
+        "no SVM: this CPU model has none (CPUID 0x80000001 ECX[2]; QOM `svm`)"}
+
+
+def test_a_bochs_run_names_bochs_and_its_version_in_the_header(tmp_path):
+    import io
+
+    from lab import bochs, console
+    from lab.report import build
+
+    (tmp_path / "bochs.console").write_bytes(b"\x1b[0m   Bochs x86 Emulator 2.7\r\n  Built from SVN\r\n")
+    assert bochs.version(tmp_path) == "2.7" and bochs.version(tmp_path / "none") is None
+    host = {"qemu": "7.2.0", "kvm_module": "kvm_pvm", "kvm_usable": True, "kvm_reason": "", "bochs": "2.7"}
+    rep = build("0.1.0", host, [{"accel": "bochs", "config": BOCHS, "exit": "ok", "exit_detail": "", "wall_s": 1,
+                                 "log": "x", "repro": "", "costs": {}}], [], witness="serial")
+    buf = io.StringIO()
+    console.render(rep, Console(file=buf, width=100))
+    first = buf.getvalue().splitlines()[0]
+    assert "Bochs 2.7" in first and "QEMU" not in first and "kvm_pvm" not in first
