@@ -250,9 +250,11 @@ def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2",
 
 
 @task(help={"dir": "DIR: a sweep folder (repeatable: one per worker machine or shard)",
-            "out": "DIR: where matrix.json, matrix.junit.xml and matrix.html go (default: the first --dir)"},
+            "out": "DIR: where matrix.json, matrix.junit.xml and matrix.html go (default: the first --dir)",
+            "partial": "accept a partial sweep (fewer reports than its plan.json lists): exit 0 if all else "
+                       "passed (default: a partial sweep exits 1)"},
       iterable=["dir"], auto_shortflags=False)
-def merge(c, dir=None, out=None):  # noqa: A002 - the option is --dir
+def merge(c, dir=None, out=None, partial=False):  # noqa: A002 - the option is --dir
     """Merge sweep folders (workers, shards) into one model x engine matrix: table, JSON, JUnit, HTML."""
     from lab.cli import USER_ERRORS
     from lab.sweep_merge import check_merge_input, merge_main
@@ -260,7 +262,7 @@ def merge(c, dir=None, out=None):  # noqa: A002 - the option is --dir
 
     try:
         folders, target = check_merge_input(list(dir or ()), out)
-        status = merge_main(folders, target, Console())
+        status = merge_main(folders, target, Console(), partial_ok=partial)
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
     if status:

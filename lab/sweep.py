@@ -234,12 +234,17 @@ def _error_report(cfg: SweepConfig, qemu: str, kvm: KvmStatus, why: str, cpu: st
     return rep
 
 
+TIMEOUT_RETRY_FACTOR = 2  # the second try of a boot that timed out gets twice the time
+
+
 def run_config(cfg: SweepConfig, *, art: Artifacts, qemu: str, kvm: KvmStatus, out_dir: Path,
                witness: str = "both", timeout_s: float = 15.0) -> dict:
     """Run one configuration with the lab's runner (its pre-boot decision from QOM, then the
     boot), write `<accel>__<cpu>.json` into the sweep folder, and return that report. A KVM
     refusal over MSR 0x10a is retried once with `-arch-capabilities`, named in the report; a
-    model QEMU itself lists as unusable here and refuses to start is a skip in QEMU's words."""
+    boot that times out is retried once with TIMEOUT_RETRY_FACTOR times the timeout, named too
+    (`timeout_retry`); a model QEMU itself lists as unusable here and refuses to start is a
+    skip in QEMU's words."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta: dict = {"accel": cfg.accel, "cpu": cfg.cpu, "tweak": cfg.tweak, "retry": None, "skip": None,
                   "unavailable_features": list(cfg.unavailable),
@@ -253,6 +258,15 @@ def run_config(cfg: SweepConfig, *, art: Artifacts, qemu: str, kvm: KvmStatus, o
             retry_cpu = cfg.cpu + ARCH_CAP_FIX
             rep = _attempt(cfg, retry_cpu, art, qemu, kvm, out_dir / "runs" / f"{cfg.slug}-retry", witness,
                            timeout_s, meta, retry=False)
+        first = rep["runs"][0] if rep.get("runs") else {}
+        if first.get("exit") == "timeout":
+            # A boot that ran out of time under load (other boots share the cores) is tried once
+            # more with a longer timeout, and named: a hang hangs again and stays an error.
+            longer = timeout_s * TIMEOUT_RETRY_FACTOR
+            meta["timeout_retry"] = {"timeout_s": timeout_s, "retry_timeout_s": longer,
+                                     "why": first.get("exit_detail", ""), "first_run_dir": first.get("run_dir", "")}
+            rep = _attempt(cfg, first.get("cpu") or cfg.cpu, art, qemu, kvm, out_dir / "runs" / f"{cfg.slug}-timeout-retry",
+                           witness, longer, meta, retry=False)
     rep[SWEEP_KEY] = meta
     report_mod.write_json(rep, out_dir / f"{cfg.slug}.json")
     return rep
@@ -310,6 +324,7 @@ def report_files(folders: list[Path]) -> list[Path]:
 
 # -- the front door: one pytest run ------------------------------------------------------------
 SWEEP_TESTS = "tests/sweep"
+PLAN_NAME = "plan.json"  # the configurations a sweep folder is meant to hold (`<slug>.json` each)
 DURATIONS = "tests/sweep/durations.json"  # pytest-split's record (--store-durations) of a full sweep
 SPLIT_ALGORITHM = "least_duration"  # pytest-split's most even assignment
 
@@ -434,6 +449,8 @@ def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
     out, cfgs = validate(opts, kvm)
     build_mod.build(opts.variant)  # a build failure is one clear error, not one per test
     out.mkdir(parents=True, exist_ok=True)
+    # What the sweep means to report: lab.merge tells a partial sweep from a whole one by it.
+    report_mod.write_json({"configs": sorted(c.slug for c in cfgs)}, out / PLAN_NAME)
     cmd = pytest_command(opts, out, python)
     console.print(f"sweep: {len(cfgs)} configurations into {out}", highlight=False)
     console.print(f"pytest: {shlex.join(cmd)}", highlight=False, soft_wrap=True)

@@ -51,6 +51,9 @@ def _worst_first(check: dict) -> tuple:
     return (check["id"] != "run.integrity", _RANK[check["status"]])
 
 
+CPUID_VALUES = ("cpuid-vendor", "cpuid-hv-bit", "cpuid-hv-signature")  # shown for every cell
+
+
 def _cell(rep: dict, path: Path) -> dict:
     meta = rep[SWEEP_KEY]
     counts = dict.fromkeys(STATUSES, 0)
@@ -74,12 +77,16 @@ def _cell(rep: dict, path: Path) -> dict:
         "cpu": run.get("cpu", meta["cpu"]),
         "tweak": meta.get("tweak", ""),
         "retry": meta.get("retry"),
+        "timeout_retry": meta.get("timeout_retry"),  # lab/sweep.py: a boot retried after a timeout
         "skip": meta.get("skip"),
         "repro": run.get("repro", ""),
         "run_dir": run.get("run_dir", ""),
         "report": str(path),
         "nonpass": [{k: c[k] for k in ("id", "status", "expected", "observed", "reason")}
                     for c in sorted(rep["checks"], key=_worst_first) if c["status"] != "pass"],
+        # What the CPU told the lab's kernel and its guest, whatever the verdict (the HTML page shows it).
+        "values": {c["id"]: c["observed"] for c in rep["checks"] if c["probe"] in CPUID_VALUES
+                   and c["status"] != "skip"},
     }
 
 
@@ -124,6 +131,7 @@ def merge(folders: list[Path]) -> dict:
                 dev_seen[d] = dev_seen.get(d, 0) + 1
     reasons = {d.name: d.reason for d in deviations.DEVIATIONS}
     return {
+        "completeness": completeness(folders),
         "lab_version": __version__,
         "hosts": hosts,
         "engines": engines,
@@ -132,6 +140,25 @@ def merge(folders: list[Path]) -> dict:
         "deviations": {d: {"configs": n, "reason": reasons.get(d, "")} for d, n in sorted(dev_seen.items())},
         "summary": summary,
     }
+
+
+def completeness(folders: list[Path]) -> dict:
+    """What the folders' sweeps planned (their plan.json, lab/sweep.py) against the reports
+    they hold: a sweep killed or a shard left out is partial. A folder without a plan (made
+    by hand, or by an older lab) cannot say: it is named under `unplanned`."""
+    from .sweep import PLAN_NAME
+
+    planned: set[str] = set()
+    unplanned = []
+    for folder in folders:
+        try:
+            planned |= set(json.loads((Path(folder) / PLAN_NAME).read_text())["configs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            unplanned.append(str(folder))
+    reported = {p.stem for p in report_files(folders)}
+    missing = sorted(planned - reported)
+    return {"planned": len(planned), "reported": len(reported & planned) if planned else len(reported),
+            "missing": missing, "unplanned": unplanned, "partial": bool(missing)}
 
 
 def matrix_view(merged: dict) -> dict:
@@ -144,9 +171,11 @@ def matrix_view(merged: dict) -> dict:
     }
 
 
-def exit_status(merged: dict) -> int:
+def exit_status(merged: dict, partial_ok: bool = False) -> int:
+    """1 on a fail or an error, on nothing merged, and on a partial sweep unless told it may be."""
     s = merged["summary"]["by_status"]
-    return 1 if s["fail"] or s["error"] or not merged["cells"] else 0
+    partial = merged.get("completeness", {}).get("partial") and not partial_ok
+    return 1 if s["fail"] or s["error"] or not merged["cells"] or partial else 0
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -159,9 +188,9 @@ def cell_text(cell: dict) -> str:
     if cell["status"] == "skip" and not n["pass"]:
         return "- skip"
     parts = [f"✗{n['fail']}" if n["fail"] else "", f"!{n['error']}" if n["error"] else "", f"✓{n['pass']}",
-             f"x{n['xfail']}" if n["xfail"] else "", f"X{n['xpass']}" if n["xpass"] else "",
+             f"~{n['xfail']}" if n["xfail"] else "", f"X{n['xpass']}" if n["xpass"] else "",
              f"-{n['skip']}" if n["skip"] else ""]
-    return " ".join(p for p in parts if p) + (" ʳ" if cell.get("retry") else "")
+    return " ".join(p for p in parts if p) + (" ʳ" if cell.get("retry") or cell.get("timeout_retry") else "")
 
 
 def render(merged: dict, console: Console) -> None:
@@ -177,7 +206,8 @@ def render(merged: dict, console: Console) -> None:
         table.add_row(row["model"], *[Text(cell_text(cells[e]), style=STYLE[cells[e]["status"]]) if e in cells
                                       else Text("") for e in engines])
     console.print(table)
-    console.print("legend: ✓ pass  x xfail (known deviation)  X xpass  - skip  ✗ fail  ! error  ʳ retried",
+    console.print("legend: ✓ pass  ~ xfail (known deviation)  X xpass  - skip  ✗ fail  ! error  ʳ retried; "
+                  "a cell's colour is its worst status (xfail: nothing failed, a named deviation showed)",
                   highlight=False)
     skips: dict[str, list[str]] = {}
     for row in merged["rows"]:
@@ -186,6 +216,10 @@ def render(merged: dict, console: Console) -> None:
             if cell["retry"]:
                 retry = cell["retry"]
                 console.print(f"retried {label} as -cpu {retry['cpu']}: {retry['why']}", highlight=False)
+            if cell.get("timeout_retry"):
+                t = cell["timeout_retry"]
+                console.print(f"retried {label} after a timeout ({t['why']}) with {t['retry_timeout_s']:g} s instead of "
+                              f"{t['timeout_s']:g} s: the verdict is the second boot's", highlight=False)
             if cell["skip"]:
                 skips.setdefault(cell["skip"], []).append(label)
             elif cell["status"] in ("fail", "error"):
@@ -202,6 +236,15 @@ def render(merged: dict, console: Console) -> None:
     line = "  ".join(f"{k}={v}" for k, v in s["by_status"].items() if k != "xpass")
     bad = s["by_status"]["fail"] + s["by_status"]["error"]
     console.print(f"[{'bold red' if bad else 'bold green'}]configurations={s['configs']}  {line}[/]")
+    done = merged.get("completeness") or {}
+    if done.get("partial"):
+        missing = done["missing"]
+        console.print(Text(f"partial sweep: {done['reported']} of {done['planned']} planned configurations reported; "
+                           f"missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
+                           "(lab.merge --partial accepts it)", style="bold red"), soft_wrap=True)
+    elif done.get("unplanned"):
+        console.print(f"no plan.json in {', '.join(done['unplanned'])}: whether the sweep is whole is not known",
+                      style="yellow", highlight=False)
 
 
 def write_junit(merged: dict, path: Path) -> None:
@@ -237,14 +280,14 @@ def write_outputs(merged: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def merge_main(folders: list[Path], out: Path, console: Console) -> int:
+def merge_main(folders: list[Path], out: Path, console: Console, partial_ok: bool = False) -> int:
     merged = merge(folders)
     out.mkdir(exist_ok=True)
     paths = write_outputs(merged, out)  # first: the files do not depend on the terminal
     render(merged, console)
     for p in paths:
         console.print(f"merged: {p}", highlight=False)
-    return exit_status(merged)
+    return exit_status(merged, partial_ok)
 
 
 def check_merge_input(folders: list[str], out: str | None) -> tuple[list[Path], Path]:

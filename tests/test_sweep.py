@@ -53,11 +53,21 @@ def write(folder: Path, rep: dict) -> None:
     report.write_json(rep, folder / f"{sweep.SweepConfig(meta['accel'], meta['cpu']).slug}.json")
 
 
+def _with_values_and_skips(rep: dict) -> dict:
+    """A vendor check and two skips sharing a reason (the page shows the one, groups the others)."""
+    label = rep["runs"][0]["config"]
+    rep["checks"] += [Check("host.cpuid-vendor.leaf0", "tcg", "host", "cpuid-vendor", {"leaf": "0"}, "AuthenticAMD",
+                            "AuthenticAMD", "pass", config=label).as_dict(),
+                      *(Check(f"host.p{i}", "tcg", "host", f"p{i}", {}, "1", None, "skip", "not run here",
+                              config=label).as_dict() for i in (1, 2))]
+    return rep
+
+
 @pytest.fixture
 def two_folders(tmp_path):
     """Two workers' folders: passes, a known deviation, a skip, a fail, an error, a retry."""
     a, b = tmp_path / "a", tmp_path / "b"
-    write(a, fake_report("tcg", "qemu64", ["pass", "pass"]))
+    write(a, _with_values_and_skips(fake_report("tcg", "qemu64", ["pass"])))
     write(a, fake_report("kvm", "qemu64", ["pass", "skip"], deviation=True))
     write(a, fake_report("tcg", "qemu32", [], skip=NO_LONG_MODE))
     write(b, fake_report("tcg", "EPYC", ["pass", "fail"]))
@@ -278,6 +288,75 @@ def test_html_is_one_static_file(two_folders, tmp_path):
     assert not re.search(r"""(src|href)=|https?://|@import""", text)  # no external assets
 
 
+def test_a_partial_sweep_says_so_and_fails_unless_told(two_folders, tmp_path):
+    a, b = two_folders
+    planned = sorted(p.stem for p in sweep.report_files([a, b])) + ["tcg__Haswell"]
+    report.write_json({"configs": planned}, a / sweep.PLAN_NAME)
+    merged = sweep_merge.merge([a, b])
+    assert merged["completeness"]["partial"] and merged["completeness"]["missing"] == ["tcg__Haswell"]
+    console = Console(record=True, width=100)
+    sweep_merge.render(merged, console)
+    assert "partial sweep: 6 of 7 planned configurations reported; missing: tcg__Haswell" in console.export_text()
+    assert 'id="partial"' in page(merged)
+    ok = sweep_merge.merge([a])  # a's plan is the whole plan: b's reports are missing from a alone
+    assert ok["completeness"]["missing"] == sorted(p.stem for p in sweep.report_files([b])) + ["tcg__Haswell"]
+    # only fails and errors count with --partial; without it the partial sweep fails by itself
+    clean = tmp_path / "clean"
+    write(clean, fake_report("tcg", "qemu64", ["pass"]))
+    report.write_json({"configs": ["tcg__qemu64", "tcg__EPYC"]}, clean / sweep.PLAN_NAME)
+    merged = sweep_merge.merge([clean])
+    assert sweep_merge.exit_status(merged) == 1 and sweep_merge.exit_status(merged, partial_ok=True) == 0
+    # negative control: the whole plan reported is not partial
+    report.write_json({"configs": ["tcg__qemu64"]}, clean / sweep.PLAN_NAME)
+    assert sweep_merge.exit_status(sweep_merge.merge([clean])) == 0
+
+
+def test_merge_partial_option_through_invoke(tmp_path):
+    clean = tmp_path / "clean"
+    write(clean, fake_report("tcg", "qemu64", ["pass"]))
+    report.write_json({"configs": ["tcg__qemu64", "tcg__EPYC"]}, clean / sweep.PLAN_NAME)
+    proc = run_invoke("lab.merge", "--dir", str(clean))
+    assert proc.returncode == 1 and "partial sweep: 1 of 2" in proc.stdout
+    proc = run_invoke("lab.merge", "--dir", str(clean), "--partial")
+    assert proc.returncode == 0 and "partial sweep: 1 of 2" in proc.stdout
+
+
+def test_a_boot_that_times_out_is_retried_once_with_a_longer_timeout(tmp_path, monkeypatch):
+    calls = []
+
+    def attempt(cfg, cpu, art, qemu, kvm, run_dir, witness, timeout_s, meta, retry=True):
+        calls.append((run_dir.name, timeout_s))
+        rep = fake_report(cfg.accel, cpu, ["pass"] if len(calls) > 1 else ["error"])
+        rep["runs"][0]["exit"] = "ok" if len(calls) > 1 else "timeout"
+        rep["runs"][0]["exit_detail"] = "" if len(calls) > 1 else "no `end` record within 15.0 s"
+        return rep
+
+    monkeypatch.setattr(sweep, "_attempt", attempt)
+    rep = sweep.run_config(sweep.SweepConfig("tcg", "qemu64"), art=None, qemu="q", kvm=None, out_dir=tmp_path / "s",
+                           timeout_s=15.0)
+    assert calls == [("tcg__qemu64", 15.0), ("tcg__qemu64-timeout-retry", 15.0 * sweep.TIMEOUT_RETRY_FACTOR)]
+    t = rep[sweep.SWEEP_KEY]["timeout_retry"]
+    assert t["timeout_s"] == 15.0 and "within 15.0 s" in t["why"] and not sweep.bad_checks(rep)
+    cell = sweep_merge.merge([tmp_path / "s"])["cells"]["qemu64"]["tcg"]
+    console = Console(record=True, width=200)
+    sweep_merge.render({**sweep_merge.merge([tmp_path / "s"])}, console)
+    assert sweep_merge.cell_text(cell).endswith("ʳ") and "retried tcg qemu64 after a timeout" in console.export_text()
+    # negative control: a boot that ends in time is not retried; one that times out twice stays an error
+    calls.clear()
+    monkeypatch.setattr(sweep, "_attempt", lambda *a, **k: (calls.append(1), fake_report("tcg", "qemu64", ["pass"]))[1])
+    rep = sweep.run_config(sweep.SweepConfig("tcg", "qemu64"), art=None, qemu="q", kvm=None, out_dir=tmp_path / "t")
+    assert calls == [1] and "timeout_retry" not in rep[sweep.SWEEP_KEY]
+
+    def always_timeout(cfg, cpu, *a, **k):
+        rep = fake_report("tcg", cpu, ["error"])
+        rep["runs"][0]["exit"] = "timeout"
+        return rep
+
+    monkeypatch.setattr(sweep, "_attempt", always_timeout)
+    rep = sweep.run_config(sweep.SweepConfig("tcg", "qemu64"), art=None, qemu="q", kvm=None, out_dir=tmp_path / "u")
+    assert [c["status"] for c in sweep.bad_checks(rep)] == ["error"]
+
+
 # -- the page in a real browser ------------------------------------------------------------------
 CHROMIUM = shutil.which("chromium")
 HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -313,6 +392,19 @@ def test_page_opens_in_headless_chromium_with_one_row_per_model(two_folders, tmp
     dom = chromium(tmp_path, "dom", "--dump-dom", url).stdout
     assert dom_problems(dom, merged, "kvm/EPYC") == []
     assert "retried as -cpu EPYC,-arch-capabilities" in dom and "error host.p0: why 0" in dom
+    assert re.findall(r'<td class="cell [^"]*\bselected\b[^"]*" data-key="([^"]+)"', dom) == ["kvm/EPYC"]
+    assert 'id="legend"' in dom and "nothing failed; a named deviation showed" in dom
+    assert 'class="blank" title="tcg did not run qemu64,kvm=off in this sweep' in dom and 'id="blank-note"' in dom
+
+    # A click selects the cell, puts it in the URL and shows its CPUID values and grouped skips.
+    clicked = tmp_path / "clicked.html"
+    clicked.write_text(page(merged).replace("</body>", "<script>document.querySelector('td[data-key=\"tcg/qemu64\"]')"
+                                            ".click(); document.title = location.hash;</script></body>"))
+    dom = chromium(tmp_path, "click", "--dump-dom", clicked.as_uri()).stdout
+    assert "<title>#tcg/qemu64</title>" in dom and dom_problems(dom, merged, "tcg/qemu64") == []
+    assert re.findall(r'<td class="cell [^"]*\bselected\b[^"]*" data-key="([^"]+)"', dom) == ["tcg/qemu64"]
+    assert "CPUID seen: host.cpuid-vendor.leaf0=AuthenticAMD" in dom
+    assert "skip x2 (e.g. host.p1): not run here" in dom  # two skips, one reason: one line
 
     # Negative control: a page that lost a model's row, and a link to no configuration.
     broken = tmp_path / "broken.html"
@@ -368,7 +460,9 @@ def test_the_front_door_runs_pytest_then_merges(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "-m pytest tests/sweep" in proc.stdout and "configurations=2" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["runs", "tcg__kvm64.json", "tcg__qemu64.json", *sweep_merge.MERGED_NAMES])
+        ["runs", "tcg__kvm64.json", "tcg__qemu64.json", sweep.PLAN_NAME, *sweep_merge.MERGED_NAMES])
+    assert json.loads((out / sweep.PLAN_NAME).read_text())["configs"] == ["tcg__kvm64", "tcg__qemu64"]
+    assert "partial" not in proc.stdout
 
 
 @pytest.mark.tcg
