@@ -582,17 +582,24 @@ def _answers(report: dict, console: Console, short: dict[str, str]) -> None:
     out(console, "[bold]Answers[/] from this run's checks (\\[the judge's verdict]; the rows are in the table)",
         highlight=False)
     names = {a.config: short.get(a.config, a.config) for a in found}
-    if max(cell_len(n) for n in names.values()) > 8:  # long labels: each on a line of its own, answers under it
-        for a in found:
-            out(console, Text(names[a.config], style="bold"), highlight=False)
-            _print_notes(console, [("  " if i == 0 else "", Text(text, style=STYLE[status]))
-                                   for i, (status, text) in enumerate(a.lines)], key_style=False)
-        return
-    notes = []
+    long_names = max(cell_len(n) for n in names.values()) > 8  # each on a line of its own, answers under it
+    indent = 2 if long_names else max(cell_len(n) for n in names.values()) + 1
+    lines = Text()
     for a in found:
+        if long_names:
+            lines.append(names[a.config] + "\n", style="bold")
         for i, (status, text) in enumerate(a.lines):
-            notes.append((names[a.config] if i == 0 else "", Text(text, style=STYLE[status])))
-    _print_notes(console, notes, key_style=False)
+            key = names[a.config] if i == 0 and not long_names else ""
+            # A hanging indent, wrapped between words here: cheaper than a rich grid (render cost).
+            for j, part in enumerate(Text(text, style=STYLE[status]).wrap(console, max(20, console.width - indent))):
+                lead = key if j == 0 else ""
+                lines.append(lead, style="bold")
+                lines.append(" " * (indent - cell_len(lead)))
+                part.rstrip()
+                lines.append_text(part)
+                lines.append("\n")
+    lines.rstrip()
+    console.print(LaidOut(lines))
 
 
 def _why_not_pass(report: dict, console: Console, *, skip_columns: list[Column], short: dict[str, str],
