@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 from invoke import Collection, Exit, task
@@ -293,14 +294,19 @@ def _int_or_none(value, name: str) -> int | None:
         "markdown": "PATH: write a Markdown report here (default: none)",
         "view": "auto|table|scope|wide, as for lab.run (default: auto)",
     },
+    positional=["path"],
     auto_shortflags=False,
 )
-def judge(c, path, only=None, json=None, markdown=None, view="auto"):
+def judge(c, path=None, only=None, json=None, markdown=None, view="auto"):
     """Judge a saved run again with today's rules (nothing boots) and say which verdicts changed."""
     from lab.cli import USER_ERRORS
     from lab.console import make_console
     from lab.rejudge import judge_main
 
+    if path in ("-h", "--help"):  # invoke hands a positional argument the help flag
+        sys.exit(subprocess.run([sys.executable, "-m", "invoke", "--help", "lab.judge"]).returncode)
+    if path is None:
+        raise _fail("lab.judge needs a saved run: invoke lab.judge RUN_DIR|BOOT_DIR|serial.log (runs/<time>)")
     try:
         status = judge_main(path, make_console(), only=only, json_path=json, markdown=markdown, view=view)
     except USER_ERRORS as exc:

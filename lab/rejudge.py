@@ -74,14 +74,17 @@ def _saved_config(info: dict[str, str]) -> _Saved:
                   tuple(w for w in words if not w.startswith(("hv-signature=", "host-mode="))))
 
 
-def _facts(run: dict, kvm_module: str | None, saved: _Saved) -> Facts:
+def _facts(run: dict, host: dict, saved: _Saved) -> Facts:
+    """The facts of the machine the run was made on (its report's `host`), not this one's."""
     if run["accel"] == BOCHS:
         from .bochs import facts_for
 
         return facts_for(saved, run.get("cpu_facts") or {})
+    kvm_module = host.get("kvm_module")
     return Facts.from_qemu(run["accel"], kvm_module if run["accel"] == "kvm" else None, run.get("cpu_facts") or {},
                            hv_signature=saved.hv_signature, host_mode=saved.host_mode,
-                           guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in saved.kernel_args)
+                           guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in saved.kernel_args,
+                           host_cpuid_fault=bool(host.get("host_cpuid_fault", True)))
 
 
 def _readings(boot_dir: Path) -> dict | None:
@@ -104,7 +107,7 @@ def rejudge_run(run: dict, saved_report: dict) -> list[Check]:
         raise ConfigError(f"lab.judge: {boot_dir / 'serial.log'}: {exc.strerror}") from None
     transcript = parse_stream(serial)
     saved = _saved_config(transcript.info)
-    facts = _facts(run, saved_report.get("host", {}).get("kvm_module"), saved)
+    facts = _facts(run, saved_report.get("host", {}), saved)
     witness = saved_report.get("witness", "both")
     readings = _readings(boot_dir) if witness != "serial" else None
     return judge(facts, transcript, gdb_readings=readings, witness=witness if readings is not None else "serial",
