@@ -89,3 +89,10 @@ def test_the_answers_and_legend_fit_the_first_15_lines_at_100_columns(tmp_path):
     for needle in ("RDTSC at CPL3", "vendor, signature", "host itself a guest?", "below the guest", "~ xfail"):
         assert flat.count(needle) == (1 if needle == "~ xfail" else 2), needle
     assert table_part(text)[2:4]  # the table follows the legend
+
+
+def test_witnesses_that_disagree_are_named_as_such(tmp_path):
+    """GDB read another value than the serial record: the answer says the witnesses disagree."""
+    checks = _checks("tcg", TCG, gdb=lambda e, v: "ok" if e.id == "host.rdtsc.tsd1.cpl3" else v)
+    text = _text(_report(checks, [_run(TCG, tmp_path / "t.log")]), TCG)
+    assert "[FAIL: witnesses disagree: serial=#GP(0) gdb=ok]" in text
