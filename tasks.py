@@ -110,13 +110,20 @@ def build(c, variant="normal"):
     iterable=["kernel_arg"],
     auto_shortflags=False,  # -h is help, not --hv-signature
 )
-def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=False, qemu=None,
+def run(c, accel="all", cpu=None, machine="microvm", json=None, junit=None, tap=False, qemu=None,
         witness="both", hv_signature=None, host_mode="auto", kernel_arg=None, variant="normal", timeout="15",
         view="auto", only=None, markdown=None):
     """Boot the lab kernel under each accelerator and judge what it saw."""
     from lab.cli import USER_ERRORS, RunOptions, run_lab
+    from lab.inputs import not_empty
 
-    opts = RunOptions(accel=accel, cpu=cpu, machine=machine, json=json, junit=junit, tap=tap, qemu=qemu,
+    try:
+        not_empty(accel=accel, cpu=cpu, machine=machine, json=json, junit=junit, qemu=qemu, witness=witness,
+                  hv_signature=hv_signature, host_mode=host_mode, kernel_arg=kernel_arg, variant=variant,
+                  timeout=timeout, view=view, only=only, markdown=markdown)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    opts = RunOptions(accel=accel, cpu=cpu or "", machine=machine, json=json, junit=junit, tap=tap, qemu=qemu,
                       witness=witness, hv_signature=hv_signature, host_mode=host_mode,
                       kernel_args=tuple(kernel_arg or ()), variant=variant, timeout=timeout,
                       view=view, only=only, markdown=markdown)
@@ -132,26 +139,36 @@ def run(c, accel="all", cpu="", machine="microvm", json=None, junit=None, tap=Fa
     help={
         "accel": "tcg|kvm (default: tcg; under KVM break/tbreak become hardware breakpoints)",
         "scope": "host|guest: where the first breakpoint goes (default: host, at kmain; guest: guest_start, "
-                 "or under KVM the software host's soft_trap)",
-        "break_": "SYMBOL|0xADDR: where to stop first instead (host or guest ELF symbol)",
+                 "or under KVM the software host's IRETQ into its guest, soft_enter_iretq)",
+        "break_": "SYMBOL|0xADDR: where to stop first instead (a host symbol, or with --scope guest a guest one; "
+                  "the names lab-probes prints)",
         "print_only": "print the QEMU and GDB commands instead of starting them (attach from an IDE)",
         "cpu": "MODEL[,+flag,-flag]: QEMU CPU model (default: qemu64,+svm for TCG, qemu64 for KVM)",
         "machine": "microvm|pc|q35: QEMU machine (default: microvm)",
-    }
+        "kernel_arg": "KEY=VALUE for the kernel command line, repeatable, as for lab.run (default: none)",
+        "host_mode": "auto|vmx|svm|soft|none: how the host runs its guest, as for lab.run (default: auto)",
+        "variant": "kernel build, as for lab.run (default: normal)",
+    },
+    iterable=["kernel_arg"],
+    auto_shortflags=False,
 )
-def debug(c, accel="tcg", scope="host", break_=None, print_only=False, cpu="", machine="microvm"):
+def debug(c, accel="tcg", scope="host", break_=None, print_only=False, cpu=None, machine="microvm",
+          kernel_arg=None, host_mode="auto", variant="normal"):
     """Start QEMU paused and open GDB on it, with host and guest symbols and lab-* commands."""
     from lab.build import build as do_build
-    from lab.debug import debug_session
-
     from lab.cli import USER_ERRORS
+    from lab.debug import check_inputs, debug_session
+    from lab.inputs import not_empty
 
-    if scope not in ("host", "guest"):
-        raise _fail(f"--scope {scope!r}: choose host or guest")
     try:
-        do_build()
+        not_empty(accel=accel, scope=scope, break_=break_, cpu=cpu, machine=machine, kernel_arg=kernel_arg,
+                  host_mode=host_mode, variant=variant)
+        check_inputs(accel=accel, scope=scope, cpu=cpu or "", machine=machine, host_mode=host_mode,
+                     kernel_args=tuple(kernel_arg or ()), variant=variant)
+        do_build(variant)
         status = debug_session(accel=accel, scope=scope, break_symbol=break_, print_only=print_only,
-                               cpu=cpu, machine=machine)
+                               cpu=cpu or "", machine=machine, kernel_args=tuple(kernel_arg or ()),
+                               host_mode=host_mode, variant=variant)
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
     sys.exit(status)
@@ -160,7 +177,16 @@ def debug(c, accel="tcg", scope="host", break_=None, print_only=False, cpu="", m
 @task(help={"args": "ARGS: extra pytest arguments, e.g. '-k parser' or '-n 2' (default: none)"})
 def test(c, args=""):
     """Run the test suite (unit tests, boot tests under TCG and KVM, negative controls)."""
-    c.run(f"{sys.executable} -m pytest {args}", pty=False)
+    import shlex
+
+    from lab.cli import USER_ERRORS
+    from lab.inputs import pytest_args
+
+    try:
+        words = pytest_args(args)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc)) from None
+    c.run(shlex.join([sys.executable, "-m", "pytest", *words]), pty=False)
 
 
 @task(help={"rounds": "N: rounds per measurement (default: 5, about 35 s in all on 2 cores; 1: about 10 s; "
@@ -168,15 +194,18 @@ def test(c, args=""):
             "check": "exit 1 if a timing target is missed (default: report the figures only)",
             "update_readme": "rewrite the README's performance block from these figures",
             "from_json": "PATH|last: use this bench.json (last: the newest under runs/) instead of measuring"})
-def bench(c, rounds=5, check=False, update_readme=False, from_json=None):
+def bench(c, rounds="5", check=False, update_readme=False, from_json=None):
     """Time the lab against the floor and a naive runner (about 55 s); figures in runs/bench-*/bench.json.
 
     The floor is a bare QEMU boot of the lab's kernel; the naive runner boots once per check."""
     from lab.bench import main as bench_main
     from lab.cli import USER_ERRORS
+    from lab.inputs import not_empty, whole_number
 
     try:
-        status = bench_main(rounds=int(rounds), check=check, update_readme=update_readme, from_json=from_json)
+        not_empty(from_json=from_json)
+        status = bench_main(rounds=whole_number(rounds, "rounds"), check=check, update_readme=update_readme,
+                            from_json=from_json)
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
     sys.exit(status)
@@ -198,13 +227,15 @@ def clean(c, build=False):
             "accel": "auto|tcg|kvm|all, as for lab.run (default: all)",
             "witness": "serial|gdb|both (default: both)",
             "json": "PATH: write the soak result here (default: runs/<soak>/soak.json)"})
-def soak(c, n=100, accel="all", witness="both", json=None):
+def soak(c, n="100", accel="all", witness="both", json=None):
     """Run the full matrix N times and report any flake (a status that changes, a fail, an error)."""
     from lab.cli import USER_ERRORS
+    from lab.inputs import not_empty, whole_number
     from lab.soak import main as soak_main
 
     try:
-        status = soak_main(n=int(n), accel=accel, witness=witness, json_path=json)
+        not_empty(accel=accel, witness=witness, json=json)
+        status = soak_main(n=whole_number(n, "n"), accel=accel, witness=witness, json_path=json)
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None
     sys.exit(status)
@@ -236,10 +267,13 @@ def sweep(c, accel="all", models="*", tweaks="all", witness="both", workers="2",
     One pytest test per configuration (pytest-xdist, pytest-split), then one merged matrix
     (table, JSON, JUnit, HTML)."""
     from lab.cli import USER_ERRORS
+    from lab.inputs import not_empty
     from lab.sweep import SweepOptions, sweep_main
     from rich.console import Console
 
     try:
+        not_empty(accel=accel, models=models, tweaks=tweaks, witness=witness, workers=workers, out=out, qemu=qemu,
+                  variant=variant, timeout=timeout, splits=splits, group=group)
         opts = SweepOptions(accel=accel, models=models, tweaks=tweaks, witness=witness, workers=str(workers),
                             out=out, versions=versions, qemu=qemu, variant=variant, timeout=_number(timeout),
                             splits=_int_or_none(splits, "splits"), group=_int_or_none(group, "group"))
@@ -261,7 +295,10 @@ def merge(c, dir=None, out=None, partial=False):  # noqa: A002 - the option is -
     from lab.sweep_merge import check_merge_input, merge_main
     from rich.console import Console
 
+    from lab.inputs import not_empty
+
     try:
+        not_empty(dir=dir, out=out)
         folders, target = check_merge_input(list(dir or ()), out)
         status = merge_main(folders, target, Console(), partial_ok=partial)
     except USER_ERRORS as exc:
@@ -307,7 +344,10 @@ def judge(c, path=None, only=None, json=None, markdown=None, view="auto"):
         sys.exit(subprocess.run([sys.executable, "-m", "invoke", "--help", "lab.judge"]).returncode)
     if path is None:
         raise _fail("lab.judge needs a saved run: invoke lab.judge RUN_DIR|BOOT_DIR|serial.log (runs/<time>)")
+    from lab.inputs import not_empty
+
     try:
+        not_empty(path=path, only=only, json=json, markdown=markdown, view=view)
         status = judge_main(path, make_console(), only=only, json_path=json, markdown=markdown, view=view)
     except USER_ERRORS as exc:
         raise _fail(str(exc)) from None

@@ -35,7 +35,7 @@ from .console import make_console
 from .hostinfo import kvm_status, qemu_binary
 from .qemu import build_command
 from .config import ConfigError
-from .runner import make_config, run_one
+from .runner import make_config, new_kind_folder, run_one
 
 # The lab's own targets: a serial run close to a bare boot; the GDB witness adds at most
 # 0.15 s to a boot; the full `invoke lab.run` (TCG + KVM, both witnesses) at most 0.7 s.
@@ -81,6 +81,8 @@ def main(rounds: int = 5, check: bool = False, update_readme: bool = False, from
     else:
         if rounds < 1:
             raise ConfigError(f"--rounds {rounds}: at least 1")
+        global _T0
+        _T0 = time.monotonic()
         results = measure(rounds, console)
         out = bench_folder() / "bench.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -94,12 +96,9 @@ def main(rounds: int = 5, check: bool = False, update_readme: bool = False, from
 
 
 def bench_folder() -> Path:
-    """runs/bench-<time>-<pid>: outside lab.run's retention of its last runs, so the last
-    bench stays for `--from-json last` (`invoke clean` removes it)."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = ROOT / "runs" / f"bench-{stamp}-{os.getpid()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """runs/bench-<time>-<pid>, kept as lab.run's are (the newest $LAB_KEEP_RUNS benches), so
+    the last bench stays for `--from-json last` (`invoke clean` removes it)."""
+    return new_kind_folder("bench")
 
 
 def last_bench() -> Path:
@@ -130,15 +129,19 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
         for accel in accels:
             cfg = make_config(accel, art, qemu=qemu, kvm=kvm)
             pc_cfg = make_config(accel, art, qemu=qemu, kvm=kvm, machine="pc")
-            with console.status(f"{accel}: floor, lab, GDB, pc, naive"):
-                floor = _time(lambda: floor_boot(cfg), rounds)
-                serial = _time(lambda: lab_boot(cfg, "serial"), rounds)
-                witnessed: list = []
-                gdb = _time(lambda: witnessed.append(lab_boot(cfg, "both")), rounds)
-                pc = _time(lambda: lab_boot(pc_cfg, "serial"), max(1, min(rounds, 3)))
-                n_checks = len([c for c in lab_boot(cfg, "serial").checks if c.status != "skip"])
-                naive = [sum(_time(lambda: lab_boot(cfg, "serial"), n_checks)) for _ in range(naive_rounds)]
-                costs = lab_boot(cfg, "serial").as_run_dict()["costs"]
+            progress(console, f"{accel}: the floor, a bare QEMU boot ({rounds} rounds)")
+            floor = _time(lambda: floor_boot(cfg), rounds)
+            progress(console, f"{accel}: the lab, serial witness ({rounds} rounds)")
+            serial = _time(lambda: lab_boot(cfg, "serial"), rounds)
+            progress(console, f"{accel}: the lab, serial and GDB witnesses ({rounds} rounds)")
+            witnessed: list = []
+            gdb = _time(lambda: witnessed.append(lab_boot(cfg, "both")), rounds)
+            progress(console, f"{accel}: -M pc ({max(1, min(rounds, 3))} rounds)")
+            pc = _time(lambda: lab_boot(pc_cfg, "serial"), max(1, min(rounds, 3)))
+            n_checks = len([c for c in lab_boot(cfg, "serial").checks if c.status != "skip"])
+            progress(console, f"{accel}: naive, one boot per check ({n_checks} boots)")
+            naive = [sum(_time(lambda: lab_boot(cfg, "serial"), n_checks)) for _ in range(naive_rounds)]
+            costs = lab_boot(cfg, "serial").as_run_dict()["costs"]
             f, s, g = _stats(floor), _stats(serial), _stats(gdb)
             results["accels"][accel] = {
                 "floor_s": f, "lab_serial_s": s, "lab_gdb_s": g, "pc_serial_s": _stats(pc),
@@ -154,15 +157,26 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
             }
 
         full_cmd = [sys.executable, "-m", "invoke", "lab.run", "--accel", "all", "--json", str(tmp / "full.json")]
-        with console.status("full invoke lab.run --accel all"):
-            full = _time(lambda: subprocess.run(full_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, check=False), rounds)
+        progress(console, f"the full invoke lab.run --accel all ({rounds} rounds)")
+        full = _time(lambda: subprocess.run(full_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, check=False), rounds)
         results["full_run_s"] = _stats(full)
         results["full_run_checks"] = checks_verified(tmp / "full.json", results["full_run_s"]["median"])
     from .sweep_bench import measure as sweep_measure  # the sweep: 1 against 2 workers, shard balance
 
+    progress(console, "the sweep: 1 against 2 workers, shard balance")
+
     results["sweep"] = sweep_measure(console)
     results["verdicts"] = _verdicts(results)
     return results
+
+
+def progress(console: Console, what: str) -> None:
+    """One line per measurement as it starts, with the time since the bench began: a bench
+    takes about a minute, and a spinner shows nothing in a pipe or a CI log."""
+    console.print(f"bench [{time.monotonic() - _T0:5.1f} s] {what}", highlight=False, markup=False)
+
+
+_T0 = time.monotonic()
 
 
 def gdb_stops(outcome) -> int:

@@ -58,7 +58,7 @@ def _make(directory: Path, *args: str) -> None:
 
 def build(variant: str = "normal") -> Artifacts:
     if variant not in VARIANTS:
-        raise BuildError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+        raise BuildError(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     for tool in ("make", "gcc", "ld", "objcopy"):
         require_tool(tool)
     lock_path = ROOT / "firmware" / ".build.lock"

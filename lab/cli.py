@@ -80,15 +80,7 @@ def run_lab(opts: RunOptions, console: Console | None = None) -> tuple[int, dict
     """Returns (exit status, report). Exit 0 only if nothing failed and nothing erred."""
     # With --tap, stdout carries TAP only; the table goes to stderr.
     console = console or console_mod.make_console(stderr=opts.tap)
-    if opts.witness not in WITNESSES:
-        raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
-    if opts.view not in console_mod.VIEWS:
-        raise ConfigError(f"--view {opts.view!r}: choose one of {', '.join(console_mod.VIEWS)}")
-    qemu, timeout = validate(opts)
-    if opts.witness != "serial":
-        require_tool("gdb")
-    kvm = kvm_status()
-    accels, skipped = select_accels(opts.accel, kvm)
+    qemu, timeout, kvm, accels, skipped = check_options(opts)
     witness = opts.witness
     if accels and set(accels) == {BOCHS}:
         # Debian's Bochs has its internal debugger, not a gdbstub (docs/bochs.md): serial only.
@@ -167,6 +159,21 @@ def kept_by_only(check: Check, only: tuple[str, ...]) -> bool:
     return check.id == "run.integrity" or check.probe == "guest-end" or only_asked(check.id, check.probe, only)
 
 
+def check_options(opts: RunOptions) -> tuple[str, float, KvmStatus, list[str], list[tuple[str, str]]]:
+    """Every option of a run, before any work (lab.run, soak): the QEMU binary, the timeout, the
+    KVM status and the accelerators to run and to skip; one ConfigError/ToolMissing otherwise."""
+    if opts.witness not in WITNESSES:
+        raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
+    if opts.view not in console_mod.VIEWS:
+        raise ConfigError(f"--view {opts.view!r}: choose one of {', '.join(console_mod.VIEWS)}")
+    qemu, timeout = validate(opts)
+    if opts.witness != "serial":
+        require_tool("gdb")
+    kvm = kvm_status()
+    accels, skipped = select_accels(opts.accel, kvm)
+    return qemu, timeout, kvm, accels, skipped
+
+
 def _folder(run_root: Path | None) -> str:
     return f"; run folder {run_root}" if run_root else " before any boot"
 
@@ -188,6 +195,9 @@ def validate(opts: RunOptions) -> tuple[str, float]:
                 raise ConfigError(f"{flag} and {other} name the same file {path}: give each its own")
     if opts.machine.split(",")[0] not in MACHINES:
         raise ConfigError(f"--machine {opts.machine!r}: choose one of {', '.join(MACHINES)}")
+    if opts.accel == BOCHS and opts.machine != RunOptions.machine:
+        raise ConfigError(f"--machine {opts.machine}: a QEMU machine; Bochs boots the PC its own configuration "
+                          "describes (docs/bochs.md): leave --machine out with --accel bochs")
     if opts.host_mode not in HOST_MODES:
         raise ConfigError(f"--host-mode {opts.host_mode!r}: choose one of {', '.join(HOST_MODES)}")
     if opts.hv_signature is not None:

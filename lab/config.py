@@ -138,7 +138,7 @@ def check_kernel_arg(word: str, *, lab_owned_ok: bool = False) -> None:
     values = value.split(",") if allowed is None else [value]
     for v in values:
         if v not in (allowed or SKIP_WORDS):
-            raise ConfigError(f"{key}={v!r}: choose one of {', '.join(allowed or SKIP_WORDS)}")
+            raise ConfigError(f"--kernel-arg {key}={v!r}: choose one of {', '.join(allowed or SKIP_WORDS)}")
 
 
 def parse_timeout(text: str | float) -> float:

@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig
 from .gdb import lab_gdb, x86
 from .hostinfo import kvm_status, qemu_binary
 from .qemu import build_command, free_tcp_port, kill_group
-from .runner import make_config
+from .runner import keep_runs, make_config, preboot, prune_runs
 
 _SOCKETS = itertools.count()
 LAB_GDB_SCRIPT = Path(__file__).resolve().parent / "gdb" / "lab_gdb.py"
@@ -38,9 +38,9 @@ SOFT_GUEST_BREAK = "soft_enter_iretq"
 # What GDB can and cannot do, keyed on the module that serves /dev/kvm (docs/gdb.md).
 KVM_GDB_LIMITS = {
     "kvm_pvm": (
-        "kvm_pvm stops GDB on CPL0 code only: `stepi` cannot step into CPL1-3 code (across an "
-        "IRETQ or SYSRET the CPU runs on to the next CPL0 stop), and a breakpoint on CPL1-3 code "
-        "never stops GDB (the CPU takes a #DB instead). Read CPL1-3 from the exception frame: "
+        "kvm_pvm stops GDB at breakpoints on CPL0 code only (on CPL1-3 code the CPU takes a #DB "
+        "instead), and `stepi` cannot step into CPL3 code (across an IRETQ or SYSRET to CPL3 the CPU "
+        "runs on to the next CPL0 stop; measured: into CPL1 it does step, see --scope guest). Read CPL1-3 from the exception frame: "
         "`break exc_dispatch`, then `p/x f->cs` (CPL = f->cs & 3), `p/x f->rip`, `lab-cr4`. Keep a "
         "second hardware breakpoint armed (the first one, at kmain): with `exc_dispatch` the only one "
         "armed, kvm_pvm runs can die at an exception stop (docs/gdb.md)."
@@ -95,12 +95,16 @@ def first_break(accel: str, scope: str) -> str:
     return DEFAULT_BREAK[scope]
 
 
-def check_break(cfg: RunConfig, symbol: str, kvm_module: str | None) -> None:
+def check_break(cfg: RunConfig, symbol: str, kvm_module: str | None, scope: str = "host") -> None:
     """--break must name a symbol of the host or guest ELF (an address `0x...` is taken as
-    is); under KVM not one GDB cannot stop at. One clear error before anything starts."""
+    is), of the guest's with --scope guest; under KVM not one GDB cannot stop at. One clear
+    error before anything starts."""
     symbols = dict(x86.elf_symbols(str(cfg.symbols)))
-    if cfg.guest_symbols and Path(cfg.guest_symbols).is_file():
-        symbols.update(x86.elf_symbols(str(cfg.guest_symbols)))
+    guest = x86.elf_symbols(str(cfg.guest_symbols)) if cfg.guest_symbols and Path(cfg.guest_symbols).is_file() else {}
+    if scope == "guest" and not symbol.startswith("0x") and symbol in symbols and symbol not in guest:
+        raise ConfigError(f"--break {symbol}: a host symbol; --scope guest stops first in the guest "
+                          "(give a guest symbol, e.g. guest_start, or leave --scope out)")
+    symbols.update(guest)
     if symbol.startswith("0x"):
         try:
             addr = int(symbol, 16)
@@ -137,9 +141,14 @@ def session_notes(accel: str, scope: str, kvm_module: str | None, cpu: str) -> l
                  "RFLAGS, RSP, SS in the IRETQ frame (`x/5gx $rsp`), and the host's state around the guest "
                  "run (soft_main); the guest's records on serial.")
         if module == "kvm_pvm":
-            hidden = ("Not shown under kvm_pvm: the guest's own instructions (no stop at CPL1/CPL3) and its "
-                      "traps: a breakpoint in the host's trap path (exc_dispatch, soft_trap, soft_exit_tramp) "
-                      "while the guest runs hands the CPU a #DB and ends the run; no VMCB (SVM is off).")
+            hidden = ("Under kvm_pvm `stepi` from there does step the guest's CPL1 instructions (measured), "
+                      "but WARNING: stepping an instruction the software host traps and emulates (the "
+                      "guest's lgdt, a privileged or IOPL-sensitive instruction, CPUID under faulting) puts "
+                      "the CPU in the host's #GP stub under single-step, and the next `continue` ends the "
+                      "guest (measured: guest_end=shutdown, then \"Remote connection closed\"): `continue` "
+                      "before such an instruction, or debug the guest under --accel tcg. A breakpoint in "
+                      "the guest's code or in the host's trap path (exc_dispatch, soft_trap, soft_exit_tramp) "
+                      "hands the CPU a #DB and ends the run; no VMCB (SVM is off).")
         else:
             hidden = (f"Not measured on {module}: stops in the guest's code or the host's trap path "
                       "(soft_trap); no VMCB unless SVM runs the guest.")
@@ -148,18 +157,50 @@ def session_notes(accel: str, scope: str, kvm_module: str | None, cpu: str) -> l
     return notes
 
 
+ACCELS = ("tcg", "kvm")  # the QEMU accelerators a session attaches GDB to (QEMU's gdbstub)
+
+
+def check_inputs(accel: str = "tcg", scope: str = "host", *, qemu: str | None = None, cpu: str = "",
+                 machine: str = "microvm", host_mode: str = "auto", kernel_args: tuple[str, ...] = (),
+                 variant: str = "normal") -> None:
+    """Every option of `invoke lab.debug` as lab.run checks it (lab.config), before anything is
+    built or started: one ConfigError naming the option and what it accepts."""
+    from .build import VARIANTS
+    from .config import HOST_MODES, MACHINES, check_cpu_model, check_kernel_arg
+    from .hostinfo import cpu_models
+
+    if accel not in ACCELS:
+        why = " (Bochs has no gdbstub: docs/bochs.md)" if accel in ("bochs", "every") else ""
+        raise ConfigError(f"--accel {accel!r}: choose tcg or kvm{why}")
+    if scope not in DEFAULT_BREAK:
+        raise ConfigError(f"--scope {scope!r}: choose one of {', '.join(DEFAULT_BREAK)}")
+    if machine.split(",")[0] not in MACHINES:
+        raise ConfigError(f"--machine {machine!r}: choose one of {', '.join(MACHINES)}")
+    if host_mode not in HOST_MODES:
+        raise ConfigError(f"--host-mode {host_mode!r}: choose one of {', '.join(HOST_MODES)}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    for word in kernel_args:
+        check_kernel_arg(word)
+    binary = qemu_binary(qemu)
+    if accel == "kvm" and not kvm_status().usable:
+        raise ConfigError(f"--accel kvm: KVM is not usable: {kvm_status().reason}")
+    if cpu:
+        check_cpu_model(cpu, cpu_models(binary), binary)
+
+
 def plan_session(accel: str = "tcg", scope: str = "host", break_symbol: str | None = None, *,
                  qemu: str | None = None, cpu: str = "", machine: str = "microvm", gdb: str = "gdb",
                  unix_socket: bool = False, run_dir: Path | None = None, variant: str = "normal",
-                 kernel_args: tuple[str, ...] = ()) -> DebugSession:
+                 kernel_args: tuple[str, ...] = (), host_mode: str = "auto") -> DebugSession:
     """Everything a debug session runs, without running it."""
     if scope not in DEFAULT_BREAK:
         raise ValueError(f"scope {scope!r}: choose one of {', '.join(DEFAULT_BREAK)}")
     kvm = kvm_status()
     cfg = make_config(accel, artifacts(variant), qemu=qemu_binary(qemu), kvm=kvm, machine=machine,
-                      cpu=cpu, kernel_args=kernel_args)
+                      cpu=cpu, kernel_args=kernel_args, host_mode=host_mode)
     if break_symbol:
-        check_break(cfg, break_symbol, kvm.module)
+        check_break(cfg, break_symbol, kvm.module, scope)
     if run_dir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = ROOT / "runs" / f"debug-{stamp}-{os.getpid()}"
@@ -182,6 +223,8 @@ def start_qemu(s: DebugSession) -> subprocess.Popen:
     """QEMU of a planned session, paused, in its own process group; serial to
     run_dir/serial.log. End it with stop_qemu()."""
     s.run_dir.mkdir(parents=True, exist_ok=True)
+    if s.run_dir.parent == ROOT / "runs":  # the default place: kept as lab.run's folders are
+        prune_runs(s.run_dir.parent, keep_runs())
     if not s.gdb_addr.startswith("127.0.0.1:"):
         os.mkdir(os.path.dirname(s.gdb_addr), 0o700)  # private; fails if someone made it first
     (s.run_dir / "command.txt").write_text(shlex.join(s.qemu_cmd) + "\n" + shlex.join(s.gdb_cmd) + "\n")
@@ -207,10 +250,15 @@ def _exit_on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def debug_session(accel: str = "tcg", scope: str = "host", break_symbol: str | None = None,
                   print_only: bool = False, qemu: str | None = None, cpu: str = "",
-                  machine: str = "microvm", gdb: str = "gdb", unix_socket: bool = False) -> int:
+                  machine: str = "microvm", gdb: str = "gdb", unix_socket: bool = False,
+                  kernel_args: tuple[str, ...] = (), host_mode: str = "auto", variant: str = "normal") -> int:
     """Run QEMU paused and an interactive GDB on it; returns GDB's exit status."""
     s = plan_session(accel, scope, break_symbol, qemu=qemu, cpu=cpu, machine=machine, gdb=gdb,
-                     unix_socket=unix_socket)
+                     unix_socket=unix_socket, kernel_args=kernel_args, host_mode=host_mode, variant=variant)
+    # The CPU model and its flags as QEMU takes them (lab.run's pre-boot query), before QEMU starts:
+    # a flag QEMU refuses is one error line here, not a GDB that times out on a QEMU that never ran.
+    preboot(make_config(accel, artifacts(variant), qemu=qemu_binary(qemu), kvm=kvm_status(), machine=machine,
+                        cpu=cpu, kernel_args=kernel_args, host_mode=host_mode))
     if print_only:
         for note in s.notes:
             print(f"# {note}")

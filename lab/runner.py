@@ -62,7 +62,9 @@ class RunOutcome:
         }
 
 
-RUN_NAME = re.compile(r"^\d{8}-\d{6}-\d+$")
+# A run folder's name: its start time and pid, after its kind for all but lab.run's own.
+RUN_KINDS = ("debug", "sweep", "bench")
+RUN_NAME = re.compile(rf"^(?:({'|'.join(RUN_KINDS)})-)?\d{{8}}-\d{{6}}-\d+$")
 DEFAULT_KEEP_RUNS = 20
 
 
@@ -75,12 +77,27 @@ def keep_runs() -> int:
 
 
 def prune_runs(base: Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest run folders (named by their start time) in `base`."""
-    runs = sorted(p for p in base.iterdir() if p.is_dir() and RUN_NAME.match(p.name))
-    old = runs[:-keep] if keep else runs
+    """Delete all but the `keep` newest run folders of each kind (lab.run's, debug-, sweep-,
+    bench-; named by their start time) in `base`: a sweep never pushes out the runs."""
+    kinds: dict[str, list[Path]] = {}
+    for p in base.iterdir():
+        m = RUN_NAME.match(p.name)
+        if m and p.is_dir():
+            kinds.setdefault(m.group(1) or "", []).append(p)
+    old = [p for runs in kinds.values() for p in (sorted(runs)[:-keep] if keep else runs)]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
     return old
+
+
+def new_kind_folder(kind: str) -> Path:
+    """A new `runs/<kind>-<time>-<pid>` folder (debug, sweep, bench); the oldest of that kind
+    beyond $LAB_KEEP_RUNS go."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = ROOT / "runs" / f"{kind}-{stamp}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    prune_runs(folder.parent, keep_runs())
+    return folder
 
 
 def clean_runs(base: Path | None = None) -> tuple[int, int]:
@@ -134,7 +151,7 @@ def preboot(cfg: RunConfig) -> PreBoot:
     try:
         facts = cached_cpu_model_facts(cfg, ROOT / "runs" / ".cache" / "cpu-facts.json")
     except BootError as exc:
-        raise ConfigError(f"QEMU cannot start {cfg.label}: {exc}") from None
+        raise ConfigError(f"--cpu {cfg.cpu}: QEMU cannot start {cfg.label}: {exc}") from None
     if not facts.get("lm", True):
         # SDM Vol. 3A 9.8.5, APM Vol. 2 14.6: long mode needs CPUID.80000001H:EDX.LM[29]. Without it the
         # 32-bit host kernel boots (firmware/arch32): the same probes in protected mode, no hypervisor

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from . import report
-from .cli import RunOptions, run_lab
+from .cli import RunOptions, check_options, run_lab
+from .config import ConfigError
 from .runner import new_run_root
 
 
@@ -46,8 +47,12 @@ def soak(n: int, opts: RunOptions, console: Console, root: Path | None = None) -
 
 def main(n: int = 100, accel: str = "all", witness: str = "both", json_path: str | None = None) -> int:
     console = Console()
+    if n < 1:
+        raise ConfigError(f"-n {n}: at least 1 round")
     target = report.check_target(json_path, "--json") if json_path else None  # before the first round
-    result = soak(n, RunOptions(accel=accel, witness=witness, quiet=True), console)
+    opts = RunOptions(accel=accel, witness=witness, quiet=True)
+    check_options(opts)  # every value, as lab.run checks them, before the progress bar and the folder
+    result = soak(n, opts, console)
     out = target or Path(result["root"]) / "soak.json"
     report._atomic_write(out, json.dumps(result, indent=2) + "\n")
     flakes = len(result["failed_rounds"]) + len(result["flaky_checks"])

@@ -30,7 +30,7 @@ from .build import Artifacts
 from .config import ConfigError
 from .hostinfo import KvmStatus, kvm_status
 from .judge import Check
-from .runner import full_report, make_config, preboot, run_one
+from .runner import full_report, keep_runs, make_config, preboot, prune_runs, run_one
 
 ENGINES = ("tcg", "kvm")
 SWEEP_KEY = "sweep"  # the per-configuration report's extra section (docs/records.md contract + this)
@@ -372,6 +372,8 @@ def _check_out(out: Path) -> None:
             raise ConfigError(f"--out {out}: exists and is not a folder")
         if report_files([out]):
             raise ConfigError(f"--out {out}: already holds a sweep's reports; name a new folder")
+        if any(out.iterdir()):
+            raise ConfigError(f"--out {out}: not empty; name a new or an empty folder")
         if not os.access(out, os.W_OK):
             raise ConfigError(f"--out {out}: not writable")
     elif not out.parent.is_dir():
@@ -390,8 +392,8 @@ def validate(opts: SweepOptions, kvm: KvmStatus) -> tuple[Path, list[SweepConfig
         raise ConfigError(f"--witness {opts.witness!r}: choose one of {', '.join(WITNESSES)}")
     if opts.variant not in VARIANTS:
         raise ConfigError(f"--variant {opts.variant!r}: choose one of {', '.join(VARIANTS)}")
-    if not (opts.workers == "auto" or opts.workers.isdigit()):
-        raise ConfigError(f"--workers {opts.workers!r}: a number of pytest-xdist workers, or auto")
+    if not (opts.workers == "auto" or (opts.workers.isdigit() and int(opts.workers) >= 1)):
+        raise ConfigError(f"--workers {opts.workers!r}: a number of pytest-xdist workers (at least 1), or auto")
     if opts.timeout <= 0:
         raise ConfigError("--timeout must be positive")
     if (opts.splits is None) != (opts.group is None) or (opts.splits and not 1 <= opts.group <= opts.splits):
@@ -451,6 +453,8 @@ def sweep_main(opts: SweepOptions, console: Console, python: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # What the sweep means to report: lab.merge tells a partial sweep from a whole one by it.
     report_mod.write_json({"configs": sorted(c.slug for c in cfgs)}, out / PLAN_NAME)
+    if out.parent == ROOT / "runs":  # the default place: kept as lab.run's folders are
+        prune_runs(out.parent, keep_runs())
     cmd = pytest_command(opts, out, python)
     console.print(f"sweep: {len(cfgs)} configurations into {out}", highlight=False)
     console.print(f"pytest: {shlex.join(cmd)}", highlight=False, soft_wrap=True)

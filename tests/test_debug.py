@@ -239,10 +239,13 @@ def test_lab_probes_lists_the_elf_labels(artifacts):
     stubs = lab_gdb.probe_stubs(x86.elf_symbols(str(debug.artifacts().symbols)))
     assert stubs, "the firmware has no probe_insn_ labels"
     assert f"probed instructions ({len(stubs)})" in out
-    for name, insn, _done in stubs:
-        assert re.search(rf"{insn:#010x}\s+{re.escape(name)}\s", out), (name, out)
+    for name, insn, _done in stubs:  # each by the label `break` takes
+        assert re.search(rf"{insn:#010x}\s+probe_insn_{re.escape(name)}\s", out), (name, out)
     assert "current probe" not in out  # nothing read from firmware memory
-    assert re.search(r"\s+rdtsc\s+return trap \+2\s+0f 31$", out, re.M), out  # bytes from the ELF, no CPU attached
+    assert re.search(r"\s+probe_insn_rdtsc\s+return trap \+2\s+0f 31$", out, re.M), out  # bytes from the ELF
+    # every name it prints is one `break` takes
+    for label in re.findall(r"^\s+0x[0-9a-f]+\s+(probe_insn_\w+)", out, re.M)[:3]:
+        assert re.search(r"^Breakpoint 1 at 0x", gdb_batch(f"break {label}"), re.M), label
 
 
 @pytest.mark.gdb

@@ -226,14 +226,15 @@ probe_done_<name>) and their bytes as linked, never from firmware memory."""
             symbols = _elf_symbols()
             stubs = probe_stubs(symbols)
             files = [o.filename for o in gdb.objfiles() if o.filename and os.path.isfile(o.filename)]
-            gdb.write(f"probed instructions ({len(stubs)}): break at one, or at exc_dispatch with "
-                      "f->rip == &probe_insn_<name>; bytes as linked in the ELF\n")
+            gdb.write(f"probed instructions ({len(stubs)}): `break` at one by its label, or at exc_dispatch "
+                      "with f->rip == &probe_insn_<name>; bytes as linked in the ELF\n")
             for name, insn, done in stubs:
                 trap = f"return trap +{done - insn}" if done is not None else "no probe_done_ label"
                 raw = b""
                 if done is not None and 0 < done - insn <= 15:
                     raw = next((b for f in files if (b := x86.elf_bytes(f, insn, done - insn))), b"")
-                gdb.write(f"  {insn:#010x}  {name:20} {trap:16} {raw.hex(' ')}".rstrip() + "\n")
+                # the label itself: the name `break` takes (probe_insn_guest_rdtsc, not guest_rdtsc)
+                gdb.write(f"  {insn:#010x}  {PROBE_INSN + name:32} {trap:16} {raw.hex(' ')}".rstrip() + "\n")
             gdb.write("named points:\n")
             for name, what in PROBE_POINTS:
                 if name in symbols:
