@@ -94,8 +94,11 @@ def _tree(root) -> set[str]:
 
 
 def _qemus() -> set[str]:
-    """QEMU, Bochs or GDB processes started on this checkout's kernel (other checkouts' are theirs)."""
-    out = subprocess.run(["pgrep", "-f", f"(qemu-system|bochs|gdb).*{ROOT}/"], capture_output=True, text=True).stdout
+    """Orphaned QEMU, Bochs or GDB processes on this checkout's kernel: a task that exited and
+    left one behind (its parent gone, it is the init process's). Another test's live ones have
+    their lab as parent."""
+    out = subprocess.run(["pgrep", "-P", "1", "-f", f"(qemu-system|bochs|gdb).*{ROOT}/"],
+                         capture_output=True, text=True).stdout
     return set(out.split())
 
 
