@@ -171,3 +171,25 @@ def test_clean_empties_the_runs_folder(tmp_path):
     assert runner.clean_runs(base) == (2, 1000)
     assert list(base.iterdir()) == []
     assert runner.clean_runs(tmp_path / "missing") == (0, 0)
+
+
+def test_every_kind_of_run_folder_is_kept_to_its_newest(tmp_path, monkeypatch):
+    """debug-, sweep- and bench- folders are pruned like lab.run's, each kind to its own newest N
+    (a sweep never pushes out the runs); a folder of another name is never touched."""
+    from lab import runner
+
+    base = tmp_path / "runs"
+    base.mkdir()
+    for kind in ("", "debug-", "sweep-", "bench-"):
+        for i in range(4):
+            (base / f"{kind}20260101-00000{i}-1{i}").mkdir()
+    (base / "mine").mkdir()
+    runner.prune_runs(base, 2)
+    left = sorted(p.name for p in base.iterdir())
+    assert left == sorted(["mine"] + [f"{k}20260101-00000{i}-1{i}" for k in ("", "debug-", "sweep-", "bench-")
+                                      for i in (2, 3)])
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    monkeypatch.setenv("LAB_KEEP_RUNS", "1")
+    new = runner.new_kind_folder("bench")  # a bench's folder is pruned as it is made
+    assert new.exists() and sorted(p.name for p in base.glob("bench-*")) == [new.name]
+    assert len(list(base.glob("debug-*"))) == 2  # other kinds wait for their own
