@@ -667,7 +667,9 @@ def _delivery_problems(vector: int, before: dict | None, handler: dict, frame: d
     base = _new_stack(tss_hex, gate, before_cpl, before["rsp"] if before else frame["rsp"], word)
     err = vector in x86.EXC_WITH_ERROR_CODE
     pushes = 5 + err if word == 8 or before_cpl != gate["selector"] & 3 else 3 + err
-    if base is None:
+    if base is None and before is None and frame["rsp"] is None:
+        pass  # 32-bit, no privilege change, no stop before it: the CPU pushed no ESP to compare with
+    elif base is None:
         problems.append("no reading of the stack the CPU switched to (TSS)")
     elif handler["rsp"] != base - word * pushes:
         problems.append(f"RSP at the handler is {handler['rsp']:#x}, the CPU pushes {pushes} words "

@@ -849,3 +849,18 @@ def test_the_software_host_guest_is_planned_where_the_accelerator_allows(module,
     assert any(w.kind == "end" for w in p.watches) is not witnessed
     tcg = witness_plan("tcg", None, plan(facts(svm=True)))
     assert "guest-svm.rdtsc.tsd1.cpl3" in tcg.checks and "guest-svm.cpl-enter.cpl0.vmrun" in tcg.checks
+
+
+def test_a_32bit_trap_without_a_privilege_change_has_no_stack_to_compare():
+    """SDM Vol. 3A 6.12.1: in 32-bit mode the CPU pushes ESP only on a privilege change. Without
+    a stop before the instruction (kvm_pvm) a CPL0 trap leaves nothing to check RSP against; the
+    gate is still the CPU's."""
+    from lab.witness import _delivery_problems
+
+    gate = (0x1234).to_bytes(2, "little") + (0x8).to_bytes(2, "little") + bytes([0, 0x8E]) + bytes(2)
+    frame = {"rip": 0x5000, "cs": 0x8, "rflags": 0x2, "rsp": None, "ss": None, "error_code": 0}
+    handler = {"rip": 0x1234, "cs": 0x8, "rsp": 0x9000}
+    assert _delivery_problems(6, None, handler, frame, gate.hex(), None, 4, 0x5000) == []
+    moved = {**handler, "rip": 0x1240}
+    assert "IDT gate 6 sends the CPU to 0x1234" in " ".join(_delivery_problems(6, None, moved, frame, gate.hex(),
+                                                                                None, 4, 0x5000))
