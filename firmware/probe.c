@@ -154,6 +154,9 @@ static int skipped(const struct probe_row *r)
         return 1;
     if (r->opt_in && !cmdline_list_has("run", r->family))
         return 1;   /* may write a bit this model reserves: only when the lab says it may */
+    for (int g = 0; g < 2; g++)   /* CR4.UMIP is reserved unless CPUID.(07H,0):ECX[2] (SDM Vol. 3A 2.5) */
+        if (r->gates[g].kind == GATE_CR4 && r->gates[g].bit == 11 && !((cpu_leaf7_ecx >> 2) & 1))
+            return 1;
     for (int k = 0; k < 4 && r->keys[k][0]; k++) {
         char word[40];
         size_t n = strlen(r->keys[k]), m = strlen(r->vals[k]);

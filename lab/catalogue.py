@@ -109,8 +109,9 @@ class Probe:
 
     @property
     def runs_only_when_told(self) -> bool:
-        """Opt-in, or gated by a bit that is reserved without a CPUID feature."""
-        return self.opt_in or any(g.needs and not g.needs.startswith("accel:") for g in self.gates)
+        """Opt-in. A gate bit reserved without a CPUID feature needs no word: the firmware
+        gates it on its own CPUID read (firmware/probe.c skipped())."""
+        return self.opt_in
 
     def witness_in(self, scope: str) -> str:
         return self.witness.get(scope, "trap") if isinstance(self.witness, dict) else self.witness
@@ -376,9 +377,12 @@ def run_words(has, skipped: list[str]) -> list[str]:
 
 
 def gate_skips(has) -> list[str]:
-    """Families the firmware must not run on a CPU without their gate's feature: setting a
-    reserved CR4 bit is a #GP(0) at CPL0 (SDM Vol. 3A 2.5). `has(feature) -> bool`."""
-    return sorted({p.family for p in CATALOGUE for g in p.gates if g.needs and not has(g.needs)})
+    """Families the firmware must not run where the accelerator lacks their gate (`accel:`).
+    A gate on a CPUID feature (CR4.UMIP: reserved without it, SDM Vol. 3A 2.5) the firmware
+    decides itself from its own CPUID read (firmware/probe.c), so it follows the CPU, not the
+    model's description. `has(feature) -> bool`."""
+    return sorted({p.family for p in CATALOGUE for g in p.gates
+                   if g.needs.startswith("accel:") and not has(g.needs)})
 
 
 def by_stub(name: str) -> list[Probe]:

@@ -11,8 +11,8 @@ machine. Change `--cpu` and the expectations change with it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-
 from dataclasses import dataclass, field
 
 from .ids import check_id
@@ -20,6 +20,37 @@ from .ids import check_id
 from .catalogue import GUEST_SCOPES, Row, rows
 
 AT_LEAST_ONCE = ">=1"
+
+
+# fact -> (the firmware's `info` key for the CPU's answer, the QOM property stating it).
+CPU_FACTS = {
+    "vendor": ("cpuid.vendor", "vendor"),  # CPUID.0 EBX,EDX,ECX
+    "family": ("cpuid.family", "family"), "model": ("cpuid.model", "model"),
+    "stepping": ("cpuid.stepping", "stepping"),  # CPUID.1:EAX
+    "max_leaf": ("cpuid.max", "level"),  # CPUID.0:EAX
+    "tsc": ("cpuid.tsc", "tsc"), "mmx": ("cpuid.mmx", "mmx"),  # CPUID.1:EDX[4], [23]
+    "vmx": ("cpuid.vmx", "vmx"), "hypervisor": ("cpuid.hv", "hypervisor"),  # CPUID.1:ECX[5], [31]
+    "umip": ("cpuid.umip", "umip"),  # CPUID.(07H,0):ECX[2]
+    "svm": ("cpuid.svm", "svm"),  # CPUID.80000001H:ECX[2]
+    "syscall": ("cpuid.syscall", "syscall"), "rdtscp": ("cpuid.rdtscp", "rdtscp"),
+    "long_mode": ("cpuid.lm", "lm"),  # CPUID.80000001H:EDX[11], [27], [29]
+}
+
+
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _cpu_value(fact: str, raw: str) -> object:
+    if fact == "vendor":
+        return raw.rstrip("\0")  # QEMU NUL-pads a short vendor (vendor_bytes)
+    if fact in ("family", "model", "stepping", "max_leaf"):
+        return int(raw, 0)
+    return raw == "1"
+
+
+def show_fact(v: object) -> str:
+    return str(int(v)) if isinstance(v, bool) else str(v)
 
 
 @dataclass(frozen=True)
@@ -46,6 +77,15 @@ class Facts:
     # flag: Intel MSR 0xCE[31], AMD CpuidUserDis). Code a KVM runs natively on that CPU (kvm_pvm's
     # CPL3) only faults where it does (lab/deviations.py kvm_pvm-cpuid-cpl3-native).
     host_cpuid_fault: bool = True
+    mmx: bool = True  # QOM `mmx` (CPUID.1:EDX[23]): with family 5, whether RDPMC exists (rdpmc())
+    family: int | None = None  # QOM `family` (CPUID.1:EAX, the displayed family); None: not stated
+    model: int | None = None  # QOM `model`
+    stepping: int | None = None  # QOM `stepping`
+    max_leaf: int | None = None  # QOM `level` (CPUID.0:EAX)
+    pmu_version: int | None = None  # CPUID.0AH:EAX[7:0]: only the CPU states it (QEMU passes the host's)
+    pmu_counters: int | None = None  # CPUID.0AH:EAX[15:8]: general-purpose counters
+    stated: tuple[str, ...] = ()  # the facts the configuration names (what cpu-fact compares)
+    from_cpu: tuple[tuple[str, str, str], ...] = ()  # (fact, configured, CPU) where the CPU differs
 
     def has(self, feature: str) -> bool:
         """A CPUID feature by its QOM property name (`rdtscp`, `umip`, `pmu`, ...): what a
@@ -75,8 +115,35 @@ class Facts:
             host_mode=host_mode,
             guest_rdtsc_intercept=guest_rdtsc_intercept,
             host_cpuid_fault=host_cpuid_fault,
+            mmx=bool(qom.get("mmx", True)),
+            family=_int(qom.get("family")), model=_int(qom.get("model")), stepping=_int(qom.get("stepping")),
+            max_leaf=_int(qom.get("level")),
             features=tuple(sorted((k, v) for k, v in qom.items() if isinstance(v, bool))),
+            stated=tuple(f for f, (_, prop) in CPU_FACTS.items() if prop in qom),
         )
+
+    def configured(self, fact: str) -> object:
+        return dict(self.features).get("umip", False) if fact == "umip" else getattr(self, fact)
+
+    def seen(self, info: dict[str, str] | None) -> "Facts":
+        """The CPU's architectural facts: these Facts with every fact the firmware read from
+        CPUID at boot (`info cpuid.*`, firmware/cpuinfo.c) in place of the configuration's. The
+        rules apply to what the CPU shows (SDM Vol. 2A CPUID: software detects a feature by
+        CPUID); `from_cpu` keeps where the two differ."""
+        if not info:
+            return self
+        new: dict[str, object] = {}
+        for fact, (key, _) in CPU_FACTS.items():
+            if key in info:
+                new[fact] = _cpu_value(fact, info[key])
+        for fact, key in (("pmu_version", "cpuid.pmu_version"), ("pmu_counters", "cpuid.pmu_counters")):
+            if key in info and info[key].isdigit():
+                new[fact] = int(info[key])
+        differ = tuple((f, show_fact(self.configured(f)), show_fact(v)) for f, v in new.items()
+                       if f in self.stated and v != self.configured(f))
+        umip = new.pop("umip", None)
+        features = self.features if umip is None else tuple(sorted({**dict(self.features), "umip": umip}.items()))
+        return dataclasses.replace(self, **new, features=features, from_cpu=differ)
 
     @property
     def guest_mode(self) -> str:
@@ -150,6 +217,38 @@ def cpl_gate(gate: int, cpl: int, *, present: bool = True, protected: bool = Tru
 def tsc_read(insn: str, tsd: int, cpl: int, *, rdtscp_present: bool = True, protected: bool = True) -> str:
     """RDTSC/RDTSCP: RDTSCP needs CPUID.80000001H:EDX[27]; then the CR4.TSD rule."""
     return cpl_gate(tsd, cpl, present=insn != "rdtscp" or rdtscp_present, protected=protected)
+
+
+def rdpmc_present(f: Facts) -> bool:
+    """SDM Vol. 2B RDPMC: "introduced into the IA-32 Architecture in the Pentium Pro processor
+    and the Pentium processor with MMX technology": family 6 and later, or family 5 with MMX.
+    Unknown family (not stated, not read): present."""
+    return f.family is None or f.family >= 6 or (f.family == 5 and f.mmx)
+
+
+def pmc_exists(f: Facts, counter: int) -> bool:
+    """Whether RDPMC's ECX names a counter. AMD64: PerfCtr0-3 always (APM Vol. 3 RDPMC: ECX
+    0-3 legacy counters; more with PerfCtrExtCore). Intel with leaf 0AH: CPUID.0AH:EAX[7:0] is
+    the version (0: no architectural counters) and [15:8] the general-purpose counters (SDM
+    Vol. 3B 20.2.1, Vol. 2B RDPMC "valid ECX ... per CPUID.0AH"); before leaf 0AH, the SDM's
+    RDPMC table lists PMC0-1 for P6, Pentium with MMX and the Pentium 4's 18 counters."""
+    if f.amd_cpuid_semantics:
+        return counter < 4
+    if f.max_leaf is not None and f.max_leaf >= 0xA:
+        if f.pmu_version is None:  # not read (no firmware record): QEMU's switch stands in
+            return f.has("pmu")
+        return f.pmu_version > 0 and counter < (f.pmu_counters or 0)
+    return counter < (18 if f.family == 15 else 2)
+
+
+def rdpmc(f: Facts, cpl: int, pce: int, counter: int) -> str:
+    """RDPMC (SDM Vol. 2B, APM Vol. 3): #UD on a CPU without it; #GP(0) at CPL>0 with
+    CR4.PCE=0 (CR0.PE=1), or where ECX names no counter; else it reads the counter."""
+    if not rdpmc_present(f):
+        return "#UD"
+    if cpl > 0 and not pce:
+        return "#GP(0)"
+    return "ok" if pmc_exists(f, counter) else "#GP(0)"
 
 
 def privileged(insn: str, cpl: int) -> str:
@@ -243,8 +342,10 @@ def _skip(facts: Facts, row: Row) -> str | None:
         if gate.needs.startswith("accel:") and not facts.has(gate.needs):
             return f"{facts.accel} does not offer {gate.needs[6:]} ({gate.name}): not run"
         if gate.needs and not facts.has(gate.needs):
-            return (f"CR4.{gate.name} is reserved on this CPU model (no `{gate.needs}`: setting it is a #GP(0), "
-                    "SDM Vol. 3A 2.5): not judged")
+            said = ("as the CPU reported it at boot" if gate.needs in (x[0] for x in facts.from_cpu) or
+                    any(k == gate.needs for k in facts.stated) else "as configured")
+            return (f"CR4.{gate.name} is reserved on this CPU (`{gate.needs}`=0 {said}: setting it is a #GP(0), "
+                    "SDM Vol. 3A 2.5; the firmware gates on its own CPUID read): not judged")
     return None
 
 
@@ -273,9 +374,7 @@ RULES = {
     "iopl_sensitive": lambda f, s, p, i: "#GP(0)" if int(p["cpl"]) > int(p.get("iopl", 0)) else "ok",
     # IN/OUT: CPL <= IOPL, or the port's bit clear in the TSS I/O bitmap (SDM Vol. 1 18.5).
     "io_allowed": lambda f, s, p, i: "ok" if int(p["cpl"]) <= int(p["iopl"]) or p["allow"] == "1" else "#GP(0)",
-    # RDPMC: #GP(0) at CPL>0 with CR4.PCE=0; else counter 0 exists only with a PMU (QOM `pmu`).
-    "rdpmc": lambda f, s, p, i: ("#GP(0)" if int(p["cpl"]) > 0 and p["pce"] == "0"
-                                 else "ok" if f.has("pmu") else "#GP(0)"),
+    "rdpmc": lambda f, s, p, i: rdpmc(f, int(p["cpl"]), int(p["pce"]), int(p["counter"])),
     # MOV to CR4 setting a feature's bit: allowed with the feature, reserved (#GP(0)) without.
     "cr4_reserved": lambda f, s, p, i: "ok" if f.has(p["bit"]) else "#GP(0)",
     "vendor": lambda f, s, p, i: vendor_bytes(f.vendor),
@@ -303,7 +402,9 @@ def _expected(facts: Facts, row: Row, info: dict[str, str]) -> str | None:
 
 
 def scope_plan(facts: Facts, scope: str, info: dict[str, str] | None = None) -> list[Expectation]:
-    """One expectation per catalogue row of the scope (lab/catalogue.py), by the row's rule."""
+    """One expectation per catalogue row of the scope (lab/catalogue.py), by the row's rule,
+    applied to the CPU's facts where the firmware reported them (Facts.seen)."""
+    facts = facts.seen(info)
     out = []
     for r in rows(scope):
         expected = _expected(facts, r, info or {})
@@ -317,7 +418,20 @@ def host_plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectat
     return scope_plan(facts, "host", info)
 
 
+REF_CPU_FACT = ("the configuration's CPU (QEMU's QOM model) against the CPU's own CPUID answer at boot "
+                "(firmware/cpuinfo.c; SDM Vol. 2A / APM Vol. 3 CPUID): the accelerator must show what it was told")
+
+
+def cpu_fact_plan(facts: Facts) -> list[Expectation]:
+    """`cpu-fact`: one check per fact the configuration states; expected is the configured
+    value, the observation the CPU's (judge.py reads it from the `info cpuid.*` records)."""
+    return [Expectation("host", "cpu-fact", {"fact": f}, show_fact(facts.configured(f)), REF_CPU_FACT)
+            for f in CPU_FACTS if f in facts.stated]
+
+
 def plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
-    """Every check of a boot. `info`: the firmware's `info` records, used only where the rule
-    itself names the CPU's own answer (hv_signature's highest-basic-leaf case)."""
-    return [e for scope in ("host", *GUEST_SCOPES) for e in scope_plan(facts, scope, info)]
+    """Every check of a boot. `info`: the firmware's `info` records: the CPU's own CPUID
+    answers (the rules apply to them: Facts.seen) and the `cpu-fact` comparisons; without it
+    (before the boot) the configuration's facts stand in."""
+    cpu = cpu_fact_plan(facts) if info is not None else []
+    return cpu + [e for scope in ("host", *GUEST_SCOPES) for e in scope_plan(facts, scope, info)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import deviations
-from .expectations import Expectation, Facts, plan
+from .expectations import CPU_FACTS, Expectation, Facts, plan, show_fact
 from .ids import check_id
 from .records import Observation, Transcript
 
@@ -130,12 +130,14 @@ def judge_one(
     observed = gdb if (witness == "gdb" and gdb is not None) else serial
     check.observed = observed
     if exp.matches(observed):
-        if dev is not None:
+        if dev is not None and dev.observed != deviations.ANY:  # a comparison that agrees is a pass
             check.status = "xpass"
             check.reason = f"known deviation {dev.name} did not happen: {dev.reason}"
         return check
-    if dev is not None and observed == dev.observed:
+    if dev is not None and dev.matches(observed):
         check.status, check.reason = "xfail", f"{dev.name}: {dev.reason}"
+        if dev.observed == deviations.ANY:
+            check.reason += f": {exp.params.get('fact', exp.probe)} configured {show(exp.expected)}, CPU {show(observed)}"
         return check
     check.status = "fail"
     by = " (GDB's reading)" if observed is gdb and gdb is not None else ""
@@ -167,12 +169,22 @@ def judge(
 
     checks: list[Check] = []
     planned = plan(facts, transcript.info)
+    for obs in _cpu_facts(facts, transcript):
+        observed.setdefault(check_id(obs.scope, obs.probe, obs.params), []).append(obs)
+    # The rules judge the CPU's facts (Facts.seen); where that changes a check's expectation
+    # or skip from the configuration's, the check says which facts did.
+    seen = facts.seen(transcript.info)
+    configured = {e.id: e for e in plan(facts)}
+    changed = "; ".join(f"{f} configured {a}, CPU {b}" for f, a, b in seen.from_cpu)
     for exp in planned:
         found = observed.get(exp.id, [])
         serial = found[0].value if found else None
         details = found[0].details if found else {}
         reading = gdb_readings.get(exp.id)
-        check = judge_one(exp, facts, serial, reading.value if reading else None, config=config,
+        was = configured.get(exp.id)
+        if changed and was is not None and (was.expected, was.skip) != (exp.expected, exp.skip):
+            details = {**details, "cpu-facts": f"judged on the CPU's facts ({changed})"}
+        check = judge_one(exp, seen, serial, reading.value if reading else None, config=config,
                           details=details, missing_reason=missing, witness=witness,
                           evidence=reading.detail if reading else None)
         if len(found) > 1 and check.status not in ("skip", "error"):
@@ -214,6 +226,14 @@ def _guest_end(t: Transcript) -> list[Observation]:
         return []
     details = {k: v for k, v in info.items() if k.startswith("guest.exit_") or k in ("guest.rip", "guest.cpl")}
     return [Observation(-1, info["guest.scope"], "guest-end", {}, info["guest.end"], details)]
+
+
+def _cpu_facts(facts: Facts, t: Transcript) -> list[Observation]:
+    """What the CPU answered for each fact the configuration states (`info cpuid.*`,
+    firmware/cpuinfo.c), as the `cpu-fact` observations (lab/expectations.py cpu_fact_plan)."""
+    seen = facts.seen(t.info)
+    return [Observation(-1, "host", "cpu-fact", {"fact": f}, show_fact(seen.configured(f)), {})
+            for f, (key, _) in CPU_FACTS.items() if f in facts.stated and key in t.info]
 
 
 def _informational(probe: str) -> bool:

@@ -48,6 +48,7 @@ EXIT_OK = 1
 # Plus every CPUID feature a catalogue entry or its gate needs (lab/catalogue.py).
 CPU_PROPERTIES = tuple(dict.fromkeys((
     "vendor", "rdtscp", "svm", "vmx", "hypervisor", "kvm", "tcg-cpuid", "npt", "model-id", "lm", "syscall",
+    "tsc", "mmx", "family", "model", "stepping", "level",  # what cpu-fact compares (lab/expectations.py)
     *catalogue.features_needed())))
 # QEMU's abort when KVM refuses IA32_ARCH_CAPABILITIES (MSR 0x10a) for a model that sets it
 # (docs/platform.md); the model boots without that MSR.

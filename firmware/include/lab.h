@@ -244,6 +244,7 @@ extern const char *probe_running;
 void hv_main(const struct bootinfo *bi);
 /* cpuinfo.c, for both host kernels: the CPUID info records, and the real-mode probe's record. */
 void info_cpuid(void);
+extern u32 cpu_leaf7_ecx;   /* CPUID.(07H,0):ECX read at boot (cpuinfo.c) */
 void realmode_report(void);
 
 /* ---- misc ---- */
