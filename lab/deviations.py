@@ -91,6 +91,16 @@ DEVIATIONS: tuple[Deviation, ...] = (
         skip_arg="cr4-reserved", when=(("umip", False),),
     ),
     Deviation(
+        "kvm_pvm-umip-offered", "kvm", KVM_PVM, "host", "cr4-reserved", {"bit": "umip"}, "ok",
+        "kvm_pvm accepts CR4.UMIP on a CPU whose CPUID enumerates no UMIP (CPUID.(07H,0):ECX[2]=0 as the CPU "
+        "reported it): the reserved bit is set without #GP(0)", when=(("umip", False),),
+    ),
+    *(Deviation(
+        "tcg-rdpmc-no-family-check", "tcg", None, "host", "rdpmc", {"pce": "0", "cpl": str(c)}, "#GP(0)",
+        "QEMU 7.2 TCG decodes RDPMC on a CPU before P6 / Pentium with MMX (no RDPMC: #UD, SDM Vol. 2B "
+        "RDPMC) and applies the CR4.PCE privilege check instead", when=(("rdpmc_insn", False),),
+    ) for c in (1, 2, 3)),
+    Deviation(
         "tcg-rdpmc-unimplemented", "tcg", None, "host", "rdpmc", {"cpl": "0"}, "#UD",
         "QEMU 7.2 TCG does not implement RDPMC: where CR4.PCE or CPL0 lets it run, it raises #UD",
     ),

@@ -166,6 +166,11 @@ class Facts:
         return self.accel == "kvm"
 
     @property
+    def rdpmc_insn(self) -> bool:
+        """RDPMC exists on this CPU (rdpmc_present): a fact deviations can name."""
+        return rdpmc_present(self)
+
+    @property
     def amd_cpuid_semantics(self) -> bool:
         """KVM answers an out-of-range CPUID leaf with zeros for AMD and Hygon vendors and with
         the highest basic leaf's data for every other vendor (Intel's rule, SDM Vol. 2A CPUID:

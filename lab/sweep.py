@@ -71,6 +71,12 @@ TWEAKS: tuple[Tweak, ...] = (
     Tweak("kvm", "KVM's leaves at 0x40000000 hidden", "qemu64,kvm=off", ("kvm",)),
     Tweak("kvm-intel", "KVM's out-of-range CPUID rule for an Intel vendor", "qemu64,vendor=GenuineIntel,kvm=off",
           ("kvm",)),
+    # Under KVM QEMU gives a model the host's vendor: both vendors set explicitly, so either
+    # host exercises both out-of-range rules and both RDPMC rules (lab/expectations.py).
+    Tweak("kvm-amd", "KVM's out-of-range CPUID rule for an AMD vendor", "qemu64,vendor=AuthenticAMD,kvm=off",
+          ("kvm",)),
+    Tweak("vendor-amd", "leaf 0 vendor string set to AMD's (on an Intel host under KVM it flips)",
+          "qemu64,vendor=AuthenticAMD"),
     Tweak("tcg-cpuid", "TCG's leaves at 0x40000000 hidden", "qemu64,tcg-cpuid=off", ("tcg",)),
     Tweak("lm", "long mode given to a 32-bit model", "qemu32,+lm,+syscall"),
     Tweak("no-lm", "long mode taken away from a 64-bit model", "qemu64,-lm"),

@@ -1,5 +1,6 @@
 """Every rule row of the expectations, and that they follow the configuration."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -161,3 +162,101 @@ def test_a_forced_host_the_cpu_lacks_runs_no_guest_and_says_so():
     assert all(skips.values())
     assert "without SVM: no guest runs" in skips["guest-soft.guest-end"]
     assert "SVM host runs the guest" not in " ".join(skips.values())
+
+
+# -- the CPU's facts (Facts.seen, cpu-fact) and RDPMC by the manuals ------------------------------
+def _qom_qemu64(vendor):
+    """QOM's qemu64 as the pre-boot query reports it (under KVM QEMU gives it the host's vendor)."""
+    return {"vendor": vendor, "family": 15, "model": 107, "stepping": 1, "level": 13, "tsc": True, "mmx": True,
+            "vmx": False, "hypervisor": True, "umip": False, "svm": False, "syscall": True, "rdtscp": False,
+            "lm": True, "pmu": False}
+
+
+def _cpu_info(vendor, **over):
+    """The firmware's `info cpuid.*` records (firmware/cpuinfo.c) of such a boot."""
+    info = {"cpuid.vendor": vendor, "cpuid.family": "15", "cpuid.model": "107", "cpuid.stepping": "1",
+            "cpuid.max": "0xd", "cpuid.tsc": "1", "cpuid.mmx": "1", "cpuid.vmx": "0", "cpuid.hv": "1",
+            "cpuid.umip": "0", "cpuid.svm": "0", "cpuid.syscall": "1", "cpuid.rdtscp": "0", "cpuid.lm": "1",
+            "cpuid.pmu_version": "0", "cpuid.pmu_counters": "0"}
+    info.update(over)
+    return info
+
+
+def _transcript(info):
+    """A boot that reported only these `info` records (docs/records.md)."""
+    from lab.records import checksum, parse_stream
+    bodies = ["hello proto=1 kernel=test variant=normal", "info " + " ".join(f"{k}={v}" for k, v in info.items())]
+    bodies.append(f"end count={len(bodies)}")
+    out = b""
+    for i, b in enumerate(bodies):
+        text = f"@@LAB {i} {b}".encode()
+        out += text + f" ck={checksum(text):02x}\r\n".encode()
+    return parse_stream(out)
+
+
+def _kvm(vendor, module="kvm_pvm"):
+    return Facts.from_qemu("kvm", module, _qom_qemu64(vendor), hv_signature="LabRingMinus", host_mode="auto")
+
+
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])  # an AMD host and an Intel host
+def test_umip_rows_follow_the_cpu_the_guest_sees_on_either_host(vendor):
+    f = _kvm(vendor)
+    before = {e.id: e for e in plan(f)}
+    assert before["host.sgdt.umip1.cpl3"].skip  # before the boot: the model says no UMIP
+    seen = {e.id: e for e in plan(f, _cpu_info(vendor, **{"cpuid.umip": "1"}))}
+    assert seen["host.sgdt.umip1.cpl3"].skip is None and seen["host.sgdt.umip1.cpl3"].expected == "#GP(0)"
+    assert seen["host.cr4-reserved.umip.cpl0"].expected == "ok"
+    assert seen["host.cpu-fact.umip"].expected == "0"  # the configuration's value, compared with the CPU's
+    # no skip reason contradicts the CPU: where the CPU shows no UMIP, the rows skip saying so
+    none = {e.id: e for e in plan(f, _cpu_info(vendor))}
+    assert "as the CPU reported it" in none["host.sgdt.umip1.cpl3"].skip
+    assert none["host.cr4-reserved.umip.cpl0"].expected == "#GP(0)"
+
+
+def test_a_fact_the_accelerator_changes_is_found_by_comparison():
+    from lab.judge import judge
+
+    info = _cpu_info("AuthenticAMD", **{"cpuid.umip": "1", "cpuid.tsc": "1"})
+    t = _transcript(info)
+    pvm = {c.id: c for c in judge(_kvm("AuthenticAMD"), t)}
+    c = pvm["host.cpu-fact.umip"]
+    assert c.status == "xfail" and c.reason.startswith("kvm_pvm-cpuid-differs") and "umip configured 0, CPU 1" in c.reason
+    assert pvm["host.cpu-fact.vendor"].status == "pass"
+    assert "judged on the CPU's facts (umip configured 0, CPU 1)" in pvm["host.cr4-reserved.umip.cpl0"].details["cpu-facts"]
+    # negative control: a hardware KVM must show what QEMU configured
+    hw = {c.id: c for c in judge(_kvm("AuthenticAMD", "kvm_amd"), t)}
+    assert hw["host.cpu-fact.umip"].status == "fail"
+    assert hw["host.cpu-fact.umip"].reason == "expected 0, observed 1"
+    # and a missing CPU record is an error, never a pass
+    gone = {c.id: c for c in judge(_kvm("AuthenticAMD"), _transcript({k: v for k, v in info.items()
+                                                                           if k != "cpuid.umip"}))}
+    assert gone["host.cpu-fact.umip"].status == "error"
+
+
+def _rdpmc(f, cpl=0, pce=1):
+    return {e.id: e for e in plan(f)}[f"host.rdpmc.counter0.pce{pce}.cpl{cpl}"].expected
+
+
+def test_rdpmc_by_the_manuals():
+    amd = facts(vendor="AuthenticAMD", family=15)
+    assert _rdpmc(amd) == "ok" and _rdpmc(amd, 3, 0) == "#GP(0)"  # PerfCtr0-3 always; CR4.PCE
+    i486 = facts(vendor="GenuineIntel", family=4, mmx=False)
+    assert _rdpmc(i486) == "#UD" and _rdpmc(i486, 3, 0) == "#UD"  # no RDPMC before P6 / Pentium MMX
+    assert _rdpmc(facts(vendor="GenuineIntel", family=5, mmx=True, max_leaf=1)) == "ok"
+    assert _rdpmc(facts(vendor="GenuineIntel", family=5, mmx=False, max_leaf=1)) == "#UD"
+    assert _rdpmc(facts(vendor="GenuineIntel", family=6, max_leaf=3)) == "ok"  # P6: PMC0-1 (no leaf 0AH)
+    arch = dict(vendor="GenuineIntel", family=6, max_leaf=0xd)
+    assert _rdpmc(facts(**arch, pmu_version=0, pmu_counters=0)) == "#GP(0)"  # leaf 0AH enumerates none
+    assert _rdpmc(facts(**arch, pmu_version=2, pmu_counters=4)) == "ok"
+    # the CPU's 0AH, not QEMU's switch: pmu=on under a KVM showing no counter is the rule's #GP(0)
+    f = _kvm("GenuineIntel")
+    assert _rdpmc(f.seen(_cpu_info("GenuineIntel", **{"cpuid.pmu_version": "0"}))) == "#GP(0)"
+
+
+def test_hiding_the_counters_is_the_configurations_deviation():
+    from lab import deviations
+    f = _kvm("AuthenticAMD", "kvm_amd")  # pmu=off
+    exp = {e.id: e for e in plan(f)}["host.rdpmc.counter0.pce1.cpl0"]
+    assert exp.expected == "ok" and deviations.find(f, exp).name == "qemu-pmu-off-hides-counters"
+    on = dataclasses.replace(f, features=tuple(sorted({**dict(f.features), "pmu": True}.items())))
+    assert deviations.find(on, {e.id: e for e in plan(on)}["host.rdpmc.counter0.pce1.cpl0"]) is None

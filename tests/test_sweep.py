@@ -571,3 +571,13 @@ def test_the_sweep_is_collected_only_when_asked(tmp_path):
     asked = collect(sweep.SWEEP_TESTS, f"--sweep-dir={tmp_path}", "--sweep-accel=tcg", "--sweep-models=qemu64",
                     "--sweep-tweaks=none")
     assert "tests/sweep/test_sweep.py::test_config[tcg-qemu64]" in asked
+
+
+def test_tweaks_set_both_vendors_explicitly_under_kvm():
+    """KVM gives a model the host's vendor: only tweaks naming each vendor make both vendors'
+    rules run under KVM whatever the host is."""
+    from lab.sweep import TWEAKS
+    kvm = [t.cpu for t in TWEAKS if "kvm" in t.accels]
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        assert any(f"vendor={vendor},kvm=off" in c for c in kvm)
+        assert any(c == f"qemu64,vendor={vendor}" for c in kvm)
