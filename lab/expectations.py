@@ -37,6 +37,12 @@ CPU_FACTS = {
 }
 
 
+# Facts the catalogue's own CPUID probes check (cpuid-vendor, cpuid-hv-bit: the value CPUID
+# returns is the check): their rules keep the configured value, so they and cpu-fact both see
+# a CPU that shows something else.
+PROBED_FACTS = ("vendor", "hypervisor")
+
+
 def _int(v: object) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -136,11 +142,13 @@ class Facts:
         for fact, (key, _) in CPU_FACTS.items():
             if key in info:
                 new[fact] = _cpu_value(fact, info[key])
+        differ = tuple((f, show_fact(self.configured(f)), show_fact(v)) for f, v in new.items()
+                       if f in self.stated and v != self.configured(f))
+        for fact in PROBED_FACTS:  # what CPUID returns is those probes' own check: kept as configured
+            new.pop(fact, None)
         for fact, key in (("pmu_version", "cpuid.pmu_version"), ("pmu_counters", "cpuid.pmu_counters")):
             if key in info and info[key].isdigit():
                 new[fact] = int(info[key])
-        differ = tuple((f, show_fact(self.configured(f)), show_fact(v)) for f, v in new.items()
-                       if f in self.stated and v != self.configured(f))
         umip = new.pop("umip", None)
         features = self.features if umip is None else tuple(sorted({**dict(self.features), "umip": umip}.items()))
         return dataclasses.replace(self, **new, features=features, from_cpu=differ)

@@ -87,7 +87,12 @@ def test_negative_control_wrong_expectation_fails(tmp_path, artifacts, qemu, kvm
     wrong = dataclasses.replace(out.facts, vendor="GenuineIntel", rdtscp=True)
     checks = {c.id: c for c in judge(wrong, out.transcript)}
     assert checks["host.cpuid-vendor.leaf0"].status == "fail"
-    assert checks["host.rdtscp.tsd1.cpl3"].status == "fail"  # #UD observed, #GP(0) wrongly expected
+    # A wrongly configured feature bit: the comparison with the CPU's CPUID fails (TCG must
+    # show what it was told); the RDTSCP rows are judged on the CPU's answer, and say so.
+    assert checks["host.cpu-fact.rdtscp"].status == "fail"
+    assert checks["host.cpu-fact.rdtscp"].reason == "expected 1, observed 0"
+    assert checks["host.rdtscp.tsd1.cpl3"].expected == "#UD"
+    assert "rdtscp configured 1, CPU 0" in checks["host.rdtscp.tsd1.cpl3"].details["cpu-facts"]
 
 
 @pytest.mark.tcg
