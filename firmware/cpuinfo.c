@@ -5,6 +5,7 @@
 /* CPUID.(07H,0):ECX as this CPU answered it at boot (0 without leaf 7): the probes gate on
  * the CPU's own enumeration (probe.c), the lab's rules on the same record (lab/expectations.py). */
 u32 cpu_leaf7_ecx;
+u8 cpu_cpuid_faulting;   /* MSR_PLATFORM_INFO[31], read by info_cpuid() */
 
 void info_cpuid(void)
 {
@@ -53,6 +54,16 @@ void info_cpuid(void)
     rec_u64("cpuid.pmu_counters", (la.eax >> 8) & 0xff);
     rec_u64("cpuid.syscall", (e1.edx >> 11) & 1);
     rec_u64("cpuid.lm", (e1.edx >> 29) & 1);
+    rec_end();
+
+    /* An MSR-enumerated feature the rules use: CPUID faulting, offered by MSR_PLATFORM_INFO
+     * 0xCE[31] (Intel SDM Vol. 4 2.17), read where the CPU has MSRs (CPUID.1:EDX[5]); a CPU
+     * without that MSR faults on the RDMSR: not offered. */
+    u64 pi = 0;
+    cpu_cpuid_faulting = ((r1.edx >> 5) & 1) && !rdmsr_safe(MSR_PLATFORM_INFO, &pi)
+                         && (pi & PLATFORM_INFO_CPUID_FAULT);
+    rec_begin("info");
+    rec_u64("msr.cpuid_faulting", cpu_cpuid_faulting);
     rec_end();
 
     /* The highest basic leaf's data (subleaf 0): what an out-of-range leaf returns under

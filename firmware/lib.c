@@ -66,3 +66,22 @@ int strncmp(const char *a, const char *b, size_t n)
     }
     return 0;
 }
+
+/* ---- MSRs that may not exist: guarded by .extable (lab.h) ---- */
+int rdmsr_safe(u32 msr, u64 *val)
+{
+    u32 lo = 0, hi = 0;
+    try_reset();
+    __asm__ volatile("1: rdmsr\n2:\n" LAB_EXTABLE(1b, 2b)
+                     : "+a"(lo), "+d"(hi) : "c"(msr) : "memory");
+    *val = (u64)hi << 32 | lo;
+    return try_state.faulted ? -1 : 0;
+}
+
+int wrmsr_safe(u32 msr, u64 val)
+{
+    try_reset();
+    __asm__ volatile("1: wrmsr\n2:\n" LAB_EXTABLE(1b, 2b)
+                     :: "c"(msr), "a"((u32)val), "d"((u32)(val >> 32)) : "memory");
+    return try_state.faulted ? -1 : 0;
+}

@@ -100,14 +100,6 @@ static struct exc_result as_exc(const struct probe_result *r)
     return e;
 }
 
-/* WRMSR that reports a #GP instead of taking it (an MSR the CPU does not have). */
-static int wrmsr_safe(u32 msr, u64 v)
-{
-    try_reset();
-    __asm__ volatile("1: wrmsr\n2:\n" LAB_EXTABLE(1b, 2b)
-                     :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
-    return try_state.faulted;
-}
 
 /* What a gate saves to restore after the probe. */
 struct gate_save { u64 value; };
@@ -154,9 +146,13 @@ static int skipped(const struct probe_row *r)
         return 1;
     if (r->opt_in && !cmdline_list_has("run", r->family))
         return 1;   /* may write a bit this model reserves: only when the lab says it may */
-    for (int g = 0; g < 2; g++)   /* CR4.UMIP is reserved unless CPUID.(07H,0):ECX[2] (SDM Vol. 3A 2.5) */
+    for (int g = 0; g < 2; g++) {  /* CR4.UMIP is reserved unless CPUID.(07H,0):ECX[2] (SDM Vol. 3A 2.5) */
         if (r->gates[g].kind == GATE_CR4 && r->gates[g].bit == 11 && !((cpu_leaf7_ecx >> 2) & 1))
             return 1;
+        /* MSR 0x140[0] enables CPUID faulting only where MSR_PLATFORM_INFO[31] offers it (SDM Vol. 4 2.17) */
+        if (r->gates[g].kind == GATE_MSR && r->gates[g].reg == 0x140 && !cpu_cpuid_faulting)
+            return 1;
+    }
     for (int k = 0; k < 4 && r->keys[k][0]; k++) {
         char word[40];
         size_t n = strlen(r->keys[k]), m = strlen(r->vals[k]);

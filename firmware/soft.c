@@ -17,8 +17,6 @@
 #include "soft.h"
 
 #define SCOPE "guest-soft"
-#define MSR_PLATFORM_INFO        0xce
-#define PLATFORM_INFO_CPUID_FAULT (1ull << 31)
 #define MSR_MISC_FEATURES        0x140
 #define MISC_CPUID_FAULT         (1ull << 0)
 /* Same budget as the guest's CPUID loop (guests/guest/guest.c), after
@@ -26,24 +24,6 @@
 #define COST_BUDGET_CYCLES (1ull << 23)
 #define COST_MAX_ITER      (1ull << 20)
 
-/* ---- MSRs that may not exist: guarded by .extable (lab.h) ---- */
-static int rdmsr_safe(u32 msr, u64 *val)
-{
-    u32 lo = 0, hi = 0;
-    try_reset();
-    __asm__ volatile("1: rdmsr\n2:\n" LAB_EXTABLE(1b, 2b)
-                     : "+a"(lo), "+d"(hi) : "c"(msr) : "memory");
-    *val = (u64)hi << 32 | lo;
-    return try_state.faulted ? -1 : 0;
-}
-
-static int wrmsr_safe(u32 msr, u64 val)
-{
-    try_reset();
-    __asm__ volatile("1: wrmsr\n2:\n" LAB_EXTABLE(1b, 2b)
-                     :: "c"(msr), "a"((u32)val), "d"((u32)(val >> 32)) : "memory");
-    return try_state.faulted ? -1 : 0;
-}
 
 static void cpuid_try(void *a)
 {

@@ -34,7 +34,12 @@ CPU_FACTS = {
     "svm": ("cpuid.svm", "svm"),  # CPUID.80000001H:ECX[2]
     "syscall": ("cpuid.syscall", "syscall"), "rdtscp": ("cpuid.rdtscp", "rdtscp"),
     "long_mode": ("cpuid.lm", "lm"),  # CPUID.80000001H:EDX[11], [27], [29]
+    # MSR-enumerated: MSR_PLATFORM_INFO 0xCE[31] (Intel SDM Vol. 4 2.17). No QOM property states
+    # it: the accelerator's offer is the configured value (Facts.cpuid_faulting).
+    "cpuid_faulting": ("msr.cpuid_faulting", ""),
 }
+# Facts the accelerator, not a QOM property, states (every QEMU configuration names them).
+ACCEL_FACTS = ("cpuid_faulting",)
 
 
 # Facts the catalogue's own CPUID probes check (cpuid-vendor, cpuid-hv-bit: the value CPUID
@@ -92,6 +97,7 @@ class Facts:
     pmu_counters: int | None = None  # CPUID.0AH:EAX[15:8]: general-purpose counters
     stated: tuple[str, ...] = ()  # the facts the configuration names (what cpu-fact compares)
     from_cpu: tuple[tuple[str, str, str], ...] = ()  # (fact, configured, CPU) where the CPU differs
+    cpuid_faulting_cpu: bool | None = None  # MSR_PLATFORM_INFO[31] as the CPU read it (Facts.seen)
 
     def has(self, feature: str) -> bool:
         """A CPUID feature by its QOM property name (`rdtscp`, `umip`, `pmu`, ...): what a
@@ -125,7 +131,7 @@ class Facts:
             family=_int(qom.get("family")), model=_int(qom.get("model")), stepping=_int(qom.get("stepping")),
             max_leaf=_int(qom.get("level")),
             features=tuple(sorted((k, v) for k, v in qom.items() if isinstance(v, bool))),
-            stated=tuple(f for f, (_, prop) in CPU_FACTS.items() if prop in qom),
+            stated=tuple(f for f, (_, prop) in CPU_FACTS.items() if prop in qom or f in ACCEL_FACTS),
         )
 
     def configured(self, fact: str) -> object:
@@ -149,6 +155,8 @@ class Facts:
         for fact, key in (("pmu_version", "cpuid.pmu_version"), ("pmu_counters", "cpuid.pmu_counters")):
             if key in info and info[key].isdigit():
                 new[fact] = int(info[key])
+        if "cpuid_faulting" in new:  # a property over the accelerator's offer: the CPU's read is a field
+            new["cpuid_faulting_cpu"] = new.pop("cpuid_faulting")
         umip = new.pop("umip", None)
         features = self.features if umip is None else tuple(sorted({**dict(self.features), "umip": umip}.items()))
         return dataclasses.replace(self, **new, features=features, from_cpu=differ)
@@ -170,8 +178,9 @@ class Facts:
         guest whatever the vendor (arch/x86/kvm: CPUID always exits to KVM, which injects #GP(0)
         at CPL>0 when it is enabled); QEMU 7.2's TCG does not implement either MSR. The rule holds
         at every CPL>0 on kvm_intel and kvm_amd; kvm_pvm runs CPL3 natively, so there CPUID
-        faults only where the host CPU faults it (host_cpuid_fault; docs/platform.md)."""
-        return self.accel == "kvm"
+        faults only where the host CPU faults it (host_cpuid_fault; docs/platform.md). That is the
+        configured value; once the CPU's own MSR read is known (Facts.seen), it is the CPU's."""
+        return self.cpuid_faulting_cpu if self.cpuid_faulting_cpu is not None else self.accel == "kvm"
 
     @property
     def rdpmc_insn(self) -> bool:
@@ -353,6 +362,9 @@ def _skip(facts: Facts, row: Row) -> str | None:
         return _said(facts, "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)")
     for gate in row.entry.gates:
         if gate.needs.startswith("accel:") and not facts.has(gate.needs):
+            if gate.needs == "accel:cpuid-faulting" and facts.cpuid_faulting_cpu is not None:
+                return ("the CPU does not offer CPUID faulting (MSR_PLATFORM_INFO 0xCE[31] = 0, as it reported at "
+                        "boot; Intel SDM Vol. 4 2.17): not run")
             return f"{facts.accel} does not offer {gate.needs[6:]} ({gate.name}): not run"
         if gate.needs and not facts.has(gate.needs):
             said = ("as the CPU reported it at boot" if gate.needs in (x[0] for x in facts.from_cpu) or

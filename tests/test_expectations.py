@@ -233,6 +233,27 @@ def test_a_fact_the_accelerator_changes_is_found_by_comparison():
     assert gone["host.cpu-fact.umip"].status == "error"
 
 
+def test_cpuid_faulting_is_the_msr_the_cpu_reports():
+    """An MSR-enumerated fact: MSR_PLATFORM_INFO 0xCE[31] (Intel SDM Vol. 4 2.17) as the firmware
+    read it. The accelerator's offer is the configured value; the rules judge the CPU's."""
+    from lab.judge import judge
+
+    f = _kvm("GenuineIntel", "kvm_intel")
+    row = "host.cpuid.faulting1.cpl2"
+    assert {e.id: e for e in plan(f)}[row].skip is None  # KVM offers it: before the boot the rows run
+    off = _cpu_info("GenuineIntel", **{"msr.cpuid_faulting": "0"})
+    seen = {e.id: e for e in plan(f, off)}
+    assert "the CPU does not offer CPUID faulting" in seen[row].skip  # no skip contradicts the CPU
+    assert seen["host.cpu-fact.cpuid_faulting"].expected == "1"
+    checks = {c.id: c for c in judge(f, _transcript(off))}
+    assert checks["host.cpu-fact.cpuid_faulting"].status == "fail"  # a hardware KVM that hides it: found
+    on = {c.id: c for c in judge(f, _transcript(_cpu_info("GenuineIntel", **{"msr.cpuid_faulting": "1"})))}
+    assert on["host.cpu-fact.cpuid_faulting"].status == "pass"
+    tcg = Facts.from_qemu("tcg", None, _qom_qemu64("AuthenticAMD"), hv_signature="LabRingMinus", host_mode="auto")
+    assert {e.id: e for e in plan(tcg, _cpu_info("AuthenticAMD", **{"msr.cpuid_faulting": "0"}))}[
+        "host.cpu-fact.cpuid_faulting"].expected == "0"
+
+
 def _rdpmc(f, cpl=0, pce=1):
     return {e.id: e for e in plan(f)}[f"host.rdpmc.counter0.pce{pce}.cpl{cpl}"].expected
 

@@ -229,6 +229,13 @@ struct exc_result try_result(void);
     __asm__ volatile("1: " insn "\n2:\n" LAB_EXTABLE(1b, 2b) \
         :: "a"((u64)(val)) : "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory", "cc"); \
     (res) = try_result(); } while (0)
+/* RDMSR / WRMSR of an MSR the CPU may not have: nonzero where it faulted (lib.c). */
+int rdmsr_safe(u32 msr, u64 *val);
+int wrmsr_safe(u32 msr, u64 val);
+/* MSR_PLATFORM_INFO 0xCE bit 31: CPUID faulting offered (Intel SDM Vol. 4 2.17); read at boot. */
+#define MSR_PLATFORM_INFO         0xce
+#define PLATFORM_INFO_CPUID_FAULT (1ull << 31)
+extern u8 cpu_cpuid_faulting;
 /* Function form: run fn(arg) at the current CPL; any exception inside fn is
  * caught (fn is abandoned at the fault) and returned. CPL0 only. */
 struct exc_result try_call(probe_fn fn, void *arg);
