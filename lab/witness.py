@@ -371,6 +371,12 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
             _insn_only(pending, host_stubs[pending["stub"]], image, word, out, stray)
         pending = None
 
+    # kvm_pvm's traps take IDTR/TR from the first trap's reading: the end of the host's probes
+    # read them again, and a change in between breaks every reading that relied on them.
+    first_sys = next((s["sys"] for s in stops if s.get("kind") == "trap" and s.get("sys")), None)
+    end_sys = next((s["sys"] for s in stops if s.get("kind") == "sys-end"), None)
+    moved = ([f"IDTR/TR changed during the host's probes ({first_sys} at the first trap, {end_sys} at the end)"]
+             if first_sys is not None and end_sys is not None and end_sys != first_sys else [])
     for stop in stops:
         regs = stop.get("regs") or {}
         kind = stop.get("kind")
@@ -453,6 +459,8 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
                 after = pre.get("after") or regs  # the CPU right after the instruction
         else:
             problems = _trap_problems(stop, frame, stub, image, word, scope == "host")
+            if stop.get("sys"):
+                problems += moved
             # What the CPU executed at RIP must be what the binary has there.
             executed = bytes.fromhex(stop.get("at_rip") or "")
             binary = img.read(rip, max(1, stub.done - rip))

@@ -865,3 +865,18 @@ def test_a_32bit_trap_without_a_privilege_change_has_no_stack_to_compare():
     moved = {**handler, "rip": 0x1240}
     assert "IDT gate 6 sends the CPU to 0x1234" in " ".join(_delivery_problems(6, None, moved, frame, gate.hex(),
                                                                                 None, 4, 0x5000))
+
+
+def test_idtr_or_tr_that_moved_during_the_host_probes_breaks_the_traps_that_relied_on_them(image):
+    """Where no stop comes before the instruction (kvm_pvm) the traps take IDTR/TR from the first
+    trap's reading; the end of the host's probes reads them again. A change in between (an LIDT
+    or LTR while the probes ran) is named in every reading that used them."""
+    p, exps, f = kvm_plan("kvm_pvm")
+    stops = cpu_trace(image, [e for e in exps if e.id in p.checks], lambda e: e.expected, sys=True)
+    stops.append({"at": "hv_main", "kind": "sys-end", "sys": {"cpl": 0, "idt": [IDT_BASE, 0xFFF],
+                                                             "tr": [0x50, TSS_BASE, TSS_LIMIT]}})
+    same = verdicts(p, read_stops(stops, image, chained=p.chained)[0], None)
+    assert not any("[GDB:" in r.value for r in same.values())
+    stops[-1]["sys"] = {"cpl": 0, "idt": [IDT_BASE + 0x1000, 0xFFF], "tr": [0x50, TSS_BASE, TSS_LIMIT]}
+    moved = verdicts(p, read_stops(stops, image, chained=p.chained)[0], None)
+    assert "IDTR/TR changed during the host's probes" in moved["host.rdtsc.tsd1.cpl1"].value

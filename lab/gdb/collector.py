@@ -131,11 +131,15 @@ def _trap(spec, regs, via=None):
         rip = int.from_bytes(bytes.fromhex(stack)[off:off + word], "little")
         stop["at_rip"] = _memory(rip, 16)
         if spec.get("sys") and any(lo <= rip <= hi for lo, hi in _state["stubs"]):
-            # No stop before the instruction here: what the CPU used to deliver it, read now.
-            sysregs = _sysregs()
+            # No stop before the instruction here: what the CPU used to deliver it. IDTR and TR
+            # are read at the first such trap and again at the end of the host's probes (QEMU's
+            # `info registers` costs ~4 ms a stop under kvm_pvm); the gate and TSS every time.
+            sysregs = _state.get("sys") or _sysregs()
             stop["sys"] = sysregs
             stop["gate"] = _gate(sysregs, spec["vector"])
-            stop["tss"] = _tss(sysregs)
+            cs = int.from_bytes(bytes.fromhex(stack)[off + word:off + 2 * word], "little")
+            if cs & 3:  # a privilege change: the CPU took its new stack from the TSS (else none read)
+                stop["tss"] = _tss(sysregs)
             ports = _for_stub(spec, "io", rip)
             if ports:
                 stop["io"] = _iomap(sysregs, ports)
@@ -322,8 +326,11 @@ def lab_collect_start(config_json):
 
 
 def lab_collect_end(location):
-    """After a stop at an `end` watch: delete the watches it ends, and itself."""
+    """After a stop at an `end` watch: delete the watches it ends, and itself; where traps took
+    IDTR/TR from a first reading, record them again (the reader compares the two)."""
     spec = _state["watches"][location].spec
+    if _state.get("sys") and any(w.spec.get("sys") for w in _state["watches"].values()):
+        _write({"at": location, "kind": "sys-end", "sys": _sysregs()})
     for loc in list(spec.get("ends", ())) + [location]:
         bp = _state["watches"].pop(loc, None)
         if bp is not None:
