@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,8 +231,15 @@ def start_qemu(s: DebugSession) -> subprocess.Popen:
     (s.run_dir / "command.txt").write_text(shlex.join(s.qemu_cmd) + "\n" + shlex.join(s.gdb_cmd) + "\n")
     with open(s.run_dir / "serial.log", "wb") as out, open(s.run_dir / "qemu.stderr", "wb") as err:
         # Own session: Ctrl-C at the GDB prompt must not reach QEMU.
-        return subprocess.Popen(s.qemu_cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        proc = subprocess.Popen(s.qemu_cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 start_new_session=True)
+    if not s.gdb_addr.startswith("127.0.0.1:"):
+        # GDB retries a TCP connect, not a unix socket's: return once QEMU has made it (under
+        # load QEMU takes tens of milliseconds to; a GDB started first failed "No such file").
+        deadline = time.monotonic() + 10
+        while not os.path.exists(s.gdb_addr) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return proc
 
 
 def stop_qemu(s: DebugSession, proc: subprocess.Popen) -> None:

@@ -321,3 +321,14 @@ def test_print_only_prints_both_commands(capsys, artifacts):
     assert "-S" in out and "-gdb tcp:127.0.0.1:" in out and " -s " not in out
     assert "set architecture i386:x86-64" in out and "lab_gdb.py" in out and "break *kmain" in out
     assert debug.plan_session("kvm", "guest").gdb_setup[-2] == "thbreak *soft_enter_iretq"  # no SVM guest under KVM
+
+
+@pytest.mark.tcg
+def test_a_unix_socket_session_returns_once_qemu_made_its_socket(tmp_path, artifacts, no_leftovers):
+    """GDB does not retry a unix-socket connect: start_qemu returns only when the socket is there."""
+    s, qemu = boot(tmp_path, "tcg", unix_socket=True)
+    try:
+        assert os.path.exists(s.gdb_addr) or qemu.poll() is not None
+        assert qemu.poll() is None  # paused at its first instruction, waiting for GDB
+    finally:
+        debug.stop_qemu(s, qemu)
