@@ -121,3 +121,13 @@ def test_a_bad_input_is_one_error_line_and_exit_2_before_any_work(task, opt, wor
     assert _tree(ROOT) == before, sorted(_tree(ROOT) ^ before)  # nothing created
     assert not list(tmp_path.iterdir())
     assert _qemus() <= qemus
+
+
+@pytest.mark.parametrize("words", ["lab.judge", "lab.run --nosuch", "soak -n"])
+def test_what_invoke_itself_cannot_parse_is_one_error_line_and_exit_2(words):
+    """A missing positional argument, an unknown option, an option without its value: invoke's own
+    parse errors, which tasks.py makes the lab's `error:` line and exit status 2."""
+    proc = subprocess.run([sys.executable, "-m", "invoke", *words.split()], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, (proc.returncode, proc.stdout, proc.stderr)
