@@ -605,27 +605,6 @@ def declared_instructions(spec: catalogue.Stub, bits: int = 64) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()] + ["ud2"]
 
 
-def _gate(raw: bytes, word: int) -> dict:
-    """An IDT gate descriptor (SDM Vol. 3A 6.14.1 64-bit, 6.11 32-bit): where it sends the CPU."""
-    offset = int.from_bytes(raw[0:2], "little") | int.from_bytes(raw[6:8], "little") << 16
-    if word == 8:
-        offset |= int.from_bytes(raw[8:12], "little") << 32
-    return {"offset": offset, "selector": int.from_bytes(raw[2:4], "little"), "ist": raw[4] & 7 if word == 8 else 0,
-            "type": raw[5] & 0xF, "dpl": raw[5] >> 5 & 3, "present": raw[5] >> 7}
-
-
-def _vector_at(idt_hex: str | None, rip: int, word: int) -> int | None:
-    """The exception vector whose IDT gate sends the CPU to `rip` (the IDT the CPU had)."""
-    if not idt_hex:
-        return None
-    raw, size = bytes.fromhex(idt_hex), 2 * word
-    for v in range(len(raw) // size):
-        g = _gate(raw[v * size:(v + 1) * size], word)
-        if g["present"] and g["offset"] == rip:
-            return v
-    return None
-
-
 def _new_stack(tss_hex: str | None, gate: dict, before_cpl: int, before_rsp: int | None, word: int) -> int | None:
     """Where the CPU builds the frame (SDM Vol. 3A 6.12.1, 6.14.2-6.14.5): the TSS's stack for the
     handler's ring (RSP0) on a privilege change, the IST stack a 64-bit gate names, else the
@@ -654,7 +633,7 @@ def _delivery_problems(vector: int, before: dict | None, handler: dict, frame: d
     problems = []
     if not gate_hex:
         return [f"no reading of IDT gate {vector}"]
-    gate = _gate(bytes.fromhex(gate_hex), word)
+    gate = x86.idt_gate(bytes.fromhex(gate_hex), word)
     if not gate["present"] or gate["type"] not in (0xE, 0xF):
         problems.append(f"IDT gate {vector} is no present interrupt or trap gate (type {gate['type']:#x})")
     if gate["offset"] != handler["rip"]:
@@ -744,7 +723,7 @@ def _chain_problems(pre: dict | None, trap: dict, frame: dict, stub: "Stub", spe
         problems += _delivery_problems(vector, after, trap["regs"], frame, gate_hex, tss, word, stub.done, flags)
         evidence["chain"] = "insn -> step: completed -> #UD at its return trap"
         return problems, evidence
-    stepped = _vector_at(idt, after.get("rip", -1), word)
+    stepped = x86.vector_at(idt, after.get("rip", -1), word)
     if stepped is None:
         problems.append(f"after the instruction the CPU was at {after.get('rip', 0):#x}: neither its return trap "
                         "nor an exception handler of its IDT")
@@ -778,7 +757,7 @@ def _insn_only(pre: dict, stub: "Stub", image: Image, word: int, out: dict, stra
         outcome = "ok"
         problems.append("the instruction completed but its return trap was not seen")
     else:
-        vector = _vector_at(pre.get("idt"), after.get("rip", -1), word)
+        vector = x86.vector_at(pre.get("idt"), after.get("rip", -1), word)
         outcome = x86.exception_value(vector) if vector is not None else "?"
         problems.append(f"after the instruction the CPU was at {after.get('rip', 0):#x}, "
                         + (f"vector {vector}'s handler, which no watch stops at" if vector is not None
@@ -1008,8 +987,7 @@ class GdbWitness:
             msr = next((sp for sp in specs if sp.get("msr")), {})
             config = {"out": str(self.stops_path), "watches": specs, "word": image.bits // 8,
                       "stubs": [[st.insn, st.done] for st in stubs.values()],
-                      "faults": {"error_codes": sorted(x86.EXC_WITH_ERROR_CODE), "msr": msr.get("msr", []),
-                                 "rdmsr_at": msr.get("rdmsr_at")}}
+                      "faults": {"msr": msr.get("msr", []), "rdmsr_at": msr.get("rdmsr_at")}}
             self._gdb.console("python lab_collect_start(" + repr(json.dumps(config)) + ")")
             self._gdb.cont()
         except BaseException:

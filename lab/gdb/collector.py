@@ -37,16 +37,21 @@ flushed after it, so GDB resumes from there.
 """
 
 import json
+import os
+import sys
 import time
 
 import gdb
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import x86  # noqa: E402  (beside this file: the IDT gate decoding the lab's reader uses too)
 
 _REGS = ("cs", "ss", "rip", "rsp", "eflags", "cr0", "cr4", "efer", "rax", "rbx", "rcx", "rdx")
 _MASK = (1 << 64) - 1
 # word: the frame's word size (4: 32-bit host); traps: trap watches by address; idt/tr: the
 # IDTR and TR of the last `info registers` (insn watch); stubs: [first, last RIP] of each probe stub
-# faults: what a trap record needs where no watch is (error_codes: the vectors that push one; msr)
-_state = {"out": None, "watches": {}, "word": 8, "traps": {}, "stubs": (), "faults": {"error_codes": ()}}
+# faults: what a trap record needs where no watch is (the MSRs to read there)
+_state = {"out": None, "watches": {}, "word": 8, "traps": {}, "stubs": (), "faults": {}}
 RDMSR = bytes.fromhex("0f32")
 # QEMU's x86-64 gdbstub registers (the 'g' packet's layout): number -> (byte offset, size).
 # RAX..R15 are 8 bytes each (0-15), RIP 8 (16), EFLAGS 4 (17), then CS, SS, ... 4 each.
@@ -196,18 +201,11 @@ def _insn(spec):
 
 def _handler_spec(idt_hex, rip):
     """A trap spec for the exception vector whose IDT gate sends the CPU to `rip`, or None."""
-    if not idt_hex:
+    v = x86.vector_at(idt_hex, rip, _state["word"])
+    if v is None:
         return None
-    raw, size = bytes.fromhex(idt_hex), _gate_size()
-    for v in range(len(raw) // size):
-        g = raw[v * size:(v + 1) * size]
-        off = int.from_bytes(g[0:2], "little") | int.from_bytes(g[6:8], "little") << 16
-        if size == 16:
-            off |= int.from_bytes(g[8:12], "little") << 32
-        if g[5] & 0x80 and off == rip:
-            return dict(_state["faults"], location="vector_%d" % v, kind="trap", vector=v,
-                        error_code=v in _state["faults"]["error_codes"])
-    return None
+    return dict(_state["faults"], location="vector_%d" % v, kind="trap", vector=v,
+                error_code=v in x86.EXC_WITH_ERROR_CODE)
 
 
 def _sysregs():

@@ -37,6 +37,28 @@ EXC_MNEMONICS = {
 EXC_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 
+def idt_gate(raw: bytes, word: int) -> dict:
+    """An IDT gate descriptor (SDM Vol. 3A 6.14.1 64-bit: 16 bytes, 6.11 32-bit: 8): where it
+    sends the CPU, with which CS, IST, type, DPL and present bit."""
+    offset = int.from_bytes(raw[0:2], "little") | int.from_bytes(raw[6:8], "little") << 16
+    if word == 8:
+        offset |= int.from_bytes(raw[8:12], "little") << 32
+    return {"offset": offset, "selector": int.from_bytes(raw[2:4], "little"), "ist": raw[4] & 7 if word == 8 else 0,
+            "type": raw[5] & 0xF, "dpl": raw[5] >> 5 & 3, "present": raw[5] >> 7}
+
+
+def vector_at(idt_hex: str | None, rip: int, word: int) -> int | None:
+    """The vector whose present IDT gate (in `idt_hex`, the IDT's gates from vector 0) sends the CPU to `rip`."""
+    if not idt_hex:
+        return None
+    raw, size = bytes.fromhex(idt_hex), 2 * word
+    for v in range(len(raw) // size):
+        g = idt_gate(raw[v * size:(v + 1) * size], word)
+        if g["present"] and g["offset"] == rip:
+            return v
+    return None
+
+
 def exception_value(vector: int, error_code: int = 0) -> str:
     """`#GP(0)`, `#UD`, `#GP(0xd2)`, `#V9`: the same text the firmware prints."""
     name = f"#{EXC_MNEMONICS[vector]}" if vector in EXC_MNEMONICS else f"#V{vector}"
