@@ -33,12 +33,13 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from . import catalogue, deviations
+from . import catalogue, deviations, processes
 from .build import ROOT, BuildError
 from .config import BOCHS, ConfigError, RunConfig
 from .expectations import Facts
 from .hostinfo import ToolMissing
-from .qemu import END_RECORD, BootError, BootResult, Engine, kill_group
+from .processes import kill_group
+from .qemu import END_RECORD, BootError, BootResult, Engine
 
 INSTALL_HINT = ("sudo apt-get install bochs bochs-term bochsbios vgabios grub-pc-bin xorriso mtools"
                 "   (or: invoke setup)")
@@ -155,11 +156,14 @@ def describe(binary: str, model: str, timeout_s: float = 20.0) -> dict[str, obje
         cfg = Path(d) / "bochsrc"
         cfg.write_text(_common_config(model, log))
         proc, master = _spawn([binary, "-q", "-f", str(cfg), "-rc", str(rc)], Path(d))
+        silent = ""
         try:
             deadline = time.monotonic() + timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
                 _drain(master, None)
                 time.sleep(0.01)
+            if proc.poll() is None:
+                silent = f" within {timeout_s:g} s ({processes.describe('Bochs', proc.pid)})"
         finally:
             kill_group(proc)
             os.close(master)
@@ -167,7 +171,7 @@ def describe(binary: str, model: str, timeout_s: float = 20.0) -> dict[str, obje
     facts = model_facts(parse_cpuid_dump(text))
     if not facts:
         panic = _PANIC.search(text)
-        raise BootError(f"Bochs did not describe CPU model {model!r}: "
+        raise BootError(f"Bochs did not describe CPU model {model!r}{silent}: "
                         f"{panic.group(1) if panic else 'no CPUID table in its log'}")
     return facts
 
@@ -289,8 +293,11 @@ class BochsMachine(Engine):
     with COM1 into a file, for a person), `bochs.log`, `bochs.console` (its terminal) and
     `serial.log`. Leaving the `with` block always ends Bochs and its process group."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, cancel: threading.Event | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, cancel: threading.Event | None = None,
+                 deadline: float | None = None):
         self.cfg = cfg
+        self.deadline = deadline  # time.monotonic() by which every wait ends (default: timeout from start)
+        self.teardown: list[str] = []
         self.run_dir = run_dir
         self.cancel = cancel or threading.Event()
         self.proc: subprocess.Popen | None = None
@@ -322,9 +329,11 @@ class BochsMachine(Engine):
         (self.run_dir / "command.txt").write_text(shlex.join(self.command) + "\n")
         self._term = open(self.run_dir / "bochs.console", "wb")
         self.t_start = time.monotonic()
+        if self.deadline is None:
+            self.deadline = self.t_start + self.cfg.timeout_s
         self.proc, self.master = _spawn(self.command, self.run_dir)
         self.listener.settimeout(0.05)
-        deadline = time.monotonic() + 10
+        deadline = self.deadline
         while self.sock is None:
             try:
                 self.sock, _ = self.listener.accept()
@@ -334,7 +343,8 @@ class BochsMachine(Engine):
                     raise BootError(f"Bochs exited with status {self.proc.returncode} before it connected "
                                     f"COM1: {self._tail()}") from None
                 if time.monotonic() > deadline:
-                    raise BootError(f"Bochs did not connect COM1 within 10 s: {self._tail()}") from None
+                    raise BootError(f"Bochs did not connect COM1 within {self.cfg.timeout_s:g} s "
+                                    f"({processes.describe('Bochs', self.proc.pid)}): {self._tail()}") from None
         self._log = open(self.run_dir / "serial.log", "wb")
         self.console = pexpect.fdpexpect.fdspawn(self.sock.fileno(), timeout=1, logfile=self._log)
 
@@ -355,14 +365,14 @@ class BochsMachine(Engine):
 
     def wait_for_end(self, poll_s: float = 0.05) -> tuple[str, str]:
         assert self.console is not None and self.proc is not None and self.master is not None
-        deadline = time.monotonic() + self.cfg.timeout_s
+        deadline = self.deadline or time.monotonic() + self.cfg.timeout_s
         while True:
             _drain(self.master, self._term)
             remaining = deadline - time.monotonic()
             if self.cancel.is_set():
                 return "interrupted", "the lab was interrupted (Ctrl-C or SIGTERM)"
             if remaining <= 0:
-                return "timeout", f"no `end` record within {self.cfg.timeout_s:.1f} s"
+                return "timeout", f"no `end` record within {self.cfg.timeout_s:.1f} s{self._stall()}"
             idx = self.console.expect([END_RECORD, pexpect.EOF, pexpect.TIMEOUT], timeout=min(poll_s, remaining))
             if idx in (0, 1):
                 return self._wait_exit(saw_end=idx == 0)
@@ -371,14 +381,21 @@ class BochsMachine(Engine):
 
     def _wait_exit(self, saw_end: bool) -> tuple[str, str]:
         assert self.proc is not None
-        deadline = time.monotonic() + 2
+        wait = max(0.5, min(2.0, (self.deadline or 0) - time.monotonic()))
+        deadline = time.monotonic() + wait
         while self.proc.poll() is None and time.monotonic() < deadline:
             _drain(self.master, self._term)
             time.sleep(0.01)
         if self.proc.poll() is None:
-            return "timeout", "the firmware sent `end` but Bochs did not exit within 2 s" if saw_end \
-                else "COM1 closed but Bochs did not exit within 2 s"
+            return "timeout", (f"the firmware sent `end` but Bochs did not exit within {wait:.1f} s" if saw_end
+                               else f"COM1 closed but Bochs did not exit within {wait:.1f} s") + self._stall()
         return self._classify(saw_end)
+
+    def _stall(self) -> str:
+        """A timeout's cause when it is Bochs' own state (stopped, in the kernel), else ""."""
+        assert self.proc is not None
+        letter = processes.state(self.proc.pid)
+        return f": {processes.describe('Bochs', self.proc.pid)}" if letter not in (None, "R", "S") else ""
 
     def _classify(self, saw_end: bool) -> tuple[str, str]:
         """How Bochs ended, from its log: the shutdown port is the clean end (status 1)."""
@@ -427,7 +444,11 @@ class BochsMachine(Engine):
     # -- teardown ------------------------------------------------------------------------
     def close(self) -> None:
         if self.proc is not None:
-            kill_group(self.proc)
+            self.teardown = kill_group(self.proc)
+            if self.teardown:
+                with contextlib.suppress(OSError):
+                    (self.run_dir / "teardown.log").write_text(
+                        f"Bochs (pid {self.proc.pid}): " + ", ".join(self.teardown) + "\n")
         if self.master is not None:
             _drain(self.master, self._term)
             with contextlib.suppress(OSError):
@@ -446,7 +467,7 @@ def preboot(cfg: RunConfig):
     from .runner import NO_LONG_MODE, PreBoot
 
     try:
-        desc = describe(cfg.qemu, cfg.cpu)
+        desc = describe(cfg.qemu, cfg.cpu, timeout_s=min(20.0, cfg.timeout_s))
     except BootError as exc:
         raise ConfigError(f"Bochs cannot start {cfg.label}: {exc}") from None
     if not desc.get("lm", True):
@@ -489,14 +510,19 @@ def run_one(cfg: RunConfig, run_dir: Path, cancel: threading.Event | None = None
             return RunOutcome(pre.cfg, run_dir, [not_run_check(pre)])
         cfg = pre.cfg
     outcome = RunOutcome(cfg, run_dir, [])
+    machine = None
     try:
-        with BochsMachine(cfg, run_dir, cancel=cancel) as machine:
+        # Every wait of the boot ends by its deadline (the ISO build, if one is due, counts too).
+        with BochsMachine(cfg, run_dir, cancel=cancel, deadline=time.monotonic() + cfg.timeout_s) as machine:
             boot = machine.run()
     except (BootError, BuildError) as exc:
         outcome.error = str(exc)
         outcome.checks = [Check("run.integrity", cfg.accel, "host", "run", {}, "complete", "no boot", "error",
                                 f"Bochs did not boot: {exc}", config=cfg.label)]
         return outcome
+    finally:
+        if machine is not None and machine.teardown:
+            outcome.extras["teardown"] = {"Bochs": machine.teardown}
     outcome.boot = boot
     outcome.transcript = parse_stream(boot.serial)
     outcome.facts = facts_for(cfg, boot.cpu_facts)

@@ -26,7 +26,8 @@ from .build import ROOT, artifacts
 from .config import ConfigError, RunConfig
 from .gdb import lab_gdb, x86
 from .hostinfo import kvm_status, qemu_binary
-from .qemu import build_command, free_tcp_port, kill_group
+from .processes import kill_group
+from .qemu import build_command, free_tcp_port
 from .runner import keep_runs, make_config, preboot, prune_runs
 
 _SOCKETS = itertools.count()

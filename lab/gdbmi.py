@@ -22,17 +22,21 @@ Usage:
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import select
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from pygdbmi.IoManager import IoManager
+
+from . import processes
 
 __all__ = [
     "Gdb",
@@ -67,9 +71,10 @@ class GdbClosed(GdbError):
 class GdbTimeout(TimeoutError):
     """No completion within the time allowed; names the command and the last output."""
 
-    def __init__(self, command: str, timeout: float, last_output: list[str]):
+    def __init__(self, command: str, timeout: float, last_output: list[str], why: str = ""):
         tail = "\n  ".join(last_output) or "(no output)"
-        super().__init__(f"gdb: no completion of {command!r} within {timeout:g} s; last output:\n  {tail}")
+        why = f" ({why})" if why else ""
+        super().__init__(f"gdb: no completion of {command!r} within {timeout:.3g} s{why}; last output:\n  {tail}")
         self.command = command
         self.timeout = timeout
         self.last_output = last_output
@@ -157,9 +162,15 @@ class Gdb:
         extra_args: tuple[str, ...] = (),
         timeout: float = 5.0,
         poll: float = 0.05,
+        deadline: float | None = None,
     ):
         self.accel = accel
         self.timeout = timeout
+        # time.monotonic() by which every command and wait ends (the boot's): a command then gets
+        # at most what is left. close() has its own bound.
+        self.deadline = deadline
+        self.teardown: list[str] = []  # how close() ended GDB, when it had to
+        self._close_lock = threading.Lock()
         self.poll = poll
         self._cmd = [gdb, "--nx", "--quiet", "--interpreter=mi3", *extra_args]
         self._transcript_path = Path(transcript) if transcript else None
@@ -224,43 +235,54 @@ class Gdb:
         self._unresponsive = True
 
     def close(self, timeout: float = 1.0) -> None:
-        """Always leaves no GDB process behind. Never raises."""
+        """Always leaves no GDB process behind, within about `timeout` + 1 s. Never raises.
+        Detach and `-gdb-exit` while GDB answers (all within `timeout`); then SIGTERM and
+        SIGKILL to its group. A GDB that stopped answering (or is stopped: process state T)
+        gets SIGKILL at once."""
+        with self._close_lock:  # the session's thread and its owner may both close it
+            self._close(timeout)
+
+    def _close(self, timeout: float) -> None:
         proc = self.proc
         if proc is None:
             return
         try:
+            if processes.is_stopped(proc.pid):
+                self._unresponsive = True
+                self.teardown.append(processes.describe("GDB", proc.pid))
             if proc.poll() is None and not self._unresponsive:
+                end = time.monotonic() + timeout
+
+                def left() -> float:
+                    return max(0.05, end - time.monotonic())
+
                 if self.connected and not self.target_closed:
                     # Detach, not kill: QEMU belongs to the caller and may still be needed.
                     # GDB detaches only from a stopped target.
                     try:
                         if self.running:
-                            self.interrupt(timeout)
-                        self.mi("-target-detach", timeout=timeout)
+                            self.interrupt(left(), by_deadline=False)
+                        self._mi("-target-detach", left(), by_deadline=False)
+                    except (GdbError, GdbTimeout, OSError):
+                        pass
+                if not self._unresponsive:
+                    try:
+                        self._mi("-gdb-exit", left(), by_deadline=False)
                     except (GdbError, GdbTimeout, OSError):
                         pass
                 try:
-                    self.mi("-gdb-exit", timeout=timeout)
-                except (GdbError, GdbTimeout, OSError):
-                    pass
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    pass
-            # A hung (or stopped) GDB would not act on SIGTERM: kill it outright.
-            for sig in (signal.SIGKILL,) if self._unresponsive else (signal.SIGTERM, signal.SIGKILL):
-                if proc.poll() is not None:
-                    break
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout)
+                    proc.wait(left())
                 except subprocess.TimeoutExpired:
                     pass
             if proc.poll() is None:
-                proc.wait()
+                if self._unresponsive:  # a hung or stopped GDB acts on nothing else
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    self.teardown.append("SIGKILL")
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(3.0)
+                else:
+                    self.teardown += processes.kill_group(proc, grace_s=timeout)
         finally:
             # The group may still hold children GDB spawned (e.g. `shell`); end them too.
             try:
@@ -272,7 +294,8 @@ class Gdb:
                     f and f.close()
                 except OSError:
                     pass
-            self._log("#", f"gdb ended, status {proc.returncode}")
+            self._log("#", f"gdb ended, status {proc.returncode}" +
+                      (f" ({', '.join(self.teardown)})" if self.teardown else ""))
             if self._transcript:
                 self._transcript.close()
                 self._transcript = None
@@ -341,9 +364,29 @@ class Gdb:
             raise GdbClosed(command, "gdb's output ended; last output:\n  " + "\n  ".join(self._tail))
 
     # -- commands ----------------------------------------------------------------------
+    def _bound(self, timeout: float, by_deadline: bool) -> tuple[float, str]:
+        """The time a wait may take: `timeout`, cut to what is left of the deadline."""
+        if by_deadline and self.deadline is not None:
+            left = max(0.0, self.deadline - time.monotonic())
+            if left < timeout:
+                return left, "the boot's deadline"
+        return timeout, ""
+
+    def _why_silent(self, cut: str) -> str:
+        """What a timeout's message adds: the deadline, and GDB's state if it is not running."""
+        state = processes.state(self.proc.pid) if self.proc else None
+        parts = [cut] if cut else []
+        if state not in (None, "R", "S"):
+            parts.append(processes.describe("GDB", self.proc.pid))
+        return "; ".join(parts)
+
     def mi(self, command: str, timeout: float | None = None) -> MiResult:
-        """Send one MI command; return when its own result record arrives."""
-        timeout = self.timeout if timeout is None else timeout
+        """Send one MI command; return when its own result record arrives (at the latest by
+        the deadline)."""
+        return self._mi(command, timeout)
+
+    def _mi(self, command: str, timeout: float | None = None, by_deadline: bool = True) -> MiResult:
+        timeout, cut = self._bound(self.timeout if timeout is None else timeout, by_deadline)
         self._token += 1
         token = self._token
         self._send(f"{token}{command}")
@@ -360,7 +403,7 @@ class Gdb:
                 records.append(rec)
             if time.monotonic() >= deadline:
                 self._unresponsive = True  # teardown goes straight to signals
-                raise GdbTimeout(command, timeout, list(self._tail))
+                raise GdbTimeout(command, timeout, list(self._tail), self._why_silent(cut))
             if not self._read_some(deadline):
                 self._check_alive(command)
 
@@ -373,10 +416,14 @@ class Gdb:
 
         When QEMU exits the remote end closes: that is returned as {"reason": "target-closed"}.
         """
+        return self._wait_stopped(timeout)
+
+    def _wait_stopped(self, timeout: float, by_deadline: bool = True) -> dict[str, Any]:
+        timeout, cut = self._bound(timeout, by_deadline)
         deadline = time.monotonic() + timeout
         while not self._stops:
             if time.monotonic() >= deadline:
-                raise GdbTimeout("wait for *stopped", timeout, list(self._tail))
+                raise GdbTimeout("wait for *stopped", timeout, list(self._tail), self._why_silent(cut))
             if not self._read_some(deadline):
                 self._check_alive("wait for *stopped")
         self._pending.clear()  # records before a stop answer no command of ours
@@ -453,10 +500,11 @@ class Gdb:
         self._stops.clear()  # stops from before this resume are stale
         self.mi("-exec-continue")
 
-    def interrupt(self, timeout: float | None = None) -> dict[str, Any]:
+    def interrupt(self, timeout: float | None = None, *, by_deadline: bool = True) -> dict[str, Any]:
         """Stop a running target; returns the stop payload (usually signal-received SIGINT)."""
-        self.mi("-exec-interrupt")
-        return self.wait_stopped(self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        self._mi("-exec-interrupt", timeout, by_deadline)
+        return self._wait_stopped(timeout, by_deadline)
 
     def step_instruction(self, timeout: float | None = None) -> dict[str, Any]:
         self._stops.clear()

@@ -26,16 +26,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pexpect
 import pexpect.fdpexpect
 
-if TYPE_CHECKING:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-from . import catalogue
+from . import catalogue, processes
 from .config import RunConfig
+from .processes import kill_group
+from .qmp import Qmp, QmpClosed, QmpError, QmpTimeout
 
 # The firmware's last record; anchored to the line end because serial output arrives in chunks.
 END_RECORD = re.compile(rb"@@LAB \d+ end [^\n]*\n")
@@ -183,10 +181,12 @@ def cached_cpu_model_facts(cfg: RunConfig, cache: Path) -> dict[str, object]:
     return facts
 
 
-def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object]:
+def cpu_model_facts(cfg: RunConfig, timeout_s: float | None = None) -> dict[str, object]:
     """QEMU's description of the configured CPU (QOM properties), before any boot: QEMU
-    starts paused with no kernel, answers over QMP, and quits. Raises BootError with QEMU's
-    own message if it cannot start this configuration."""
+    starts paused with no kernel, answers over QMP, and quits, all within `timeout_s` (default:
+    the run's timeout). Raises BootError with QEMU's own message if it cannot start this
+    configuration, or naming the state of a QEMU that does not answer."""
+    timeout_s = cfg.timeout_s if timeout_s is None else timeout_s
     with tempfile.TemporaryDirectory(prefix=f"ringlab-{os.getpid()}-cpu-") as d:
         os.chmod(d, 0o700)
         qmp_path = os.path.join(d, "qmp.sock")
@@ -200,13 +200,7 @@ def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object
             try:
                 deadline = time.monotonic() + timeout_s
                 qmp = _connect_qmp(qmp_path, proc, deadline)
-                path = qmp.cmd("query-cpus-fast")[0]["qom-path"]
-                facts = {}
-                for prop in CPU_PROPERTIES:
-                    reply = qmp.cmd_raw("qom-get", {"path": path, "property": prop})
-                    if "return" in reply:
-                        facts[prop] = reply["return"]
-                return facts
+                return _qom_facts(qmp, proc, deadline)
             except BootError as exc:
                 err.seek(0)
                 text = err.read().decode(errors="replace")
@@ -216,14 +210,11 @@ def cpu_model_facts(cfg: RunConfig, timeout_s: float = 10.0) -> dict[str, object
                 # A second Ctrl-C or SIGTERM may land in this clean-up: the kill comes last
                 # whatever happens before it, so no QEMU outlives the question.
                 try:
-                    if qmp is not None:
-                        with contextlib.suppress(Exception):
-                            qmp.cmd("quit")
-                        qmp_close(qmp)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=1)
+                    processes.end_group(proc, (lambda t: qmp.cmd("quit", timeout_s=t)) if qmp else None)
                 finally:
                     kill_group(proc)
+                    if qmp is not None:
+                        qmp.close()
 
 
 def _die_with_parent() -> None:
@@ -234,46 +225,43 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
-def qmp_client(address: str) -> QEMUMonitorProtocol:
-    """qemu.qmp's synchronous client, on an event loop of its own that `qmp_close` ends. The
-    client takes its thread's current loop (making one where there is none) and nothing closes
-    it: such a loop is then closed at interpreter exit, after its sockets are gone, and prints
-    a traceback on the way out (seen in CI after a pre-boot query QEMU refused)."""
-    # Imported here, once QEMU is starting (qemu.qmp brings asyncio: ~20 ms, which then
-    # overlaps QEMU's own start instead of preceding it).
-    import asyncio
-
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    client = QEMUMonitorProtocol(address)
-    client.lab_loop = loop
-    return client
-
-
-def qmp_close(client: QEMUMonitorProtocol | None) -> None:
-    """Ends a `qmp_client`: its connection, then its event loop. Never raises."""
-    if client is None:
-        return
-    with contextlib.suppress(Exception):
-        client.close()
-    with contextlib.suppress(Exception):
-        client.lab_loop.close()
-
-
-def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> QEMUMonitorProtocol:
+def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> Qmp:
+    """A QMP connection to a QEMU that is starting, by `deadline`. A QEMU that made its socket
+    but does not answer (stopped, swapped out) is named with its process state."""
     _wait_for_path(path, proc, deadline)
-    qmp = qmp_client(path)
     while True:  # the socket file exists from bind(); listen() follows a moment later
+        qmp = Qmp(path)
         try:
-            qmp.connect(negotiate=True)
+            qmp.connect(timeout_s=deadline - time.monotonic())
             return qmp
-        except Exception as exc:  # noqa: BLE001
+        except QmpTimeout as exc:
+            qmp.close(0)
+            raise BootError(f"{exc}: {processes.describe('QEMU', proc.pid)}") from None
+        except (QmpClosed, QmpError) as exc:
+            qmp.close(0)
             if time.monotonic() > deadline or proc.poll() is not None:
-                qmp_close(qmp)
                 raise BootError(f"QMP connection failed: {exc}") from None
             time.sleep(0.005)
+
+
+def _qom_facts(qmp: Qmp, proc: subprocess.Popen, deadline: float) -> dict[str, object]:
+    """The CPU's QOM properties CPU_PROPERTIES names (a model without one: left out)."""
+    def ask(name: str, args: dict | None = None):
+        try:
+            return qmp.cmd(name, args, timeout_s=deadline - time.monotonic())
+        except QmpTimeout as exc:
+            raise BootError(f"{exc}: {processes.describe('QEMU', proc.pid)}") from None
+        except QmpClosed as exc:
+            raise BootError(str(exc)) from None
+
+    path = ask("query-cpus-fast")[0]["qom-path"]
+    facts: dict[str, object] = {}
+    for prop in CPU_PROPERTIES:
+        try:
+            facts[prop] = ask("qom-get", {"path": path, "property": prop})
+        except QmpError:  # a property this QEMU or model does not have
+            continue
+    return facts
 
 
 def _wait_for_path(path: str, proc: subprocess.Popen, deadline: float) -> None:
@@ -304,13 +292,22 @@ class Engine(contextlib.AbstractContextManager):
 class Machine(Engine):
     """One QEMU process: `with Machine(cfg, run_dir) as m: result = m.run()`.
 
-    Leaving the `with` block always ends QEMU (QMP quit, then SIGTERM, then SIGKILL to its
-    process group) and closes every socket, also on errors and KeyboardInterrupt.
+    Every wait is bounded by the boot's `deadline` (time.monotonic(); default: the config's
+    timeout from the start). Leaving the `with` block always ends QEMU (SIGCONT if it was
+    stopped, QMP quit, then SIGTERM, then SIGKILL to its process group; the steps go to
+    `teardown` and the run folder's teardown.log) and closes every socket, also on errors and
+    KeyboardInterrupt. `companions`: other processes of the boot (name -> pid, e.g. GDB) whose
+    state a timeout's verdict names.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, gdb_port: int | None = None,
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None, deadline: float | None = None):
         self.cfg = cfg
+        self.deadline = deadline
+        self.companions: dict[str, Callable[[], int | None]] = {}
+        self.silent: str | None = None  # the QMP command QEMU did not answer, if one
+        self.stalled = False  # a timeout's verdict named its cause: QEMU or a companion not answering
+        self.teardown: list[str] = []
         self.cancel = cancel or threading.Event()  # set by Ctrl-C / SIGTERM handling
         self.run_dir = run_dir
         # Short path (sun_path is 108 bytes); the pid in the name tells whose QEMU it is.
@@ -322,7 +319,7 @@ class Machine(Engine):
         gdb_arg = f"tcp:127.0.0.1:{gdb_port}" if gdb_port else None
         self.command = build_command(cfg, serial=self.serial_path, qmp=self.qmp_path, gdb=gdb_arg)
         self.proc: subprocess.Popen | None = None
-        self.qmp: QEMUMonitorProtocol | None = None
+        self.qmp: Qmp | None = None
         self.sock: socket.socket | None = None
         self.console: pexpect.fdpexpect.fdspawn | None = None
         self.stderr_path = run_dir / "qemu.stderr"
@@ -336,6 +333,8 @@ class Machine(Engine):
         (self.run_dir / "command.txt").write_text(shlex.join(self.command) + "\n")
         self._stderr = open(self.stderr_path, "wb")
         self.t_start = time.monotonic()
+        if self.deadline is None:
+            self.deadline = self.t_start + self.cfg.timeout_s
         self.proc = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
@@ -343,7 +342,7 @@ class Machine(Engine):
             stderr=self._stderr,
             start_new_session=True,  # own process group: teardown kills all of it
         )
-        deadline = time.monotonic() + 10
+        deadline = self.deadline
         try:
             self.qmp = _connect_qmp(self.qmp_path, self.proc, deadline)
             _wait_for_path(self.serial_path, self.proc, deadline)
@@ -354,26 +353,28 @@ class Machine(Engine):
         self._log = open(self.run_dir / "serial.log", "wb")
         self.console = pexpect.fdpexpect.fdspawn(self.sock.fileno(), timeout=1, logfile=self._log)
 
+    def left(self, cap: float | None = None) -> float:
+        """Seconds to the deadline (at most `cap`), never below zero."""
+        left = max(0.0, (self.deadline or time.monotonic()) - time.monotonic())
+        return left if cap is None else min(cap, left)
+
     def cpu_facts(self) -> dict[str, object]:
         """QEMU's own view of the configured CPU (QOM properties of CPU 0)."""
-        assert self.qmp is not None
-        path = self.qmp.cmd("query-cpus-fast")[0]["qom-path"]
-        facts: dict[str, object] = {}
-        for prop in CPU_PROPERTIES:
-            reply = self.qmp.cmd_raw("qom-get", {"path": path, "property": prop})
-            if "return" in reply:
-                facts[prop] = reply["return"]
-        return facts
+        assert self.qmp is not None and self.proc is not None
+        return _qom_facts(self.qmp, self.proc, self.deadline or time.monotonic() + self.cfg.timeout_s)
 
     def resume(self) -> None:
         assert self.qmp is not None and self.proc is not None
         try:
-            self.qmp.cmd("cont")
-        except Exception as exc:  # noqa: BLE001
+            self.qmp.cmd("cont", timeout_s=self.left(2.0))
+        except QmpTimeout as exc:
+            self.silent = "cont"
+            raise BootError(f"{exc}: {processes.describe('QEMU', self.proc.pid)}") from None
+        except (QmpClosed, QmpError) as exc:
             # A fast firmware can reach isa-debug-exit before QMP's reply arrives: QEMU then
             # closes the socket. Only a QEMU that is still running has really failed.
             try:
-                self.proc.wait(timeout=1)
+                self.proc.wait(timeout=self.left(1.0))
             except subprocess.TimeoutExpired:
                 raise BootError(f"QMP cont failed: {exc}\n{self.stderr_text()}") from None
 
@@ -388,27 +389,60 @@ class Machine(Engine):
         """KVM internal errors stop the VM without ending QEMU: notice them at once."""
         assert self.qmp is not None
         try:
-            for event in self.qmp.get_events(wait=False):
+            for event in self.qmp.events():
                 if event.get("event") == "STOP":
-                    status = self.qmp.cmd("query-status")
+                    status = self.qmp.cmd("query-status", timeout_s=self.left(1.0))
                     if status.get("status") == "internal-error":
                         return True
-            self.qmp.clear_events()
+        except QmpTimeout:
+            self.silent = "query-status"  # the timeout's verdict says so
         except Exception:  # noqa: BLE001 - QMP resets once QEMU exits: not an internal error
             return False
         return False
+
+    def stall_report(self) -> str:
+        """Why no `end` came, for a timeout's verdict: the state of QEMU and its companions,
+        what QMP did not answer, and the VM's run state (QMP query-status: e.g. `debug`, the CPU
+        waits for the gdbstub's client). Called before teardown, so the states are the stall's."""
+        assert self.proc is not None
+        parts = []
+        stopped = processes.is_stopped(self.proc.pid)
+        if self.silent:
+            parts.append(f"QEMU stopped answering QMP ({self.silent})")
+        if stopped or self.silent:
+            self.stalled = True
+            parts.append(processes.describe("QEMU", self.proc.pid))
+        elif self.qmp is not None and self.proc.poll() is None:
+            try:
+                status = self.qmp.cmd("query-status", timeout_s=0.5).get("status")
+                if status != "running":  # running: the firmware's own hang, its last line says where
+                    parts.append(f"QEMU's VM is in run state {status!r}" +
+                                 (" (stopped for the debugger)" if status == "debug" else ""))
+            except QmpTimeout:
+                self.stalled = True
+                parts.append(f"QEMU stopped answering QMP (query-status): {processes.describe('QEMU', self.proc.pid)}")
+            except (QmpClosed, QmpError):
+                pass
+        for name, pid_of in self.companions.items():
+            pid = pid_of()
+            if pid is not None and processes.state(pid) not in (None, "R", "S", "I"):
+                self.stalled = True
+                parts.append(processes.describe(name, pid))
+        return "; ".join(parts)
 
     def wait_for_end(self, timeout_s: float | None = None, poll_s: float = 0.05) -> tuple[str, str]:
         """Read the console until the `end` record, QEMU's exit, a KVM internal error or the
         timeout. Returns (exit kind, detail)."""
         assert self.console is not None and self.proc is not None
-        deadline = time.monotonic() + (timeout_s or self.cfg.timeout_s)
+        deadline = time.monotonic() + timeout_s if timeout_s else (self.deadline or time.monotonic() + self.cfg.timeout_s)
         while True:
             remaining = deadline - time.monotonic()
             if self.cancel.is_set():
                 return "interrupted", "the lab was interrupted (Ctrl-C or SIGTERM)"
             if remaining <= 0:
-                return "timeout", f"no `end` record within {timeout_s or self.cfg.timeout_s:.1f} s"
+                why = self.stall_report()
+                return "timeout", (f"no `end` record within {timeout_s or self.cfg.timeout_s:.1f} s"
+                                   + (f": {why}" if why else ""))
             idx = self.console.expect(
                 [END_RECORD, pexpect.EOF, pexpect.TIMEOUT], timeout=min(poll_s, remaining)
             )
@@ -423,12 +457,15 @@ class Machine(Engine):
 
     def _wait_exit(self, already_closed: bool = False) -> tuple[str, str]:
         assert self.proc is not None
+        wait = max(self.left(2.0), 0.5)  # an `end` just before the deadline still gets its exit
         try:
-            self.proc.wait(timeout=2)
+            self.proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             if not already_closed and self._internal_error():
                 return "internal-error", self._stderr_tail("KVM internal error")
-            return "timeout", "the firmware sent `end` but QEMU did not exit within 2 s"
+            why = self.stall_report()
+            return "timeout", (f"the firmware sent `end` but QEMU did not exit within {wait:.1f} s"
+                               + (f": {why}" if why else ""))
         return self._classify_exit()
 
     def _classify_exit(self) -> tuple[str, str]:
@@ -497,14 +534,15 @@ class Machine(Engine):
 
     # -- teardown ------------------------------------------------------------------------
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
-            with contextlib.suppress(Exception):
-                self.qmp.cmd("quit")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=1)
         if self.proc is not None:
-            kill_group(self.proc)
-        qmp_close(self.qmp)
+            qmp = self.qmp
+            self.teardown = processes.end_group(self.proc, (lambda t: qmp.cmd("quit", timeout_s=t)) if qmp else None)
+            if self.teardown:
+                with contextlib.suppress(OSError):
+                    (self.run_dir / "teardown.log").write_text(
+                        f"QEMU (pid {self.proc.pid}): " + ", ".join(self.teardown) + "\n")
+        if self.qmp is not None:
+            self.qmp.close()
         for closer in (self.sock, self._log, self._stderr):
             if closer is not None:
                 with contextlib.suppress(Exception):
@@ -516,19 +554,3 @@ class Machine(Engine):
         with contextlib.suppress(OSError):
             os.rmdir(self.sock_dir)
 
-
-def kill_group(proc: subprocess.Popen, grace_s: float = 1.0) -> None:
-    """End a process started with start_new_session=True and everything in its group."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    else:
-        # QEMU itself is gone; make sure nothing it spawned lingers in its group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)

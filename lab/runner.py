@@ -11,6 +11,7 @@ import platform
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class RunOutcome:
             "costs": {k: int(v) for k, v in info.items() if k.startswith("cost.") and v.isdigit()},
             "gdb_transcript": str(self.gdb_transcript) if self.gdb_transcript else None,
             "gdb_error": self.extras.get("gdb_error"),
+            "teardown": self.extras.get("teardown"),
         }
 
 
@@ -260,18 +262,25 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
             return RunOutcome(pre.cfg, run_dir, [not_run_check(pre)])
         cfg = pre.cfg
     outcome = RunOutcome(cfg, run_dir, [])
+    # Every wait of this boot (QMP, console, GDB/MI, process exits) ends by this deadline; the
+    # teardown after it is bounded too (lab/processes.py), so a verdict comes by timeout + ~2 s.
+    deadline = time.monotonic() + cfg.timeout_s
     gdb_port = free_tcp_port() if witness in ("gdb", "both") else None
     gdb = None
     boot = None
+    machine = None
     if gdb_port:
         from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
 
-        gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, f"127.0.0.1:{gdb_port}", cfg.accel)
+        gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, f"127.0.0.1:{gdb_port}", cfg.accel,
+                         deadline=deadline)
         outcome.gdb_transcript = gdb.transcript
     try:
         if gdb is not None:
             gdb.prepare_in_background()  # GDB starts and reads the symbols while QEMU starts
-        with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel) as machine:
+        with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel, deadline=deadline) as machine:
+            if gdb is not None:
+                machine.companions["GDB"] = gdb.gdb_pid
             start = (lambda qom: _start_witness(gdb, machine, cfg, kvm, qom)) if gdb else None
             boot = machine.run(start=start, facts=json.loads(cfg.cpu_facts) if cfg.cpu_facts else None)
     except BootError as exc:
@@ -281,10 +290,16 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         # Never raises; ends GDB in every case. Readings it could not take are `unreached`.
         # QEMU has exited after a clean boot, so GDB ends at once; after a failed boot it
         # may be stuck at a breakpoint, and the verdict must not wait for it.
-        wait = 5.0 if boot is not None and boot.exit == "ok" else 0.5
+        wait = min(5.0, max(1.0, deadline - time.monotonic())) if boot is not None and boot.exit == "ok" else 0.25
         gdb_readings = gdb.finish(timeout=wait) if gdb is not None else {}
+        if machine is not None and machine.teardown:
+            outcome.extras["teardown"] = {"QEMU": machine.teardown}
+        if gdb is not None and gdb.teardown:
+            outcome.extras.setdefault("teardown", {})["GDB"] = gdb.teardown
     if gdb is not None and gdb.error:
         outcome.extras["gdb_error"] = gdb.error
+        if boot.exit == "timeout" and not machine.stalled:  # what kept the boot from its end may be GDB's
+            boot.exit_detail += f"; the GDB witness: {gdb.error.splitlines()[0]}"
     outcome.boot = boot
     outcome.transcript = parse_stream(boot.serial)
     outcome.facts = facts_of(cfg, kvm, boot.cpu_facts)

@@ -26,6 +26,8 @@ from rich.console import Console
 
 from . import build as build_mod
 from . import report as report_mod
+from . import processes
+from .qmp import QmpClosed, QmpError, QmpTimeout
 from .build import Artifacts
 from .config import ConfigError
 from .hostinfo import KvmStatus, kvm_status
@@ -109,10 +111,13 @@ class SweepConfig:
 # -- what QEMU offers -----------------------------------------------------------------------
 class _Qmp(contextlib.AbstractContextManager):
     """A QEMU with no machine (`-M none`) for questions about CPU models, on one accelerator.
-    Leaving the `with` block, or an interruption while it starts, always ends that QEMU."""
+    Every wait is bounded (lab/qmp.py); leaving the `with` block, or an interruption while it
+    starts, always ends that QEMU."""
+
+    TIMEOUT_S = 10.0
 
     def __init__(self, qemu: str, accel: str):
-        from .qemu import qmp_client
+        from .qemu import BootError, _connect_qmp
 
         self.accel = accel
         self.dir = tempfile.mkdtemp(prefix=f"ringlab-{os.getpid()}-")
@@ -121,38 +126,30 @@ class _Qmp(contextlib.AbstractContextManager):
             [qemu, "-M", "none", "-accel", accel, "-nodefaults", "-no-user-config", "-display", "none",
              "-qmp", f"unix:{self.path},server=on,wait=off", "-S"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        self.qmp = qmp_client(self.path)
+        self.qmp = None
         try:
-            self._connect()
+            self.qmp = _connect_qmp(self.path, self.proc, time.monotonic() + self.TIMEOUT_S)
+        except BootError as exc:
+            self.close()  # QEMU has ended: its stderr can be read to the end
+            err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+            raise ConfigError(f"QEMU ({self.accel}) could not list its CPU models: {err or exc}") from None
         except BaseException:
             self.close()
             raise
 
-    def _connect(self) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.qmp.connect(negotiate=True)
-                return
-            except Exception as exc:  # noqa: BLE001 - the socket appears a moment after start
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.close()  # QEMU has ended: its stderr can be read to the end
-                    err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
-                    raise ConfigError(f"QEMU ({self.accel}) could not list its CPU models: {err or exc}") from None
-                time.sleep(0.005)
-
-    def cmd(self, name: str, args: dict | None = None) -> dict:
-        return self.qmp.cmd_raw(name, args)
+    def cmd(self, name: str, args: dict | None = None):
+        try:
+            return self.qmp.cmd(name, args, timeout_s=self.TIMEOUT_S)
+        except QmpTimeout as exc:
+            raise ConfigError(f"QEMU ({self.accel}): {exc}: {processes.describe('QEMU', self.proc.pid)}") from None
+        except (QmpClosed, QmpError) as exc:
+            raise ConfigError(f"QEMU ({self.accel}): {exc}") from None
 
     def close(self) -> None:
-        from .qemu import kill_group, qmp_close
-
-        with contextlib.suppress(Exception):
-            self.qmp.cmd("quit")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=2)
-        kill_group(self.proc)
-        qmp_close(self.qmp)
+        qmp = self.qmp
+        processes.end_group(self.proc, (lambda t: qmp.cmd("quit", timeout_s=t)) if qmp else None)
+        if qmp is not None:
+            qmp.close()
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.dir, "qmp.sock"))
         with contextlib.suppress(OSError):
@@ -204,7 +201,7 @@ def plan(qemu: str, kvm: KvmStatus, *, accels: str = "all", models: str = "*", t
             out.append(SweepConfig(accel, "*", skip=f"KVM not usable: {kvm.reason}"))
             continue
         with _Qmp(qemu, accel) as q:
-            defs = q.cmd("query-cpu-definitions")["return"]
+            defs = q.cmd("query-cpu-definitions")
         unavailable = {d["name"]: tuple(d.get("unavailable-features") or ()) for d in defs}
         names = sorted((d["name"] for d in defs if versions or not _VERSIONED.search(d["name"])), key=str.lower)
         names = [n for n in names if _matches(n, globs)]

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from . import catalogue
+from . import catalogue, processes
 from .elf import Image
 from .gdb import x86
 from .gdbmi import HW_BREAKPOINT_SLOTS, TARGET_CLOSED, Gdb, GdbTimeout
@@ -877,7 +877,8 @@ class GdbWitness:
     this side only attaches, serves the stop at `hv_main` and reads the record at the end."""
 
     def __init__(self, run_dir: Path | str, host_elf: Path | str, guest_elf: Path | str | None,
-                 gdb_addr: str, accel: str, *, gdb: str = "gdb", command_timeout: float = 5.0):
+                 gdb_addr: str, accel: str, *, gdb: str = "gdb", command_timeout: float = 5.0,
+                 deadline: float | None = None):
         self.run_dir = Path(run_dir)
         self.host_elf = Path(host_elf)
         self.guest_elf = Path(guest_elf) if guest_elf else None
@@ -890,7 +891,7 @@ class GdbWitness:
         self.stops_path = self.run_dir / "gdb.stops.jsonl"
         self.error: str | None = None  # why the session ended early, if it did
         self.seconds = 0.0
-        self._gdb = Gdb(self.transcript, accel=accel, gdb=gdb, timeout=command_timeout)
+        self._gdb = Gdb(self.transcript, accel=accel, gdb=gdb, timeout=command_timeout, deadline=deadline)
         self._thread: threading.Thread | None = None
         self._quit = threading.Event()
         self._prepared = False
@@ -931,9 +932,23 @@ class GdbWitness:
         self._preparing = threading.Thread(target=work, name="gdb-prepare", daemon=True)
         self._preparing.start()
 
+    def gdb_pid(self) -> int | None:
+        """GDB's pid while it runs (a timeout's verdict names its state)."""
+        return self._gdb.pid
+
+    @property
+    def teardown(self) -> list[str]:
+        """How GDB had to be ended, when it did not exit when asked."""
+        return self._gdb.teardown
+
     def _wait_prepared(self) -> None:
         if self._preparing is not None:
-            self._preparing.join()
+            # prepare() is bounded by the deadline (its GDB/MI commands) and by close()'s bound.
+            self._preparing.join(self._gdb.timeout + 5.0)
+            if self._preparing.is_alive():
+                self._gdb.mark_unresponsive()
+                self._gdb.close()
+                raise GdbTimeout("GDB start-up", self._gdb.timeout, [], processes.describe("GDB", self._gdb.pid))
             self._preparing = None
         if self._prepare_error is not None:
             exc, self._prepare_error = self._prepare_error, None
@@ -1033,9 +1048,12 @@ class GdbWitness:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                self.error = self.error or f"QEMU still running {timeout:g} s after finish() was called"
+                pid = self._gdb.pid
+                self.error = self.error or (
+                    f"GDB stopped answering: {processes.describe('GDB', pid)}" if processes.is_stopped(pid)
+                    else f"the GDB session did not end {timeout:g} s after the boot did")
                 self._quit.set()
-                self._thread.join(0.5)
+                self._thread.join(0.25)
                 if self._thread.is_alive():
                     self._gdb.mark_unresponsive()
         elif self.plan is not None and self.error is None:
