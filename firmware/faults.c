@@ -52,6 +52,9 @@ void fault_inject(const char *kind)
         (void)*(volatile u64 *)0x7fff00000000ull;
     } else if (!strcmp(kind, "table-exception")) {
         emit_fault(kind);   /* probes_run_table raises it after its tenth row (probe.c) */
+    } else if (!strcmp(kind, "linger")) {
+        emit_fault(kind);
+        fault_linger = 1;   /* lab_exit waits after `end` (records.c) */
     } else if (!strcmp(kind, "kvm-internal")) {
         emit_fault(kind);
         /* kvm_pvm: emulation failure (QEMU stops); TCG: reaches IDT 0x80. */

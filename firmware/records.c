@@ -317,6 +317,31 @@ u64 rec_count(void)
     return seq;
 }
 
+int fault_linger;   /* set by fault=linger (faults.c) */
+
+/* fault=linger: 2^30 TSC cycles (a fraction of a second) in which the lab's tests stop the
+ * emulator at a known moment. */
+static void linger(void)
+{
+    u64 t0 = rdtsc();
+    while (rdtsc() - t0 < (1ull << 30))
+        __asm__ volatile("pause");
+}
+
+/* fault=linger: the hosts call it at each exit from their guest; it lingers at the first,
+ * after an `info linger=guest` record that tells the tests the guest is under way. */
+void fault_linger_guest(void)
+{
+    static int done;
+
+    if (!fault_linger || done)
+        return;
+    done = 1;
+    rec_info_str("linger", "guest");
+    serial_flush();
+    linger();
+}
+
 NORETURN void lab_exit(int code)
 {
     if (in_record) {   /* fault=cut: the partial record goes out as it is */
@@ -330,6 +355,9 @@ NORETURN void lab_exit(int code)
      * that ends at the next write may otherwise lose the tail of COM1. */
     while (!(inb(0x3f8 + 5) & 0x40))
         __asm__ volatile("pause");
+    /* fault=linger: stay a while after `end`, between the end record and the exit. */
+    if (fault_linger)
+        linger();
     /* isa-debug-exit: QEMU exits with (code<<1)|1. Bochs has no such device;
      * there 0x501 is its VGA BIOS panic port, which ends it for code != 0
      * ("VGABIOS panic at vgabios.c, line <code>", docs/bochs.md). */

@@ -660,6 +660,7 @@ int soft_trap(struct exc_frame *f)
         return 0;                       /* host faults, NMI, #MC: not the guest's */
     if (++v->traps > TRAP_LIMIT)
         return end_guest(v, f, "trap-limit");
+    fault_linger_guest();
     switch (f->vector) {
     case 13:
         return trap_gp(v, f);

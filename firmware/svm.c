@@ -172,6 +172,7 @@ int svm_handle_exit(struct svm_vcpu *v)
         code = vm->ctl.exit_code = VMEXIT_INVALID;
     count_exit(code);
     vm->ctl.event_inj = 0;
+    fault_linger_guest();
     v->g->rax = vm->save.rax;
 
     switch (code) {

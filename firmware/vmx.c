@@ -165,7 +165,8 @@ int vmx_handle_exit(struct vmx_vcpu *v)
     int r;
 
     count_exit(reason);
-    if (full & EXIT_ENTRY_FAILURE) {    /* 26.7: the entry failed on guest state or MSR loading */
+    if (full & EXIT_ENTRY_FAILURE) {
+    fault_linger_guest();    /* 26.7: the entry failed on guest state or MSR loading */
         end_info(v, reason == EXIT_INVALID_GUEST_STATE ? "invalid-guest-state" : "vmentry-failed", reason);
         return 0;
     }

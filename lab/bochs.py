@@ -513,7 +513,8 @@ def run_one(cfg: RunConfig, run_dir: Path, cancel: threading.Event | None = None
     machine = None
     try:
         # Every wait of the boot ends by its deadline (the ISO build, if one is due, counts too).
-        with BochsMachine(cfg, run_dir, cancel=cancel, deadline=time.monotonic() + cfg.timeout_s) as machine:
+        machine = BochsMachine(cfg, run_dir, cancel=cancel, deadline=time.monotonic() + cfg.timeout_s)
+        with machine:
             boot = machine.run()
     except (BootError, BuildError) as exc:
         outcome.error = str(exc)

@@ -22,7 +22,8 @@ MACHINES = ("microvm", "pc", "q35")
 HOST_MODES = ("auto", "vmx", "svm", "soft", "none")
 DEFAULT_SIGNATURE = "LabRingMinus"
 # Fault injection for the lab's own robustness tests (firmware/faults.c).
-FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "table-exception", "kvm-internal")
+FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "table-exception", "kvm-internal",
+               "linger")
 # Probes the firmware leaves out when asked with `skip=`: a probe name or a family of the
 # catalogue's table (firmware/probe.c matches either; lab/catalogue.py).
 SKIP_WORDS = tuple(sorted({w for r in catalogue.table_rows()

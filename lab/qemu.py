@@ -269,7 +269,7 @@ def _wait_for_path(path: str, proc: subprocess.Popen, deadline: float) -> None:
         if proc.poll() is not None:
             raise BootError(f"QEMU exited with status {proc.returncode} before it was ready")
         if time.monotonic() > deadline:
-            raise BootError(f"QEMU did not create {path} in time")
+            raise BootError(f"QEMU did not create {path} in time: {processes.describe('QEMU', proc.pid)}")
         time.sleep(0.002)
 
 
@@ -366,7 +366,7 @@ class Machine(Engine):
     def resume(self) -> None:
         assert self.qmp is not None and self.proc is not None
         try:
-            self.qmp.cmd("cont", timeout_s=self.left(2.0))
+            self.qmp.cmd("cont", timeout_s=max(0.2, self.left(2.0)))
         except QmpTimeout as exc:
             self.silent = "cont"
             raise BootError(f"{exc}: {processes.describe('QEMU', self.proc.pid)}") from None

@@ -278,7 +278,8 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
     try:
         if gdb is not None:
             gdb.prepare_in_background()  # GDB starts and reads the symbols while QEMU starts
-        with Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel, deadline=deadline) as machine:
+        machine = Machine(cfg, run_dir, gdb_port=gdb_port, cancel=cancel, deadline=deadline)
+        with machine:
             if gdb is not None:
                 machine.companions["GDB"] = gdb.gdb_pid
             start = (lambda qom: _start_witness(gdb, machine, cfg, kvm, qom)) if gdb else None
@@ -332,7 +333,8 @@ def _start_witness(gdb, machine: Machine, cfg: RunConfig, kvm: KvmStatus, qom: d
         gdb.start(witness_plan(cfg.accel, facts.kvm_module, exps, deviant), f"guest-{facts.guest_mode}")
     except (GdbError, GdbTimeout) as exc:
         gdb.error = f"GDB could not attach: {exc}"
-        machine.resume()
+        if machine.left() > 0:  # else the boot's timeout says so, naming GDB's state
+            machine.resume()
 
 
 def _error_outcome(outcome: RunOutcome, kvm: KvmStatus, why: str) -> RunOutcome:

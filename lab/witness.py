@@ -1046,7 +1046,11 @@ class GdbWitness:
         with contextlib.suppress(BaseException):
             self._wait_prepared()
         if self._thread is not None:
-            self._thread.join(timeout)
+            end = time.monotonic() + timeout
+            while self._thread.is_alive() and time.monotonic() < end:
+                self._thread.join(min(0.05, max(0.0, end - time.monotonic())))
+                if processes.is_stopped(self._gdb.pid):  # it will not end by itself: no point waiting
+                    break
             if self._thread.is_alive():
                 pid = self._gdb.pid
                 self.error = self.error or (

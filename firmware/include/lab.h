@@ -243,6 +243,8 @@ struct exc_result try_call(probe_fn fn, void *arg);
 /* ---- the probe running now, for the unexpected-exception record only (the
  * GDB witness never reads firmware memory) ---- */
 extern const char *probe_running;
+extern int fault_linger;   /* fault=linger (faults.c): lab_exit waits after `end` */
+void fault_linger_guest(void);   /* ... and the hosts at their guest's first exit (records.c) */
 
 /* ---- hypervisor hook ----
  * kmain calls hv_main (svm.c: SVM or the software host) after the host
