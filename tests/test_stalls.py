@@ -91,10 +91,14 @@ def cases() -> list[Case]:
 DRIVER = """
 import json, sys
 from rich.console import Console
-from lab.cli import RunOptions, run_lab
+from lab.cli import USER_ERRORS, RunOptions, run_lab
 accel, witness, timeout, runs, kernel_args = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5:]
 opts = RunOptions(accel=accel, witness=witness, timeout=timeout, runs_dir=runs, kernel_args=tuple(kernel_args))
-status, rep = run_lab(opts, Console(width=100))
+try:  # as tasks.py's lab.run does
+    status, rep = run_lab(opts, Console(width=100))
+except USER_ERRORS as exc:
+    print(f"error: {exc}")
+    sys.exit(2)
 sys.exit(status)
 """
 
@@ -266,3 +270,41 @@ def test_a_stopped_process_gives_a_verdict_in_time_and_leaves_nothing(case, outc
         steps = [s for run in out.report["runs"] for s in (run.get("teardown") or {}).get(name, [])]
         assert steps and steps[0].startswith("SIGCONT (it was stopped"), (steps, out.report["runs"])
 
+
+
+# -- the other entry points: lab.sweep's model query, lab.debug's QEMU ------------------------
+@pytest.mark.tcg
+def test_the_sweeps_model_query_names_a_stopped_qemu_in_time(monkeypatch, no_leftovers):
+    """lab.sweep asks a QEMU with no machine for its CPU models: one stopped after it made its
+    QMP socket is one error naming it, within the query's bound, and nothing is left."""
+    import lab.qemu
+    from lab.config import ConfigError
+    from lab.hostinfo import qemu_binary
+    from lab.sweep import _Qmp
+
+    real = lab.qemu._wait_for_path
+
+    def stop_once_made(path, proc, deadline):  # the moment the issue's hang began
+        real(path, proc, deadline)
+        os.kill(proc.pid, signal.SIGSTOP)
+
+    monkeypatch.setattr(lab.qemu, "_wait_for_path", stop_once_made)
+    monkeypatch.setattr(_Qmp, "TIMEOUT_S", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"QEMU \(pid \d+\) is stopped \(process state T"):
+        with _Qmp(qemu_binary(), "tcg"):
+            pass
+    assert time.monotonic() - t0 < 1.0 + SLACK
+
+
+@pytest.mark.tcg
+def test_lab_debug_ends_a_stopped_qemu_and_its_socket(tmp_path, artifacts, no_leftovers):  # noqa: ARG001
+    from lab.debug import plan_session, start_qemu, stop_qemu
+
+    s = plan_session("tcg", "host", unix_socket=True, run_dir=tmp_path / "d")
+    proc = start_qemu(s)
+    os.kill(proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    stop_qemu(s, proc)
+    assert time.monotonic() - t0 < SLACK and proc.poll() is not None
+    assert not os.path.exists(os.path.dirname(s.gdb_addr))
