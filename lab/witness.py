@@ -183,7 +183,7 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     caps = capabilities(accel, kvm_module)
     deviant = deviant or {}
     entries = {(r.scope, r.probe, tuple(r.params.items())): r.entry
-               for scope in ("host", *catalogue.GUEST_SCOPES) for r in catalogue.rows(scope)}
+               for scope in ("host", *catalogue.GUEST_SCOPES, catalogue.SMM_SCOPE) for r in catalogue.rows(scope)}
     host_vecs: dict[str, set[int]] = {}  # check id -> vectors of the host IDT it needs
     guest_vecs: dict[str, set[int]] = {}  # ... of the guest's own IDT
     entry_stops: dict[str, str] = {}  # check id -> label to stop at
