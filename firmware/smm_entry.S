@@ -153,9 +153,22 @@ smm_blob:
 1:  addr32 cmpl $0, MB_CLOBBER(%edi)
     je 2f
     addr32 notl SV_R12(%esi)                /* negative control: a handler that loses R12 */
-2:  rsm
+    /* For the GDB witness's stop at the copy's RSM (smm_rsm_copy): whether this entry alters and
+     * the entries so far, in registers RSM is about to reload from the save area anyway. */
+2:  addr32 movl MB_ALTER(%edi), %ebx
+    addr32 movl MB_ENTRIES(%edi), %ecx
+smm_blob_rsm:
+    rsm
     .balign 4
 smm_blob_mbox:
     .long 0                                 /* the mailbox's physical address (smm.c) */
 smm_blob_end:
     .code64
+/* Where the kernel copies the handler (smm.c: SeaBIOS's SMBASE A0000h + 8000h) and its RSM there,
+ * as absolute ELF symbols for the GDB witness (docs/gdb.md): QEMU's gdbstub matches a breakpoint
+ * on the linear address (smm_rsm_copy), GDB the stop on RIP, which in SMM is the offset from
+ * CS.base (smm_rsm_rip). SeaBIOS's own entry there is a 5-byte far jump, so only the lab's
+ * handler executes smm_rsm_copy. */
+    .globl smm_rsm_copy, smm_rsm_rip
+    .set smm_rsm_copy, 0xa8000 + (smm_blob_rsm - smm_blob)
+    .set smm_rsm_rip, 0x8000 + (smm_blob_rsm - smm_blob)

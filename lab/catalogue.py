@@ -341,11 +341,16 @@ REF_SMRAM = ("82441FX (i440FX) SMRAM register 72h / 3 Series MCH SMRAMC 9Dh, as 
 REF_SMM_ENV = "SDM Vol. 3C 32.5.1 Table 32-4 (SMM entry: CS = SMBASE>>4 with base SMBASE, CR0.PE=PG=0), CPL0"
 REF_SMM_SAVE = ("SDM Vol. 3C 32.4.1; APM Vol. 2 10.2.3 Table 10-2 (the AMD64 save-area layout QEMU writes for every "
                 "64-bit vCPU, docs/platform.md 'SMM')")
-_SMM_WITNESS = "none: the kernel's own reading of an SMI; QEMU's gdbstub stops in SMM are not yet part of the witness"
+# GDB stops at the RSM of the lab's handler in SMRAM (absolute symbol smm_rsm_copy, TCG only:
+# docs/gdb.md): it counts the entries and reads CS and CR0 in SMM; the rest is the kernel's own reading.
+SMM_STOP = "smm"
+_SMM_WITNESS = ("none: the kernel's own reading of an SMI (GDB stops only at the lab's handler: its entries, CS "
+                "and CR0)")
 _FW, _LAB = ("handler", ("firmware",)), ("handler", ("lab",))
 
 CATALOGUE += tuple(
-    Probe(probe, "smm", "smm", None, dims, rule, ref, summary, scopes=(SMM_SCOPE,), witness=_SMM_WITNESS)
+    Probe(probe, "smm", "smm", None, dims, rule, ref, summary, scopes=(SMM_SCOPE,),
+          witness=SMM_STOP if probe in ("smi-entries", "smm-cs", "smm-cr0") else _SMM_WITNESS)
     for probe, dims, rule, ref, summary in (
         ("smi-time", (_FW,), "smi_time", REF_SMI_TSC,
          "OUT to APM_CNT 0xB2 (an SMI) against the same OUT to 0xB3 (none): the time SMM took"),

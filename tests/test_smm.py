@@ -143,3 +143,40 @@ def test_microvm_asks_for_no_smi_and_skips_the_scope(tmp_path, artifacts, qemu, 
 def test_a_kvm_without_smm_asks_for_no_smi(artifacts, qemu, kvm):
     cfg = make_config("kvm", artifacts, qemu=qemu, kvm=kvm, machine="pc")
     assert not any(a.startswith("smm=") for a in preboot(cfg).cfg.kernel_args)
+
+
+# -- the GDB witness in SMM (TCG): stops at the lab's handler's RSM in SMRAM --------------------
+def smm_stop(n, alter=0, cs=0xA000, cr0=0x10):
+    regs = {"cs": cs, "rip": 0x80DD, "cr0": cr0, "rbx": alter, "rcx": n, "ss": 0, "rsp": 0, "eflags": 2,
+            "cr4": 0, "efer": 0, "rax": 0, "rdx": 0}
+    return {"at": "smm_rsm_rip", "kind": "regs", "regs": regs}
+
+
+def test_the_witness_plans_a_stop_in_smm_under_tcg_only():
+    from lab.witness import SMM_RSM, SMM_RSM_RIP, witness_plan
+
+    exps = smm_plan(with_smm(QEMU64, "pc", SMI, False), {"smm.smram": "0xa"})
+    plan = witness_plan("tcg", None, exps)
+    assert {w.location for w in plan.watches} >= {SMM_RSM, SMM_RSM_RIP}
+    assert {"ring-2.smi-entries.lab", "ring-2.smm-cs.lab", "ring-2.smm-cr0.lab"} <= set(plan.checks)
+    kvm = witness_plan("kvm", "kvm_amd", exps)
+    assert "TCG only" in kvm.unwitnessed["ring-2.smm-cs.lab"] and SMM_RSM not in {w.location for w in kvm.watches}
+
+
+def test_the_witness_reads_entries_cs_and_cr0_in_smm(artifacts):
+    from lab.elf import Image
+    from lab.witness import read_stops
+
+    image = Image.load(artifacts.symbols)
+    stops = [smm_stop(1), smm_stop(2), smm_stop(3, alter=1)]
+    found, _ = read_stops(stops, image)
+    got = {k: v[0].value for k, v in found.items()}
+    assert got == {"ring-2.smi-entries.lab": "2", "ring-2.smm-cs.lab": "0xa000", "ring-2.smm-cr0.lab": "0x0"}
+    # Negative controls: an entry GDB never saw, and a handler outside SMM (protected mode, other CS).
+    found, _ = read_stops([smm_stop(1), smm_stop(3, alter=1)], image)
+    assert all("[GDB:" in v[0].value for v in found.values())
+    found, _ = read_stops([smm_stop(1, cs=0x8, cr0=0x80000011)], image)
+    assert found["ring-2.smm-cs.lab"][0].value == "0x8" and found["ring-2.smm-cr0.lab"][0].value == "0x80000001"
+    facts = with_smm(QEMU64, "pc", SMI, False)
+    entries = ring2(facts)["ring-2.smi-entries.lab"]
+    assert judge_one(entries, facts, "8", "7").status == "fail"  # a kernel that over-reports its entries
