@@ -11,6 +11,7 @@ void cpu_init(void);
 void bootinfo_init(u32 magic, u32 mbi_addr);
 const char *boot_image_name(void);
 void fault_inject(const char *kind);
+void smm_report(void);   /* smm.c: ring -2, when the lab says smm=1 */
 
 static void info_platform(void)
 {
@@ -62,6 +63,7 @@ NORETURN void kmain(u32 magic, u32 mbi)
 
     probes_run_table();
     realmode_report();
+    smm_report();
 
     hv_main(&bootinfo);
     lab_finish(LAB_EXIT_OK);

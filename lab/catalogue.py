@@ -35,7 +35,8 @@ from .ids import check_id
 #   cpuid:   obs = bytes or a bit of the registers CPUID returned (CPL0 only).
 #   cpl-of:  obs = the CPL of the code the stub is in (from the CS of its trap).
 #   count:   obs = a count the host keeps (exits, traps) or its verdict: no stub, no witness.
-KINDS = ("outcome", "enter", "return", "cpuid", "cpl-of", "count")
+#   smm:     obs = what the kernel, or the lab's own SMI handler, saw of an SMI (firmware/smm.c).
+KINDS = ("outcome", "enter", "return", "cpuid", "cpl-of", "count", "smm")
 # The no-op each stub starts with (probe_pre_<name>), 66 90 in 32- and 64-bit code alike.
 PRE_NOP = "xchg %ax, %ax"
 # How the ring is entered: IRETQ (SDM Vol. 3A 6.14.3) or SYSRETQ (SDM Vol. 2B SYSRET).
@@ -323,6 +324,57 @@ CATALOGUE += (
     Probe("trap", "guest", "count", None, (("reason", ("rdtsc", "out", "hlt", "mov-cr", "cpuid")),), "exit_seen",
           REF_INTERCEPT, "each instruction the software host emulates traps at least once", scopes=("guest-soft",),
           witness=_HOST_ANSWERS),
+)
+
+# -- ring -2: System Management Mode as the kernel sees it (firmware/smm.c; QEMU pc/q35) ------
+# The kernel raises SMIs through the APM control port (0xB2); SeaBIOS's handler answers them,
+# then, where the chipset leaves SMRAM unlocked, the lab's own handler at SMBASE+0x8000.
+SMM_SCOPE = "ring-2"
+REF_SMI = "SDM Vol. 3C 32.2-32.3 (an SMI enters SMM at the next instruction boundary; SMRAM at SMBASE)"
+REF_SMI_TSC = f"{REF_SMI}; SDM Vol. 3B 18.17 (the TSC counts on through SMM): the handler's time shows as a longer OUT"
+REF_SMI_COUNT = ("Intel SDM Vol. 4 ch. 2 MSR_SMI_COUNT 0x34 (Nehalem and later Intel family 6 models: SMIs since "
+                 "reset); AMD64 has no MSR 0x34 (APM Vol. 2 App. A): RDMSR of it is #GP(0)")
+REF_SMI_STATE = "SDM Vol. 3C 32.4.1 and 32.10: the processor state is saved in SMRAM on entry and RSM restores it"
+REF_RSM = "SDM Vol. 2B RSM: #UD when not in SMM"
+REF_SMRAM = ("82441FX (i440FX) SMRAM register 72h / 3 Series MCH SMRAMC 9Dh, as QEMU models them (hw/pci-host/"
+             "i440fx.c, q35.c): with D_OPEN=0 outside SMM, A0000h-BFFFFh goes to the PCI bus (VGA), not SMRAM")
+REF_SMM_ENV = "SDM Vol. 3C 32.5.1 Table 32-4 (SMM entry: CS = SMBASE>>4 with base SMBASE, CR0.PE=PG=0), CPL0"
+REF_SMM_SAVE = ("SDM Vol. 3C 32.4.1; APM Vol. 2 10.2.3 Table 10-2 (the AMD64 save-area layout QEMU writes for every "
+                "64-bit vCPU, docs/platform.md 'SMM')")
+# GDB stops at the RSM of the lab's handler in SMRAM (absolute symbol smm_rsm_copy, TCG only:
+# docs/gdb.md): it counts the entries and reads CS and CR0 in SMM; the rest is the kernel's own reading.
+SMM_STOP = "smm"
+_SMM_WITNESS = ("none: the kernel's own reading of an SMI (GDB stops only at the lab's handler: its entries, CS "
+                "and CR0)")
+_FW, _LAB = ("handler", ("firmware",)), ("handler", ("lab",))
+
+CATALOGUE += tuple(
+    Probe(probe, "smm", "smm", None, dims, rule, ref, summary, scopes=(SMM_SCOPE,),
+          witness=SMM_STOP if probe in ("smi-entries", "smm-cs", "smm-cr0") else _SMM_WITNESS)
+    for probe, dims, rule, ref, summary in (
+        ("smi-time", (_FW,), "smi_time", REF_SMI_TSC,
+         "OUT to APM_CNT 0xB2 (an SMI) against the same OUT to 0xB3 (none): the time SMM took"),
+        ("smi-count-msr", (), "smi_count_msr", REF_SMI_COUNT, "RDMSR MSR_SMI_COUNT (0x34): offered by the model?"),
+        ("smi-count", (_FW, ("port", ("0xb2", "0xb3"))), "smi_count", REF_SMI_COUNT,
+         "MSR_SMI_COUNT across n OUTs to 0xB2 (n SMIs) and to 0xB3 (none)"),
+        ("smi-count", (_LAB, ("port", ("0xb2",))), "smi_count", REF_SMI_COUNT,
+         "MSR_SMI_COUNT across n SMIs the lab's own handler answered"),
+        ("smi-state", (("handler", ("firmware", "lab")),), "smm_unchanged", REF_SMI_STATE,
+         "every general register and RFLAGS across an SMI, as the kernel sees them"),
+        ("smi-control-regs", (_FW,), "smm_unchanged", REF_SMI_STATE, "CR0, CR3, CR4, EFER across the SMIs"),
+        ("rsm", (("smm", (0,)),), "rsm_outside", REF_RSM, "RSM outside SMM"),
+        ("smram-hidden", (), "smram_hidden", REF_SMRAM,
+         "SMRAM (0xA8000) read from ring 0 with SMRAM closed against D_OPEN=1"),
+        ("smi-entries", (_LAB,), "smm_entries", REF_SMI, "the lab's handler at SMBASE+0x8000 counts its entries"),
+        ("smm-cs", (_LAB,), "smm_cs", REF_SMM_ENV, "the CS the lab's handler runs with"),
+        ("smm-cr0", (_LAB,), "smm_cr0", REF_SMM_ENV, "CR0.PE|PG as the lab's handler reads them (a CPL0 MOV)"),
+        ("smm-saved-rip", (_LAB,), "smm_saved_rip", f"{REF_SMM_SAVE}; {REF_SMI}",
+         "the save area's RIP: the boundary after the kernel's OUT"),
+        ("smm-saved-state", (_LAB,), "smm_saved_state", REF_SMM_SAVE,
+         "the save area's RBX, CR3, EFER: the interrupted kernel's"),
+        ("smm-alters", (_LAB,), "smm_alters", f"{REF_SMI_STATE}; {REF_SMM_SAVE}",
+         "the handler XORs the saved RBX: the kernel sees RBX changed after RSM, nothing else"),
+    )
 )
 
 # What the `lie` build reports instead of the truth (a negative control both witnesses must

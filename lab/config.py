@@ -29,6 +29,12 @@ FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "tab
 SKIP_WORDS = tuple(sorted({w for r in catalogue.table_rows()
                            for w in (r.probe, r.entry.family, *(f"{k}={v}" for k, v in r.params.items()))}))
 _BOOL = ("0", "1")
+# Ring -2 (firmware/smm.c): the SMIs per measurement the lab asks for on a machine with SMM
+# (QEMU's pc and q35: SMRAM and the APM control port 0xB2; microvm has neither).
+SMM_MACHINES = ("pc", "q35")
+SMM_SMIS = 8
+SMM_MAX_SMIS = 32  # firmware/smm.c MAX_SMIS
+SMM_FAULTS = ("no-smi", "no-restore")  # negative controls: SMIs reported, never raised; a handler losing R12
 
 # The kernel command line keys `--kernel-arg` accepts: the one list of them (firmware/README.md
 # and docs/records.md describe what each does). key -> accepted values (None: a list of
@@ -43,6 +49,8 @@ KERNEL_ARGS: dict[str, tuple[str, ...] | None] = {
     "hv-npt": _BOOL,
     "hv-fault": ("unknown-exit", "no-rdtsc-exit"),  # no-rdtsc-exit: firmware/vmx.c forgets that exit
     "soft-fault": ("no-emulate-rdtsc", "unknown-hlt"),
+    "smm": tuple(str(n) for n in range(1, SMM_MAX_SMIS + 1)),  # the lab names it on pc/q35 (runner.preboot)
+    "smm-fault": SMM_FAULTS,
 }
 OWN_OPTION = {"hv-signature": "--hv-signature", "host-mode": "--host-mode"}
 
@@ -168,7 +176,7 @@ def check_cpu_model(cpu: str, models: frozenset[str], qemu: str) -> None:
 # -- `--only`: one question at a time -------------------------------------------------------
 def _only_targets() -> list[tuple[str, str, str]]:
     """(check id, probe, family) for every catalogue row of every scope, and the boot's own."""
-    rows = [r for scope in ("host", *catalogue.GUEST_SCOPES) for r in catalogue.rows(scope)]
+    rows = [r for scope in ("host", *catalogue.GUEST_SCOPES, catalogue.SMM_SCOPE) for r in catalogue.rows(scope)]
     return [(r.id, r.probe, r.entry.family) for r in rows]
 
 

@@ -43,7 +43,8 @@ STYLE = {"pass": "green", "fail": "bold red", "error": "bold red", "xfail": "yel
 # An xfail's mark is not a cross: without colour `x` read as a fail (issue 20).
 MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "~", "xpass": "X", "skip": "-"}
 LEGEND = "✓ pass  ✗ fail  ! error  ~ xfail (a named deviation)  X xpass  - skip  ᵍ GDB read the same"
-SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-vmx": "guest (VMX)", "guest-soft": "guest (soft)"}
+SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-vmx": "guest (VMX)", "guest-soft": "guest (soft)",
+               "ring-2": "ring -2 (SMM)"}
 VIEWS = ("auto", "table", "scope", "wide")
 DESIGN_WIDTH = 100  # the width the table view is made for, and the default when piped
 RUN_GROUP = "run"  # the boot itself: listed last

@@ -183,3 +183,23 @@ def skipped_probes(accel: str, kvm_module: str | None, has=None) -> list[str]:
     module = kvm_module if accel == "kvm" else None
     return sorted({d.skip_arg for d in DEVIATIONS if d.skip_arg and d.accel == accel and d.kvm_module == module
                    and (all(has(f) == v for f, v in d.when) if has else not d.when)})
+
+
+# -- ring -2 (lab/catalogue.py SMM_SCOPE): QEMU's SMM model against the manuals ------------------
+# QEMU's, not an accelerator's: the same on TCG and every KVM that runs SMM.
+_QEMU_ENGINES = (("tcg", None), *(("kvm", m) for m in ("kvm_intel", "kvm_amd", KVM_PVM)))
+DEVIATIONS += tuple(
+    Deviation("qemu-smi-count-every-model", accel, module, catalogue.SMM_SCOPE, "smi-count-msr", {}, "ok",
+              "QEMU implements MSR_SMI_COUNT (0x34) for every CPU model (TCG's helper_rdmsr, KVM's common MSR code): "
+              "RDMSR 0x34 reads the SMI count on a model whose manuals define no such MSR (AMD64, pre-Nehalem Intel)",
+              when=(("smi_count_msr", False),))
+    for accel, module in _QEMU_ENGINES
+) + tuple(
+    Deviation("qemu-aseg-falls-through", accel, module, catalogue.SMM_SCOPE, "smram-hidden", {}, "visible",
+              "QEMU with no device on the legacy VGA window (the lab's -nodefaults): with SMRAM closed the chipset "
+              "routes A0000h-BFFFFh to PCI as the datasheet says, but nothing there claims it and QEMU's memory map "
+              "lets the RAM beneath (SMRAM) show through, for reads and writes (closed_write=1); on hardware the "
+              "access would end on the PCI bus (master abort: reads all ones). With -device VGA it reads 0xff "
+              "(docs/platform.md 'SMM')")
+    for accel, module in _QEMU_ENGINES
+)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .ids import check_id
 
-from .catalogue import GUEST_SCOPES, Row, rows
+from .catalogue import GUEST_SCOPES, SMM_SCOPE, Row, rows
 
 AT_LEAST_ONCE = ">=1"
 
@@ -98,6 +98,11 @@ class Facts:
     stated: tuple[str, ...] = ()  # the facts the configuration names (what cpu-fact compares)
     from_cpu: tuple[tuple[str, str, str], ...] = ()  # (fact, configured, CPU) where the CPU differs
     cpuid_faulting_cpu: bool | None = None  # MSR_PLATFORM_INFO[31] as the CPU read it (Facts.seen)
+    # Ring -2 (the `ring-2` scope, smm_plan): the QEMU machine (`-M`, with its options), whether
+    # this KVM runs SMM (KVM_CAP_X86_SMM), and the SMIs per measurement the lab asked for (smm=<n>).
+    machine: str = ""
+    kvm_smm: bool = False
+    smis: int = 0
 
     def has(self, feature: str) -> bool:
         """A CPUID feature by its QOM property name (`rdtscp`, `umip`, `pmu`, ...): what a
@@ -186,6 +191,12 @@ class Facts:
     def rdpmc_insn(self) -> bool:
         """RDPMC exists on this CPU (rdpmc_present): a fact deviations can name."""
         return rdpmc_present(self)
+
+    @property
+    def smi_count_msr(self) -> bool:
+        """MSR_SMI_COUNT (0x34) exists on this CPU model (smi_count_msr_present): a fact
+        deviations can name."""
+        return smi_count_msr_present(self)
 
     @property
     def amd_cpuid_semantics(self) -> bool:
@@ -454,9 +465,109 @@ def cpu_fact_plan(facts: Facts) -> list[Expectation]:
             for f in CPU_FACTS if f in facts.stated]
 
 
+# -- ring -2: System Management Mode (lab/catalogue.py SMM_SCOPE, firmware/smm.c) --------------
+# Intel family 6 models whose MSR table in the SDM (Vol. 4 ch. 2) lists MSR_SMI_COUNT (34H):
+# Nehalem (1AH, 1EH, 1FH, 2EH) and every later core (Westmere, Sandy/Ivy Bridge, Haswell,
+# Broadwell, Skylake and its successors) and Atom since Silvermont (Airmont, Goldmont, Tremont),
+# Knights Landing/Mill. Bonnell/Saltwell Atoms, Core 2 (0FH, 17H, 1DH) and family 15 have none.
+SMI_COUNT_MODELS = frozenset({
+    0x1A, 0x1E, 0x1F, 0x2E, 0x25, 0x2C, 0x2F, 0x2A, 0x2D, 0x3A, 0x3E, 0x3C, 0x3F, 0x45, 0x46,
+    0x3D, 0x47, 0x4F, 0x56, 0x4E, 0x5E, 0x55, 0x8E, 0x9E, 0x66, 0x6A, 0x6C, 0x7D, 0x7E, 0x8C,
+    0x8D, 0x8F, 0x97, 0x9A, 0xA5, 0xA6, 0xA7, 0xB7, 0xBA, 0xBF, 0xCF, 0xAA, 0xAC, 0xAD, 0xAE,
+    0x37, 0x4A, 0x4D, 0x5A, 0x5D, 0x4C, 0x5C, 0x5F, 0x7A, 0x86, 0x96, 0x9C, 0xBE, 0x57, 0x85,
+})
+# SeaBIOS relocates every CPU's SMBASE from the reset default 30000H (SDM Vol. 3C 32.11) to
+# A0000H on QEMU (its src/fw/smm.c), the ASEG the chipsets' SMRAM control maps.
+SEABIOS_SMBASE = 0xA0000
+SMRAM_D_LCK = 0x10  # i440FX SMRAM 72h / Q35 SMRAMC 9Dh bit 4: D_OPEN can no longer be set
+
+
+def smi_count_msr_present(f: Facts) -> bool:
+    """MSR_SMI_COUNT (0x34): an Intel model-specific MSR (SDM Vol. 4 ch. 2, SMI_COUNT_MODELS);
+    AMD64 defines none (APM Vol. 2 App. A). An Intel model whose family or model is not stated
+    is taken to have it (QEMU's Intel models all state both)."""
+    if f.vendor != "GenuineIntel":
+        return False
+    if f.family is None or f.model is None:
+        return True
+    return f.family == 6 and f.model in SMI_COUNT_MODELS
+
+
+def smm_skip(f: Facts) -> str | None:
+    """Why the ring -2 scope does not run in this configuration (None: it runs). From the
+    configuration only: the machine, its `smm=` option, the accelerator's SMM support."""
+    from .config import SMM_MACHINES  # config imports the catalogue, not the rules
+
+    base, *opts = f.machine.split(",") if f.machine else ("",)
+    if f.accel == "bochs":
+        return "Bochs boots its own BIOS from an ISO: the lab raises SMIs on QEMU's pc and q35 only"
+    if base not in SMM_MACHINES:
+        return (f"no SMM on {base or 'this machine'}: QEMU's microvm has no SMRAM and no APM control port 0xB2 "
+                "(run --machine pc or q35)")
+    if "smm=off" in opts:
+        return f"-machine {f.machine}: QEMU runs it without SMM (no SMRAM, OUT 0xB2 raises no SMI)"
+    if f.accel == "kvm" and not f.kvm_smm:
+        return (f"{f.kvm_module or 'this KVM'} offers no SMM (KVM_CAP_X86_SMM = 0): QEMU runs {base} with smm off, "
+                "so no SMI is ever raised")
+    if f.smis <= 0:
+        return "no smm=<n> on the kernel command line: the firmware raised no SMI"
+    return None
+
+
+def _smm_row_skip(f: Facts, row: Row, info: dict[str, str]) -> str | None:
+    """Rows that depend on what the platform reported at boot: the lab's handler needs SMRAM
+    unlocked; a count needs the MSR the CPU offers."""
+    if "smm.smram" in info and int(info["smm.smram"], 0) & SMRAM_D_LCK and (
+            row.params.get("handler") == "lab" or row.probe == "smram-hidden"):
+        return (f"SMRAM is locked (D_LCK set: {info['smm.smram']}; chipset datasheet SMRAM register): D_OPEN cannot be "
+                "set, so ring 0 can neither look at SMRAM nor install its own SMI handler")
+    if row.probe == "smi-count" and info.get("smm.msr_smi_count") == "0":
+        return ("the CPU offers no MSR_SMI_COUNT (RDMSR 0x34 was #GP(0) at boot, as smi-count-msr judges): "
+                "no count to read")
+    return None
+
+
+SMM_RULES = {
+    "smi_time": lambda f, p: "stolen",  # the TSC counts through SMM (SDM Vol. 3B 18.17)
+    "smi_count_msr": lambda f, p: "ok" if smi_count_msr_present(f) else "#GP(0)",
+    # One SMI per OUT to APM_CNT (the chipset raises SMI# on the write); none for APM_STS.
+    "smi_count": lambda f, p: str(f.smis) if p["port"] == "0xb2" else "0",
+    "smm_unchanged": lambda f, p: "unchanged",  # RSM restores what the SMI saved (SDM 32.10)
+    "rsm_outside": lambda f, p: "#UD",
+    "smram_hidden": lambda f, p: "hidden",
+    "smm_entries": lambda f, p: str(f.smis),  # each SMI enters at SMBASE+8000H
+    "smm_cs": lambda f, p: hex(SEABIOS_SMBASE >> 4),  # Table 32-4: CS selector = SMBASE >> 4
+    "smm_cr0": lambda f, p: "0x0",  # Table 32-4: CR0.PE and PG cleared
+    "smm_saved_rip": lambda f, p: "boundary",  # the save area holds the next instruction's RIP
+    "smm_saved_state": lambda f, p: "kernel",
+    "smm_alters": lambda f, p: "rbx",  # RSM loads the RBX the handler wrote, and only that changed
+}
+
+
+def smm_plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
+    """The `ring-2` scope: one expectation per catalogue row, skipped as a whole with the reason
+    where the configuration has no SMM (smm_skip)."""
+    facts = facts.seen(info)
+    whole = smm_skip(facts)
+    out = []
+    for r in rows(SMM_SCOPE):
+        why = whole or _smm_row_skip(facts, r, info or {})
+        out.append(Expectation(SMM_SCOPE, r.probe, r.params, SMM_RULES[r.entry.rule](facts, r.params), r.entry.ref,
+                               why, MODEL if why else ""))
+    return out
+
+
+def with_smm(facts: Facts, machine: str, kernel_args: tuple[str, ...], kvm_smm: bool) -> Facts:
+    """`facts` with the ring -2 configuration: the machine, this KVM's SMM support, and the
+    SMIs the kernel command line asks for (smm=<n>)."""
+    smis = next((int(a[4:]) for a in kernel_args if a.startswith("smm=") and a[4:].isdigit()), 0)
+    return dataclasses.replace(facts, machine=machine, kvm_smm=kvm_smm, smis=smis)
+
+
 def plan(facts: Facts, info: dict[str, str] | None = None) -> list[Expectation]:
     """Every check of a boot. `info`: the firmware's `info` records: the CPU's own CPUID
     answers (the rules apply to them: Facts.seen) and the `cpu-fact` comparisons; without it
     (before the boot) the configuration's facts stand in."""
     cpu = cpu_fact_plan(facts) if info is not None else []
-    return cpu + [e for scope in ("host", *GUEST_SCOPES) for e in scope_plan(facts, scope, info)]
+    return cpu + [e for scope in ("host", *GUEST_SCOPES) for e in scope_plan(facts, scope, info)] \
+        + smm_plan(facts, info)

@@ -109,3 +109,26 @@ def kvm_status(dev: str = "/dev/kvm", sys_module: str = "/sys/module") -> KvmSta
         why = f"{dev} is not readable and writable by this user (add yourself to the kvm group)"
         return KvmStatus(False, module, why)
     return KvmStatus(True, module, "")
+
+
+# KVM_CHECK_EXTENSION = _IO(KVMIO=0xAE, 0x03); KVM_CAP_X86_SMM = 117 (linux/kvm.h): whether
+# this KVM can run a guest's System Management Mode (QEMU's pc/q35 with smm=auto turn SMM
+# off where it cannot, so an OUT to APM_CNT raises no SMI).
+KVM_CHECK_EXTENSION, KVM_CAP_X86_SMM = 0xAE03, 117
+
+
+@functools.lru_cache(maxsize=None)
+def kvm_has_smm(dev: str = "/dev/kvm") -> bool:
+    """KVM_CAP_X86_SMM of the KVM behind `dev` (False without a usable /dev/kvm)."""
+    import fcntl
+
+    try:
+        fd = os.open(dev, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_SMM) > 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__, report
 from .config import DEFAULT_SIGNATURE, BOCHS, ConfigError, check_only
-from .expectations import Facts
+from .expectations import Facts, with_smm
 from .judge import Check, judge
 from .records import parse_stream
 
@@ -81,10 +81,11 @@ def _facts(run: dict, host: dict, saved: _Saved) -> Facts:
 
         return facts_for(saved, run.get("cpu_facts") or {})
     kvm_module = host.get("kvm_module")
-    return Facts.from_qemu(run["accel"], kvm_module if run["accel"] == "kvm" else None, run.get("cpu_facts") or {},
-                           hv_signature=saved.hv_signature, host_mode=saved.host_mode,
-                           guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in saved.kernel_args,
-                           host_cpuid_fault=bool(host.get("host_cpuid_fault", True)))
+    facts = Facts.from_qemu(run["accel"], kvm_module if run["accel"] == "kvm" else None, run.get("cpu_facts") or {},
+                            hv_signature=saved.hv_signature, host_mode=saved.host_mode,
+                            guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in saved.kernel_args,
+                            host_cpuid_fault=bool(host.get("host_cpuid_fault", True)))
+    return with_smm(facts, run.get("machine", ""), saved.kernel_args, bool(host.get("kvm_smm", False)))
 
 
 def _readings(boot_dir: Path) -> dict | None:

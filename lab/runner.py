@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import __version__, catalogue, deviations, report
 from .build import ROOT, Artifacts, host32_of
-from .config import BOCHS, ConfigError, Module, RunConfig
-from .expectations import Facts, plan
-from .hostinfo import KvmStatus, host_cpu_flags, kvm_status, qemu_version
+from .config import BOCHS, SMM_SMIS, ConfigError, Module, RunConfig
+from .expectations import Facts, plan, smm_skip, with_smm
+from .hostinfo import KvmStatus, host_cpu_flags, kvm_has_smm, kvm_status, qemu_version
 from .judge import Check, judge
 from .qemu import BootError, BootResult, Machine, cached_cpu_model_facts, free_tcp_port
 from .records import Transcript, parse_stream
@@ -191,6 +191,11 @@ def preboot(cfg: RunConfig) -> PreBoot:
     run = catalogue.run_words(model.has, gated)
     if run:
         cfg = dataclasses.replace(cfg, kernel_args=(*cfg.kernel_args, f"run={','.join(run)}"))
+    # Ring -2 where the machine has SMM (lab/expectations.py smm_skip): the lab names the SMIs.
+    smm = (f"smm={SMM_SMIS}",)
+    if not any(a.startswith("smm=") for a in cfg.kernel_args) and \
+            smm_skip(with_smm(model, cfg.machine, smm, cfg.accel == "kvm" and kvm_has_smm())) is None:
+        cfg = dataclasses.replace(cfg, kernel_args=(*cfg.kernel_args, *smm))
     return PreBoot(dataclasses.replace(cfg, prebooted=True, cpu_facts=json.dumps(facts)), facts)
 
 
@@ -313,11 +318,12 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
 
 def facts_of(cfg: RunConfig, kvm: KvmStatus, qom: dict) -> Facts:
     """What the configuration says the CPU is (QEMU's QOM properties of the model)."""
-    return Facts.from_qemu(
+    facts = Facts.from_qemu(
         cfg.accel, kvm.module, qom, hv_signature=cfg.hv_signature, host_mode=cfg.host_mode,
         guest_rdtsc_intercept="hv-intercept-rdtsc=0" not in cfg.kernel_args,
         host_cpuid_fault="cpuid_fault" in host_cpu_flags(),
     )
+    return with_smm(facts, cfg.machine, cfg.kernel_args, cfg.accel == "kvm" and kvm_has_smm())
 
 
 def _start_witness(gdb, machine: Machine, cfg: RunConfig, kvm: KvmStatus, qom: dict) -> None:
@@ -352,6 +358,7 @@ def host_dict(qemu: str, kvm: KvmStatus) -> dict:
         "kvm_usable": kvm.usable,
         "kvm_reason": kvm.reason,
         "host_cpuid_fault": "cpuid_fault" in host_cpu_flags(),
+        "kvm_smm": kvm.usable and kvm_has_smm(),  # KVM_CAP_X86_SMM: ring -2 runs under this KVM
         "python": platform.python_version(),
         "kernel": platform.release(),
     }

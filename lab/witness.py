@@ -45,6 +45,9 @@ WITNESS_RDMSR = "witness_rdmsr"  # firmware/probe.c: the RDMSR the CPU runs for 
 # The real-mode RDTSC runs from a copy below 1 MiB (firmware/realmode.S): its entry no-op and
 # instruction there, as absolute ELF symbols.
 REALMODE, REALMODE_PRE, REALMODE_INSN = "realmode", "realmode_pre_copy", "realmode_rdtsc_copy"
+# The RSM of the lab's SMI handler in SMRAM (firmware/smm_entry.S), absolute: QEMU stops at the
+# linear address, GDB knows the stop by RIP (CS.base is not in GDB's PC): a watch at each.
+SMM_RSM, SMM_RSM_RIP = "smm_rsm_copy", "smm_rsm_rip"
 GUEST_CPUID_INSN, GUEST_CPUID_DONE = "guest_cpuid_insn", "guest_cpuid_done"  # guests/guest/entry.S
 VMEXIT_AT, VMCB_AT = "svm_vmexit_return", "svm_vmcb"  # firmware/svm_run.S, svm.c
 SVM_EXIT_CPUID = 0x72  # APM Vol. 2 App. C
@@ -183,7 +186,7 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     caps = capabilities(accel, kvm_module)
     deviant = deviant or {}
     entries = {(r.scope, r.probe, tuple(r.params.items())): r.entry
-               for scope in ("host", *catalogue.GUEST_SCOPES) for r in catalogue.rows(scope)}
+               for scope in ("host", *catalogue.GUEST_SCOPES, catalogue.SMM_SCOPE) for r in catalogue.rows(scope)}
     host_vecs: dict[str, set[int]] = {}  # check id -> vectors of the host IDT it needs
     guest_vecs: dict[str, set[int]] = {}  # ... of the guest's own IDT
     entry_stops: dict[str, str] = {}  # check id -> label to stop at
@@ -191,6 +194,7 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
     planned: dict[str, catalogue.Probe] = {}  # check id -> its catalogue entry
     cpuid_checks: list[str] = []  # the guest's CPUID, read at guest_cpuid_insn/_done (and its exit)
     realmode: list[str] = []  # the real-mode RDTSC (firmware/realmode.S)
+    smm: list[str] = []  # the lab's SMI handler (firmware/smm_entry.S)
     for exp in expectations:
         entry = entries.get((exp.scope, exp.probe, tuple(exp.params.items())))
         if entry is None or exp.skip or (exp.id in deviant and deviant[exp.id] is None):
@@ -203,6 +207,11 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
             else:
                 unwitnessed[exp.id] = f"{caps.name}: runs at boot in real mode, with no trap to read; only a stop " \
                                       f"at the instruction could see it ({caps.no_insn_stops})"
+        elif how == catalogue.SMM_STOP:  # the lab's SMI handler, in SMM
+            if accel == "tcg":
+                smm.append(exp.id)
+            else:
+                unwitnessed[exp.id] = f"{caps.name}: GDB stops in SMM measured under TCG only (docs/gdb.md)"
         elif how.startswith("none"):
             unwitnessed[exp.id] = how.removeprefix("none: ")
         elif exp.scope == "guest-soft" and not caps.stops_in_soft_guest:
@@ -250,6 +259,8 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
                 for name in chained]
     if realmode:
         watches.append(Watch(REALMODE_PRE, "insn", stub=REALMODE))
+    if smm:
+        watches += [Watch(SMM_RSM, "regs", hw=hw), Watch(SMM_RSM_RIP, "regs", hw=hw)]
     # The host's probe phase ends at hv_main: its stubs go there, unless a guest under the
     # software host (which traps into the same stubs) is to be witnessed too.
     if not any(cid.startswith("guest-soft.") for cid in host_vecs):
@@ -267,7 +278,7 @@ def witness_plan(accel: str, kvm_module: str | None, expectations: Iterable,
                     Watch(GUEST_CPUID_DONE, "regs", hw=cpuid_hw, arm=f"-{VMEXIT_AT}" if svm else "")]
         if svm:
             watches.append(Watch(VMEXIT_AT, "vmexit", hw=hw, vmcb=VMCB_AT))
-    checks = list(entry_stops) + list(guest_vecs) + cpuid_checks + realmode
+    checks = list(entry_stops) + list(guest_vecs) + cpuid_checks + realmode + smm
     for cid, vs in host_vecs.items():
         # A chained stub's faults are seen by the single step, wherever its IDT sends the CPU: only
         # its return trap (#UD) needs a watch.
@@ -362,6 +373,7 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
     pending: dict | None = None  # the last insn stop, until the trap that closes its chain
     cpuid_pre: dict | None = None  # the guest's last stop at its CPUID ...
     exits: list[dict] = []  # ... and the #VMEXITs since
+    smm_stops: list[dict] = []  # the lab's SMI handler at its RSM, in SMM
 
     def flush() -> None:  # an insn stop no trap closed: its reading from what the step showed
         nonlocal pending
@@ -394,6 +406,9 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
             else:
                 _guest_cpuid(cpuid_pre, exits, stop, guest, guest_scope, out, stray)
                 cpuid_pre, exits = None, []
+            continue
+        if kind == "regs" and stop["at"] in (SMM_RSM, SMM_RSM_RIP):
+            smm_stops.append(stop)
             continue
         if kind == "regs":  # a stop at a label: the CPL the CPU runs it at
             flush()
@@ -489,6 +504,8 @@ def read_stops(stops: list[dict], image: Image, guest: Image | None = None,
                 continue
             _add(out, scope, entry.probe, params, _with_problems(value, problems), evidence)
     flush()
+    if smm_stops:
+        _smm(smm_stops, out)
     return out, stray
 
 
@@ -566,6 +583,29 @@ def _realmode(pre: dict, image: Image, out: dict) -> None:
          {"at": pre["at"], "insn": "; ".join(asm[:1]), "insn.cr0": f"{regs.get('cr0', 0):#x}",
           "insn.cr4": f"{regs['cr4']:#x}", "saw": "the instruction and the state right after it",
           "chain": "insn -> step: completed" if outcome == "ok" else f"insn -> step: {outcome}"})
+
+
+def _smm(stops: list[dict], out: dict) -> None:
+    """The lab's SMI handler, stopped at its RSM in SMRAM (firmware/smm_entry.S): the CPU there is
+    in SMM's real-address-like mode (SDM Vol. 3C 32.5.1 Table 32-4: CS = SMBASE >> 4, CR0.PE=PG=0)
+    at SMBASE+8000h+offset, which only SMM can fetch. EBX holds the entry's `alter` flag, ECX the
+    entries so far: the quiet entries are the smi-entries count; every entry shows its CS and CR0."""
+    problems = []
+    counts = [s["regs"]["rcx"] & 0xFFFFFFFF for s in stops]
+    if counts != list(range(1, len(stops) + 1)):
+        problems.append(f"the handler's own entry counts were {counts}, not 1..{len(stops)}")
+    quiet = sum(1 for s in stops if not s["regs"]["rbx"] & 0xFFFFFFFF)
+    cs = {s["regs"]["cs"] for s in stops}
+    cr0 = {s["regs"]["cr0"] & 0x80000001 for s in stops}  # PG | PE
+    rips = sorted({s["regs"]["rip"] for s in stops})
+    evidence = {"at": SMM_RSM, "stops": str(len(stops)), "rip": ",".join(f"{r:#x}" for r in rips),
+                "saw": "the lab's SMI handler at its RSM, in SMM"}
+    entry = {e.probe: e for e in catalogue.CATALOGUE if e.witness_in(catalogue.SMM_SCOPE) == catalogue.SMM_STOP}
+    for probe, value in (("smi-entries", str(quiet)),
+                         ("smm-cs", f"{cs.pop():#x}" if len(cs) == 1 else "differs: " + ",".join(map(hex, sorted(cs)))),
+                         ("smm-cr0", f"{cr0.pop():#x}" if len(cr0) == 1 else "differs")):
+        params = {k: str(v[0]) for k, v in entry[probe].dims}
+        _add(out, catalogue.SMM_SCOPE, probe, params, _with_problems(value, problems), evidence)
 
 
 def _with_problems(value: str, problems: list[str]) -> str:
