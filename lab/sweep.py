@@ -132,7 +132,9 @@ class _Qmp(contextlib.AbstractContextManager):
         except BootError as exc:
             self.close()  # QEMU has ended: its stderr can be read to the end
             err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
-            raise ConfigError(f"QEMU ({self.accel}) could not list its CPU models: {err or exc}") from None
+            # QEMU's own words first when it refused to start; a QEMU that stopped answering is named by exc.
+            why = f"{exc}; QEMU said: {err}" if err and "is stopped" in str(exc) else (err or str(exc))
+            raise ConfigError(f"QEMU ({self.accel}) could not list its CPU models: {why}") from None
         except BaseException:
             self.close()
             raise
