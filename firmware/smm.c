@@ -166,6 +166,18 @@ static void rec_smi_obs(const char *probe, const char *handler)
         rec_str("handler", handler);
 }
 
+/* MSR_SMI_COUNT (0x34) across the SMIs of one port: the difference, or the #GP(0) RDMSR took. */
+static void rec_smi_count(const char *handler, const char *port, int faulted, u64 count)
+{
+    rec_smi_obs("smi-count", handler);
+    rec_str("port", port);
+    if (faulted)
+        rec_str("obs", "#GP(0)");
+    else
+        rec_u64("obs", count);
+    rec_end();
+}
+
 void smm_report(void)
 {
     const char *on = cmdline_get("smm");
@@ -232,20 +244,8 @@ void smm_report(void)
     rec_obs_begin("ring-2", "smi-count-msr");
     rec_str("obs", msr_faulted ? "#GP(0)" : "ok");
     rec_end();
-    rec_smi_obs("smi-count", "firmware");
-    rec_str("port", "0xb2");
-    if (msr_faulted)
-        rec_str("obs", "#GP(0)");
-    else
-        rec_u64("obs", count2 - count1);
-    rec_end();
-    rec_smi_obs("smi-count", "firmware");
-    rec_str("port", "0xb3");   /* across the status-port OUTs alone */
-    if (msr_faulted)
-        rec_str("obs", "#GP(0)");
-    else
-        rec_u64("obs", count1 - count0);
-    rec_end();
+    rec_smi_count("firmware", "0xb2", msr_faulted, count2 - count1);
+    rec_smi_count("firmware", "0xb3", msr_faulted, count1 - count0);   /* the status-port OUTs alone */
 
     rec_smi_obs("smi-state", "firmware");
     rec_changed("obs", smi.changed);
@@ -340,13 +340,7 @@ void smm_report(void)
     rec_u64("after_alter", entries);
     rec_end();
 
-    rec_smi_obs("smi-count", "lab");
-    rec_str("port", "0xb2");
-    if (msr_faulted)
-        rec_str("obs", "#GP(0)");
-    else
-        rec_u64("obs", msr1 - msr0);
-    rec_end();
+    rec_smi_count("lab", "0xb2", msr_faulted, msr1 - msr0);
 
     rec_smi_obs("smi-state", "lab");
     rec_changed("obs", quiet.changed);

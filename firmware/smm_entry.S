@@ -112,6 +112,17 @@ smm_raise_end:
 #define SV_RBX       (SAVE + 0x1e0)
 #define SV_EFER      (SAVE + 0xd0)
 
+/* One dword of the save area (ESI) into the mailbox (EDI), through EAX; a qword as its two
+ * dwords (the handler runs in SMM's 16-bit mode with 32-bit addressing). */
+.macro save_to_mbox sv, mb
+    addr32 movl \sv(%esi), %eax
+    addr32 movl %eax, \mb(%edi)
+.endm
+.macro save_to_mbox64 sv, mb
+    save_to_mbox \sv, \mb
+    save_to_mbox \sv+4, \mb+4
+.endm
+
     .section .rodata
     .globl smm_blob, smm_blob_end, smm_blob_mbox
     .code16
@@ -124,28 +135,13 @@ smm_blob:
     addr32 movw %ax, MB_CS(%edi)
     mov %cr0, %eax                          /* a CPL0 instruction: SMM runs at CPL0 */
     addr32 movl %eax, MB_CR0(%edi)
-    addr32 movl SV_REV(%esi), %eax
-    addr32 movl %eax, MB_REV(%edi)
-    addr32 movl SV_SMBASE(%esi), %eax
-    addr32 movl %eax, MB_SMBASE(%edi)
-    addr32 movl SV_RIP(%esi), %eax
-    addr32 movl %eax, MB_RIP(%edi)
-    addr32 movl SV_RIP+4(%esi), %eax
-    addr32 movl %eax, MB_RIP+4(%edi)
-    addr32 movl SV_RBX(%esi), %eax
-    addr32 movl %eax, MB_RBX(%edi)
-    addr32 movl SV_RBX+4(%esi), %eax
-    addr32 movl %eax, MB_RBX+4(%edi)
-    addr32 movl SV_CR3(%esi), %eax
-    addr32 movl %eax, MB_CR3(%edi)
-    addr32 movl SV_CR3+4(%esi), %eax
-    addr32 movl %eax, MB_CR3+4(%edi)
-    addr32 movl SV_RSP(%esi), %eax
-    addr32 movl %eax, MB_RSP(%edi)
-    addr32 movl SV_RSP+4(%esi), %eax
-    addr32 movl %eax, MB_RSP+4(%edi)
-    addr32 movl SV_EFER(%esi), %eax
-    addr32 movl %eax, MB_EFER(%edi)
+    save_to_mbox SV_REV, MB_REV
+    save_to_mbox SV_SMBASE, MB_SMBASE
+    save_to_mbox64 SV_RIP, MB_RIP
+    save_to_mbox64 SV_RBX, MB_RBX
+    save_to_mbox64 SV_CR3, MB_CR3
+    save_to_mbox64 SV_RSP, MB_RSP
+    save_to_mbox SV_EFER, MB_EFER
     addr32 cmpl $0, MB_ALTER(%edi)
     je 1f
     addr32 movl MB_KEY(%edi), %eax          /* ring -2 changes the kernel's RBX: RSM loads it */
