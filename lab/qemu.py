@@ -210,7 +210,7 @@ def cpu_model_facts(cfg: RunConfig, timeout_s: float | None = None) -> dict[str,
                 # A second Ctrl-C or SIGTERM may land in this clean-up: the kill comes last
                 # whatever happens before it, so no QEMU outlives the question.
                 try:
-                    processes.end_group(proc, (lambda t: qmp.cmd("quit", timeout_s=t)) if qmp else None)
+                    processes.end_group(proc, qmp.quit if qmp else None)
                 finally:
                     kill_group(proc)
                     if qmp is not None:
@@ -225,6 +225,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
+def _not_answering(exc: QmpTimeout, proc: subprocess.Popen) -> BootError:
+    """A QMP timeout as a boot error that names QEMU's process state."""
+    return BootError(f"{exc}: {processes.describe('QEMU', proc.pid)}")
+
+
 def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> Qmp:
     """A QMP connection to a QEMU that is starting, by `deadline`. A QEMU that made its socket
     but does not answer (stopped, swapped out) is named with its process state."""
@@ -236,7 +241,7 @@ def _connect_qmp(path: str, proc: subprocess.Popen, deadline: float) -> Qmp:
             return qmp
         except QmpTimeout as exc:
             qmp.close(0)
-            raise BootError(f"{exc}: {processes.describe('QEMU', proc.pid)}") from None
+            raise _not_answering(exc, proc) from None
         except (QmpClosed, QmpError) as exc:
             qmp.close(0)
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -250,7 +255,7 @@ def _qom_facts(qmp: Qmp, proc: subprocess.Popen, deadline: float) -> dict[str, o
         try:
             return qmp.cmd(name, args, timeout_s=deadline - time.monotonic())
         except QmpTimeout as exc:
-            raise BootError(f"{exc}: {processes.describe('QEMU', proc.pid)}") from None
+            raise _not_answering(exc, proc) from None
         except QmpClosed as exc:
             raise BootError(str(exc)) from None
 
@@ -369,7 +374,7 @@ class Machine(Engine):
             self.qmp.cmd("cont", timeout_s=max(0.2, self.left(2.0)))
         except QmpTimeout as exc:
             self.silent = "cont"
-            raise BootError(f"{exc}: {processes.describe('QEMU', self.proc.pid)}") from None
+            raise _not_answering(exc, self.proc) from None
         except (QmpClosed, QmpError) as exc:
             # A fast firmware can reach isa-debug-exit before QMP's reply arrives: QEMU then
             # closes the socket. Only a QEMU that is still running has really failed.
@@ -536,7 +541,7 @@ class Machine(Engine):
     def close(self) -> None:
         if self.proc is not None:
             qmp = self.qmp
-            self.teardown = processes.end_group(self.proc, (lambda t: qmp.cmd("quit", timeout_s=t)) if qmp else None)
+            self.teardown = processes.end_group(self.proc, qmp.quit if qmp else None)
             if self.teardown:
                 with contextlib.suppress(OSError):
                     (self.run_dir / "teardown.log").write_text(

@@ -71,6 +71,10 @@ class Qmp:
         """The command's return value; QmpError for QEMU's error reply."""
         return self._run(self._client.execute(name, args), self.timeout_s if timeout_s is None else timeout_s, name)
 
+    def quit(self, timeout_s: float) -> None:
+        """QMP `quit`: the polite first step of ending QEMU (lab/processes.py end_group)."""
+        self.cmd("quit", timeout_s=timeout_s)
+
     def events(self) -> list[dict]:
         """The events that have arrived, without waiting for more (one turn of the loop lets
         the reader take what the socket holds)."""

@@ -149,7 +149,7 @@ class _Qmp(contextlib.AbstractContextManager):
 
     def close(self) -> None:
         qmp = self.qmp
-        processes.end_group(self.proc, (lambda t: qmp.cmd("quit", timeout_s=t)) if qmp else None)
+        processes.end_group(self.proc, qmp.quit if qmp else None)
         if qmp is not None:
             qmp.close()
         with contextlib.suppress(OSError):
