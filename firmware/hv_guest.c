@@ -141,6 +141,10 @@ void hv_cpuid(const struct hv_config *c, u32 leaf, u32 subleaf, struct cpuid_reg
 }
 
 /* ---- guest reports -> records ---- */
+static const char *const pg_names[LABHC_PG_N] = {
+    "sgdt", "sidt", "sldt", "smsw", "str", "pushf", "popf", "lar", "lsl", "verr", "verw",
+    "pop", "push", "call", "jmp", "int", "ret", "mov",
+};
 static const char *via_name(u64 v)
 {
     switch (v) {
@@ -262,6 +266,44 @@ int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r)
         rec_u64("umip", r->rsi);
         rec_u64("cpl", r->rdx);
         rec_exc("obs", e);
+        rec_end();
+        return 0;
+    }
+    case LABHC_PG_BEGIN: {              /* the skip= words name pg-<insn> (lab/deviations.py) */
+        static char name[16] = "pg-";
+        const char *n = r->rdi < LABHC_PG_N ? pg_names[r->rdi] : "?";
+        memcpy(name + 3, n, strlen(n) + 1);
+        r->rax = !cmdline_list_has("skip", name);
+        c->pg_begin = c->events ? *c->events : 0;
+        return 0;
+    }
+    case LABHC_PG_MARK:
+        /* Both hosts count this report and BEGIN's once between the two reads (SVM/VMX after
+         * the exit's handler, the soft host before it): the rest is the instruction's. */
+        c->pg_events = c->events ? *c->events - c->pg_begin - 1 : 0;
+        return 0;
+    case LABHC_PG: {
+        if (r->rdi >= LABHC_PG_N)
+            return 0;
+        struct exc_result e = outcome(r->r8, r->r9, 0, 0);
+        u64 events = c->pg_events, seen = r->rdx;
+        if (LAB_IS_LIE && r->rdi == LABHC_PG_RET) {
+            events = 0;                 /* lie variant: a leak that did not happen */
+            seen = r->rcx ^ 1;
+        }
+        int same = !e.faulted && seen == r->rcx;
+        char name[16] = "pg-";
+        memcpy(name + 3, pg_names[r->rdi], strlen(pg_names[r->rdi]) + 1);
+        rec_obs_begin(c->scope, name);
+        rec_u64("umip", r->rsi);
+        /* traps: the host saw it and the guest saw its own view; wrong: it saw it, yet the guest
+         * saw another; leaks: unseen, and the guest saw what a CPL0 kernel would not. */
+        rec_str("obs", events ? (same ? "traps" : "wrong") : (same ? "same" : "leaks"));
+        rec_hex("seen", seen);
+        rec_hex("own", r->rcx);
+        rec_u64("events", events);
+        if (e.faulted)
+            rec_exc("exc", e);
         rec_end();
         return 0;
     }

@@ -383,6 +383,7 @@ void hv_main(const struct bootinfo *bi)
         .nrips = (feat.edx & SVM_FEAT_NRIPS) != 0,
     };
     memset(&svm_gregs, 0, sizeof svm_gregs);
+    v.ctx.events = &v.exits;
     u64 t0 = rdtsc();
     do {
         svm_run(PA(&svm_vmcb), PA(svm_host_save), &svm_gregs);

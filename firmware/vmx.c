@@ -478,6 +478,7 @@ int vmx_main(const struct bootinfo *bi, struct hv_config *cfg, const char **why)
         .ctx = { .cfg = cfg, .scope = SCOPE, .exit_path = "vmexit", .end = NULL, .entry_via = "vmentry" },
     };
     memset(&vmx_gregs, 0, sizeof vmx_gregs);
+    v.ctx.events = &v.exits;
     u64 t0 = rdtsc();
     int launched = 0;
     for (;;) {

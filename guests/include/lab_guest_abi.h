@@ -52,6 +52,17 @@
 #define LABHC_UMIP_SLDT 2
 #define LABHC_UMIP_SMSW 3
 #define LABHC_UMIP_STR  4
+/* The Popek-Goldberg family (lab/catalogue.py `pg-*`): the guest brackets one sensitive
+ * instruction between BEGIN and MARK, so the host can count its own traps/exits in between
+ * (the instruction's, none when it ran natively); then reports what it saw against its own
+ * tables. BEGIN answers RAX=1 (run it) or 0 (the host was told to skip it: `skip=pg-<insn>`). */
+#define LABHC_PG_BEGIN      0x34  /* rdi=instruction (LABHC_PG_*): RAX = 1 run / 0 skip */
+#define LABHC_PG_MARK       0x35  /* right after the instruction (or the exception it raised) */
+#define LABHC_PG            0x36  /* rdi=instruction, rsi=CR4.UMIP, rdx=seen, rcx=expected by the
+                                     guest's own tables, r8=outcome, r9=error code */
+#define LABHC_PG_N          18    /* sgdt sidt sldt smsw str pushf popf lar lsl verr verw
+                                     pop push call jmp int ret mov, in this order */
+#define LABHC_PG_RET        16
 #define LABHC_COST          0x40  /* rdi=op (LABHC_OP_*), rsi=iterations, rdx=cycles */
 #define LABHC_PANIC         0x7e  /* rdi=vector, rsi=error code, rdx=rip, rcx=cs */
 #define LABHC_DONE          0x7f  /* rdi=number of probes run: end the guest */
