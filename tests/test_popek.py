@@ -145,3 +145,20 @@ def test_invoke_view_prints_the_table(tmp_path, artifacts):
     assert any("software host (CPL1): virtualizable by trap-and-emulate? UMIP off: no, 13 leak" in line
                for line in lines)
     assert json.loads(path.read_text())["summary"]["fail"] == 0
+
+
+@pytest.mark.bochs
+@pytest.mark.parametrize("host", ["vmx", "soft"])
+def test_bochs_vmx_guest_and_software_host_with_umip(tmp_path, artifacts, kvm, host):
+    from lab import bochs
+    if bochs.missing_reason():
+        pytest.skip(f"Bochs missing: {bochs.missing_reason()}")
+    # An Intel model with UMIP (CPUID.(07H,0):ECX[2]), so both passes run.
+    cfg = make_config("bochs", artifacts, qemu=bochs.bochs_binary(), kvm=kvm, cpu="corei7_icelake_u",
+                      host_mode=host)
+    out = run_one(cfg, tmp_path / "run", kvm)
+    c = pg(out, f"guest-{host}")
+    assert len(c) == 2 * len(NAMES)
+    assert [(k, x.status, x.expected, x.observed) for k, x in c.items() if x.status != "pass"] == []
+    if host == "vmx":
+        assert all(x.observed == "same" for x in c.values())
