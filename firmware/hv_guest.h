@@ -50,11 +50,15 @@ struct hv_ctx {
     const char *exit_path;  /* name of the trapping path in cost keys: "vmexit" */
     const char *end;        /* why the guest ended: "done", "panic", ... (NULL: running) */
     const char *entry_via;  /* the host's entry as cpl-enter names it (NULL: "vmrun") */
-    /* The pg-* window (LABHC_PG_BEGIN..MARK): the host's count of its exits or traps, read
-     * at both ends; the report names how many fell in between (the instruction's own). */
-    const u64 *events;
-    u64 pg_begin, pg_events;
+    /* The pg-* family (LABHC_PG_BEGIN): the guest's probed text [pg_lo, pg_hi); the host counts
+     * its exits or traps at a guest RIP there (hv_pg_count); each report takes the count. */
+    u64 pg_lo, pg_hi, pg_events;
 };
+static inline void hv_pg_count(struct hv_ctx *c, u64 rip)
+{
+    if (rip - c->pg_lo < c->pg_hi - c->pg_lo)
+        c->pg_events++;
+}
 /* One OUT to LABHC_PORT: emit the record(s) it carries. Returns 1 when the
  * guest is finished (DONE or PANIC), else 0. */
 int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r);

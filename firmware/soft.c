@@ -277,7 +277,8 @@ void soft_main(const struct bootinfo *bi, struct hv_config *cfg, const char *why
     if (v->cpuid_faulting)
         rdmsr_safe(MSR_MISC_FEATURES, &misc);
 
-    struct hv_ctx ctx = { .cfg = &scfg, .scope = SCOPE, .exit_path = "trap", .end = NULL, .events = &v->traps };
+    struct hv_ctx ctx = { .cfg = &scfg, .scope = SCOPE, .exit_path = "trap", .end = NULL };
+    v->ctx = &ctx;
     for (int i = 0; i < 32; i++)
         exc_set_hook(i, soft_trap);
     u64 t0 = rdtsc();

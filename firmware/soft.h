@@ -55,6 +55,7 @@ struct soft_vcpu {
     int no_emulate_umip;    /* soft-fault=no-emulate-umip: SGDT's UMIP #GP reflected, not emulated */
     u64 host_cr4;           /* real CR4 of the host, TSD clear */
     const struct hv_config *cfg;
+    struct hv_ctx *ctx;     /* the reports' state (hv_pg_count) */
     /* exit to soft_main */
     int exit;               /* enum soft_exit */
     const char *end;        /* why the guest ended (SOFT_EXIT_END) */

@@ -796,6 +796,7 @@ int soft_trap(struct exc_frame *f)
     if (++v->traps > TRAP_LIMIT)
         return end_guest(v, f, "trap-limit");
     fault_linger_guest();
+    hv_pg_count(v->ctx, f->rip);
     switch (f->vector) {
     case 13:
         return trap_gp(v, f);

@@ -171,6 +171,7 @@ int svm_handle_exit(struct svm_vcpu *v)
     if ((u32)code == 0xffffffffu)       /* QEMU reports -1 as 32-bit */
         code = vm->ctl.exit_code = VMEXIT_INVALID;
     count_exit(code);
+    hv_pg_count(&v->ctx, vm->save.rip);
     vm->ctl.event_inj = 0;
     fault_linger_guest();
     v->g->rax = vm->save.rax;
@@ -383,7 +384,6 @@ void hv_main(const struct bootinfo *bi)
         .nrips = (feat.edx & SVM_FEAT_NRIPS) != 0,
     };
     memset(&svm_gregs, 0, sizeof svm_gregs);
-    v.ctx.events = &v.exits;
     u64 t0 = rdtsc();
     do {
         svm_run(PA(&svm_vmcb), PA(svm_host_save), &svm_gregs);

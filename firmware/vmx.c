@@ -170,6 +170,7 @@ int vmx_handle_exit(struct vmx_vcpu *v)
         end_info(v, reason == EXIT_INVALID_GUEST_STATE ? "invalid-guest-state" : "vmentry-failed", reason);
         return 0;
     }
+    hv_pg_count(&v->ctx, vmread(GUEST_RIP));
     switch (reason) {
     case EXIT_CPUID:          r = h_cpuid(v); break;
     case EXIT_RDTSC:          r = h_rdtsc(v); break;
@@ -478,7 +479,6 @@ int vmx_main(const struct bootinfo *bi, struct hv_config *cfg, const char **why)
         .ctx = { .cfg = cfg, .scope = SCOPE, .exit_path = "vmexit", .end = NULL, .entry_via = "vmentry" },
     };
     memset(&vmx_gregs, 0, sizeof vmx_gregs);
-    v.ctx.events = &v.exits;
     u64 t0 = rdtsc();
     int launched = 0;
     for (;;) {

@@ -85,7 +85,8 @@ def test_software_host_under_tcg_with_umip(tmp_path, artifacts, qemu, kvm):
     assert {k for k, x in c.items() if x.observed == "leaks" and k.endswith("umip1")} == \
         {f"pg-{n}.umip1" for n in NAMES if n not in FAULTS_AT_CPL1 | UMIP5}
     sgdt = c["pg-sgdt.umip1"].details
-    assert sgdt["seen"] == sgdt["own"] and sgdt["events"] == "1"
+    assert "seen" not in sgdt and sgdt["own"] and sgdt["events"] == "1"  # seen only where it differs
+    assert c["pg-sgdt.umip0"].details["seen"] != c["pg-sgdt.umip0"].details["own"]
 
 
 @pytest.mark.tcg
@@ -93,7 +94,7 @@ def test_svm_guest_sees_its_own_state_for_every_instruction(tmp_path, artifacts,
     out = boot(tmp_path, artifacts, qemu, kvm, cpu="max", host_mode="svm")
     c = pg(out, "guest-svm")
     assert len(c) == 2 * len(NAMES)
-    assert all(x.status == "pass" and x.observed == "same" and x.details["events"] == "0" for x in c.values())
+    assert all(x.status == "pass" and x.observed == "same" and "events" not in x.details for x in c.values())
 
 
 @pytest.mark.tcg

@@ -169,23 +169,19 @@ probe_done_guest_rdtsc:
     ud2
 
 /* The Popek-Goldberg family (guest.c probe_pg): one sensitive instruction each, run at the
- * guest kernel's CPL (0 as it believes; 1 under the software host). guest.c sends PG_BEGIN
- * right before the call; PG_MARK right after the instruction closes the window in which the
- * host counts its own traps/exits. Each returns what the instruction showed (RAX). */
+ * guest kernel's CPL (0 as it believes; 1 under the software host). Between pg_text_start and
+ * pg_text_end nothing else can trap (the gate targets, whose LRETQ/IRETQ trap under the software
+ * host, live outside it): the host counts its traps/exits there (LABHC_PG_BEGIN). Each returns
+ * what the instruction showed (RAX). */
 #define SEL_LDT  0x40
 #define SEL_GATE 0x80                   /* and 0x90: past the host kernel's GDT limit (firmware lab.h) */
-.macro PG_MARK
-    push %rax
-    mov $LABHC_PG_MARK, %eax
-    outl %eax, $LABHC_PORT
-    pop %rax
-.endm
+    .globl pg_text_start, pg_text_end
+pg_text_start:
 .macro PG_DTR name, insn
     .globl pg_\name
 pg_\name:
     sub $24, %rsp
     \insn 8(%rsp)
-    PG_MARK
     mov 10(%rsp), %rax                  /* the base */
     add $24, %rsp
     ret
@@ -195,7 +191,6 @@ pg_\name:
 pg_\name:
     xor %eax, %eax
     \insn %ax
-    PG_MARK
     movzwl %ax, %eax
     ret
 .endm
@@ -209,14 +204,12 @@ pg_\name:
     .globl pg_pushf
 pg_pushf:
     pushfq
-    PG_MARK
     pop %rax
     ret
     .globl pg_popf                      /* rdi = the RFLAGS to load; returns them read back */
 pg_popf:
     push %rdi
     popfq
-    PG_MARK
     pushfq
     pop %rax
     ret
@@ -228,7 +221,6 @@ pg_lar:
     xor %edx, %edx
     lar %cx, %edx
     setz %cl
-    PG_MARK
     movzbl %cl, %eax
     shl $63, %rax
     and $0x00f0ff00, %edx
@@ -240,7 +232,6 @@ pg_lsl:
     xor %edx, %edx
     lsl %cx, %edx
     setz %cl
-    PG_MARK
     movzbl %cl, %eax
     shl $63, %rax
     or %rdx, %rax
@@ -252,7 +243,6 @@ pg_\name:
     xor %eax, %eax
     \name %cx
     setz %al
-    PG_MARK
     ret
 .endm
     PG_VER verr
@@ -261,13 +251,11 @@ pg_\name:
 pg_pop:
     pushq $SEL_KDATA
     pop %fs
-    PG_MARK
     mov $1, %eax
     ret
     .globl pg_push                      /* PUSH FS (guest.c loaded SEL_KDATA): the selector */
 pg_push:
     push %fs
-    PG_MARK
     pop %rax
     movzwl %ax, %eax
     ret
@@ -278,39 +266,36 @@ pg_call:
     lcall *pg_far(%rip)
     mov pg_seen(%rip), %rax
     ret
-pg_call_target:
-    mov 8(%rsp), %rax                   /* a 64-bit call gate pushes CS, RIP as quadwords */
-    mov %rax, pg_seen(%rip)
-    PG_MARK
-    lretq
     .globl pg_jmp, pg_jmp_target
 pg_jmp:
     ljmp *pg_far_jmp(%rip)
 pg_jmp_back:
     mov $1, %eax
     ret
-pg_jmp_target:
-    PG_MARK
-    jmp pg_jmp_back
     .globl pg_int, pg_int_target
 pg_int:
     int $0x40
     mov pg_seen(%rip), %rax
     ret
-pg_int_target:
-    mov 8(%rsp), %rax                   /* frame: RIP, CS, RFLAGS, RSP, SS */
-    mov %rax, pg_seen(%rip)
-    PG_MARK
-    iretq
     .globl pg_ret
 pg_ret:
     pushq $SEL_KCODE
     lea 1f(%rip), %rax
     push %rax
     lretq
-1:  PG_MARK
-    mov $1, %eax
+1:  mov $1, %eax
     ret
+pg_text_end:
+pg_call_target:
+    mov 8(%rsp), %rax                   /* a 64-bit call gate pushes CS, RIP as quadwords */
+    mov %rax, pg_seen(%rip)
+    lretq
+pg_int_target:
+    mov 8(%rsp), %rax                   /* frame: RIP, CS, RFLAGS, RSP, SS */
+    mov %rax, pg_seen(%rip)
+    iretq
+pg_jmp_target:
+    jmp pg_jmp_back
 
 /* void guest_set_rflags(u64 rflags): IRETQ to the next instruction, same ring, with these
  * RFLAGS: how a kernel sets its IOPL (SDM Vol. 2A IRET). */

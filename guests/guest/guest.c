@@ -51,7 +51,7 @@ extern char probe_insn_guest_sgdt[], probe_done_guest_sgdt[], probe_insn_guest_s
 extern char probe_insn_guest_sldt[], probe_done_guest_sldt[], probe_insn_guest_smsw[], probe_done_guest_smsw[];
 extern char probe_insn_guest_str[], probe_done_guest_str[];
 extern u64 guest_gdt[], guest_gdt_ldt[2], guest_gdt_gate[4];
-extern char pg_int_target[], pg_call_target[], pg_jmp_target[];
+extern char pg_int_target[], pg_call_target[], pg_jmp_target[], pg_text_start[], pg_text_end[];
 void guest_set_rflags(u64 rflags);
 #define SEL_KDATA 0x10
 #define SEL_LDT   0x40
@@ -273,7 +273,7 @@ static void probe_umip(void)
 /* ---- Popek & Goldberg (1974), Robin & Irvine (USENIX Security 2000): the sensitive but
  * unprivileged instructions of x86, run at our kernel CPL. Each compares what the instruction
  * showed with what our own tables say a CPL0 kernel sees (lab/catalogue.py `pg-*`, the SDM
- * reference per entry); the host counts its traps/exits between PG_BEGIN and PG_MARK. ---- */
+ * reference per entry); the host counts its traps/exits in the probed text (entry.S). ---- */
 enum { PG_SGDT, PG_SIDT, PG_SLDT, PG_SMSW, PG_STR, PG_PUSHF, PG_POPF, PG_LAR, PG_LSL, PG_VERR,
        PG_VERW, PG_POP, PG_PUSH, PG_CALL, PG_JMP, PG_INT, PG_RET, PG_MOV };
 /* entry.S; only pg_popf reads its argument */
@@ -284,20 +284,20 @@ u64 pg_sgdt(u64), pg_sidt(u64), pg_sldt(u64), pg_smsw(u64), pg_str(u64), pg_push
 #define RFL_IOPL3 (3ull << 12)
 #define RFL_IF (1ull << 9)
 
+static u64 pg_skip;                     /* LABHC_PG_BEGIN's answer: bit i = skip instruction i */
+
 static void pg_one(int i, u64 umip, u64 (*stub)(u64), u64 arg, u64 want, u64 mask)
 {
     volatile u64 seen = 0;
     volatile int completed = 0;
 
-    if (!hc(LABHC_PG_BEGIN, (u64)i, 0, 0, 0, 0, 0))
+    if (pg_skip >> i & 1)
         return;                         /* the host was told to skip it */
     if (guest_setjmp(&catch_buf) == 0) {
         catch_armed = 1;
         seen = stub(arg);
         catch_armed = 0;
         completed = 1;
-    } else {
-        hc(LABHC_PG_MARK, 0, 0, 0, 0, 0, 0);
     }
     u64 outcome = completed ? LABHC_OUTCOME_OK
                             : LABHC_OUTCOME_EXC | caught.vector | (caught.has_err ? LABHC_OUTCOME_ERR : 0);
@@ -321,8 +321,7 @@ static void probe_pg_once(u64 umip)
      * leaves it (no FPU/SSE code runs in between: -mgeneral-regs-only). */
     u64 cr0 = read_cr0();
     write_cr0(cr0 | CR0_TS);
-    u64 msw = read_cr0();
-    pg_one(PG_SMSW, umip, pg_smsw, 0, msw, 0xffff);
+    pg_one(PG_SMSW, umip, pg_smsw, 0, cr0 | CR0_TS, 0xffff);
     write_cr0(cr0);
     pg_one(PG_STR, umip, pg_str, 0, SEL_TSS, all);
     /* PUSHF: the IF and IOPL we set (IOPL 3 by IRETQ, IF 0); POPF: does loading IOPL 3 take? */
@@ -331,7 +330,8 @@ static void probe_pg_once(u64 umip)
     pg_one(PG_PUSHF, umip, pg_pushf, 0, fl | RFL_IOPL3, RFL_IOPL3 | RFL_IF);
     guest_set_rflags(fl);
     pg_one(PG_POPF, umip, pg_popf, fl | RFL_IOPL3, fl | RFL_IOPL3, RFL_IOPL3 | RFL_IF);
-    guest_set_rflags(fl);
+    if (read_rflags() & RFL_IOPL3)      /* where POPF took (each IRETQ traps under the soft host) */
+        guest_set_rflags(fl);
     pg_one(PG_LAR, umip, pg_lar, 0, z63 | (guest_gdt[SEL_KCODE >> 3] >> 32 & 0x00f0ff00), all);
     pg_one(PG_LSL, umip, pg_lsl, 0, z63 | lim_of(guest_gdt[SEL_KDATA >> 3]), all);
     pg_one(PG_VERR, umip, pg_verr, 0, 1, all);
@@ -354,6 +354,7 @@ static void probe_pg(void)
     u32 a, b, c, d;
     u64 cr4 = read_cr4();
 
+    pg_skip = hc(LABHC_PG_BEGIN, (u64)pg_text_start, (u64)pg_text_end, 0, 0, 0, 0);
     write_cr4(cr4 & ~CR4_UMIP);
     probe_pg_once(0);
     cpuid(0, &a, &b, &c, &d);

@@ -52,12 +52,11 @@
 #define LABHC_UMIP_SLDT 2
 #define LABHC_UMIP_SMSW 3
 #define LABHC_UMIP_STR  4
-/* The Popek-Goldberg family (lab/catalogue.py `pg-*`): the guest brackets one sensitive
- * instruction between BEGIN and MARK, so the host can count its own traps/exits in between
- * (the instruction's, none when it ran natively); then reports what it saw against its own
- * tables. BEGIN answers RAX=1 (run it) or 0 (the host was told to skip it: `skip=pg-<insn>`). */
-#define LABHC_PG_BEGIN      0x34  /* rdi=instruction (LABHC_PG_*): RAX = 1 run / 0 skip */
-#define LABHC_PG_MARK       0x35  /* right after the instruction (or the exception it raised) */
+/* The Popek-Goldberg family (lab/catalogue.py `pg-*`): BEGIN names the guest's text that holds
+ * the probed instructions and nothing else that traps; the host counts its own traps/exits at a
+ * RIP there (an instruction's, none when it ran natively) and each report takes the count so
+ * far. BEGIN answers in RAX the instructions the host was told to skip (`skip=pg-<insn>`). */
+#define LABHC_PG_BEGIN      0x34  /* rdi, rsi = [start, end) of the probed text: RAX = skip mask */
 #define LABHC_PG            0x36  /* rdi=instruction, rsi=CR4.UMIP, rdx=seen, rcx=expected by the
                                      guest's own tables, r8=outcome, r9=error code */
 #define LABHC_PG_N          18    /* sgdt sidt sldt smsw str pushf popf lar lsl verr verw
