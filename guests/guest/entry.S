@@ -181,6 +181,7 @@ pg_text_start:
     .globl pg_\name
 pg_\name:
     sub $24, %rsp
+pg_at_\name:
     \insn 8(%rsp)
     mov 10(%rsp), %rax                  /* the base */
     add $24, %rsp
@@ -190,6 +191,7 @@ pg_\name:
     .globl pg_\name
 pg_\name:
     xor %eax, %eax
+pg_at_\name:
     \insn %ax
     movzwl %ax, %eax
     ret
@@ -203,12 +205,14 @@ pg_\name:
 
     .globl pg_pushf
 pg_pushf:
+pg_at_pushf:
     pushfq
     pop %rax
     ret
     .globl pg_popf                      /* rdi = the RFLAGS to load; returns them read back */
 pg_popf:
     push %rdi
+pg_at_popf:
     popfq
     pushfq
     pop %rax
@@ -219,6 +223,7 @@ pg_popf:
 pg_lar:
     mov $SEL_KCODE, %ecx
     xor %edx, %edx
+pg_at_lar:
     lar %cx, %edx
     setz %cl
     movzbl %cl, %eax
@@ -230,6 +235,7 @@ pg_lar:
 pg_lsl:
     mov $SEL_KDATA, %ecx
     xor %edx, %edx
+pg_at_lsl:
     lsl %cx, %edx
     setz %cl
     movzbl %cl, %eax
@@ -241,6 +247,7 @@ pg_lsl:
 pg_\name:
     mov $SEL_KDATA, %ecx
     xor %eax, %eax
+pg_at_\name:
     \name %cx
     setz %al
     ret
@@ -250,11 +257,13 @@ pg_\name:
     .globl pg_pop                       /* POP FS of the DPL0 data selector: loaded or not */
 pg_pop:
     pushq $SEL_KDATA
+pg_at_pop:
     pop %fs
     mov $1, %eax
     ret
     .globl pg_push                      /* PUSH FS (guest.c loaded SEL_KDATA): the selector */
 pg_push:
+pg_at_push:
     push %fs
     pop %rax
     movzwl %ax, %eax
@@ -263,17 +272,20 @@ pg_push:
  * gate (vector 0x40), far RET to the same ring: CALL and INT return the CS the CPU pushed. */
     .globl pg_call, pg_call_target
 pg_call:
+pg_at_call:
     lcall *pg_far(%rip)
     mov pg_seen(%rip), %rax
     ret
     .globl pg_jmp, pg_jmp_target
 pg_jmp:
+pg_at_jmp:
     ljmp *pg_far_jmp(%rip)
 pg_jmp_back:
     mov $1, %eax
     ret
     .globl pg_int, pg_int_target
 pg_int:
+pg_at_int:
     int $0x40
     mov pg_seen(%rip), %rax
     ret
@@ -282,10 +294,21 @@ pg_ret:
     pushq $SEL_KCODE
     lea 1f(%rip), %rax
     push %rax
+pg_at_ret:
     lretq
 1:  mov $1, %eax
     ret
 pg_text_end:
+
+/* The probed instruction of each, in LABHC_PG_* order: the host counts its traps/exits there. */
+    .section .rodata
+    .balign 8
+    .globl pg_at
+pg_at:
+    .irp n, sgdt, sidt, sldt, smsw, str, pushf, popf, lar, lsl, verr, verw, pop, push, call, jmp, int, ret, mov
+    .quad pg_at_\n
+    .endr
+    .text
 pg_call_target:
     mov 8(%rsp), %rax                   /* a 64-bit call gate pushes CS, RIP as quadwords */
     mov %rax, pg_seen(%rip)

@@ -285,12 +285,16 @@ u64 pg_sgdt(u64), pg_sidt(u64), pg_sldt(u64), pg_smsw(u64), pg_str(u64), pg_push
 #define RFL_IF (1ull << 9)
 
 static u64 pg_skip;                     /* LABHC_PG_BEGIN's answer: bit i = skip instruction i */
+static u64 pg_out[LABHC_PG_N][LABHC_PG_WORDS];  /* one pass, for LABHC_PG_BATCH */
+static unsigned pg_n;
+extern const u64 pg_at[LABHC_PG_N];
 
 static void pg_one(int i, u64 umip, u64 (*stub)(u64), u64 arg, u64 want, u64 mask)
 {
     volatile u64 seen = 0;
     volatile int completed = 0;
 
+    (void)umip;
     if (pg_skip >> i & 1)
         return;                         /* the host was told to skip it */
     if (guest_setjmp(&catch_buf) == 0) {
@@ -301,7 +305,9 @@ static void pg_one(int i, u64 umip, u64 (*stub)(u64), u64 arg, u64 want, u64 mas
     }
     u64 outcome = completed ? LABHC_OUTCOME_OK
                             : LABHC_OUTCOME_EXC | caught.vector | (caught.has_err ? LABHC_OUTCOME_ERR : 0);
-    hc(LABHC_PG, (u64)i, umip, seen & mask, want & mask, outcome, caught.error_code);
+    u64 *o = pg_out[pg_n++];
+    o[0] = (u64)i, o[1] = seen & mask, o[2] = want & mask, o[3] = outcome, o[4] = caught.error_code;
+    o[5] = pg_at[i];
     nprobes++;
 }
 
@@ -313,6 +319,7 @@ static u64 lim_of(u64 d)                /* a descriptor's limit, scaled by G (SD
 
 static void probe_pg_once(u64 umip)
 {
+    pg_n = 0;
     const u64 all = ~0ull, z63 = 1ull << 63;
     pg_one(PG_SGDT, umip, pg_sgdt, 0, (u64)guest_gdt, all);
     pg_one(PG_SIDT, umip, pg_sidt, 0, (u64)idt, all);
@@ -346,6 +353,7 @@ static void probe_pg_once(u64 umip)
     pg_one(PG_INT, umip, pg_int, 0, SEL_KCODE, 0xffff);
     pg_one(PG_RET, umip, pg_ret, 0, 1, all);
     pg_one(PG_MOV, umip, pg_mov, 0, SEL_KCODE, all);
+    hc(LABHC_PG_BATCH, (u64)pg_out, pg_n, umip, 0, 0, 0);
 }
 
 /* With our CR4.UMIP clear, then set where CPUID offers it (leaf 7 ECX[2]). */
