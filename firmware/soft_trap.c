@@ -9,9 +9,14 @@
  * Vol. 2B RDTSC); CPUID does when CPUID faulting is on (MSR 0x140 bit 0).
  * Why it is not a virtual machine in the Popek & Goldberg (1974) sense: x86
  * has sensitive instructions that are not privileged and never trap here:
- * `mov %cs` / `mov %ss` read the real CPL (1), SGDT/SIDT/STR/SMSW return
- * the host's tables (no UMIP), PUSHF shows the real IF/IOPL, POPF and IRETQ
- * silently ignore IF at CPL>IOPL. The guest can tell it is deprivileged.
+ * `mov %cs` / `mov %ss` read the real CPL (1), SGDT/SIDT/SLDT/STR/SMSW return
+ * the host's registers (unless the guest set CR4.UMIP, which we pass through:
+ * then they #GP and we emulate them), PUSHF shows the real IF/IOPL, POPF and
+ * IRETQ silently ignore IOPL/IF, LAR/LSL/VERR/VERW read the host's GDT at CPL1.
+ * The guest can tell it is deprivileged: its pg-* probes (lab/catalogue.py
+ * PG_INSNS) measure each. What faults on the host's tables at CPL1 we emulate
+ * on the guest's: LLDT, POP FS/GS, far CALL/JMP through its call gates, INT n
+ * through its IDT (frames show its own CS: soft_vcpu.vcs).
  * Memory is not isolated either: CPL1 is supervisor for paging (SDM Vol. 3A
  * 4.6) and long mode has no segment limits (AMD's EFER.LMSLE aside), so the
  * guest could write the host. This is a lab, not a security boundary. */
