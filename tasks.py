@@ -115,9 +115,9 @@ def build(c, variant="normal"):
         "variant": "normal|lie|lie-context|lie-skip|lie-insn|lie-int|lie-frame|lie-past|lie-iomap|lie-guest-cpuid: "
                    "kernel build (default: normal; the others are negative controls, docs/gdb.md)",
         "timeout": "S: seconds a boot may take before it is an error (default: 15)",
-        "view": "auto|table|scope|wide: the checks side by side (made for 100 columns), one scope at a "
-                "time, or every column unfolded at its natural width (default: auto, the table if it fits "
-                "the terminal or $COLUMNS, else scope)",
+        "view": "auto|table|scope|wide|popek-goldberg: the checks side by side (made for 100 columns), one "
+                "scope at a time, every column unfolded at its natural width, or the Popek-Goldberg table "
+                "of x86 (default: auto, the table if it fits the terminal or $COLUMNS, else scope)",
         "only": "FAMILY|PROBE|GLOB[,...]: run and judge just these (families: lab/catalogue.py, e.g. tsc; "
                 "probes, e.g. cpuid-vendor; check-id globs, e.g. 'rdtsc.tsd1.*'); the rest is absent "
                 "(default: everything)",
@@ -345,7 +345,7 @@ def _int_or_none(value, name: str) -> int | None:
         "only": "FAMILY|PROBE|GLOB[,...]: judge just these, as lab.run --only (default: what the saved run asked)",
         "json": "PATH: write the new JSON report here (default: none; the saved one is left as it is)",
         "markdown": "PATH: write a Markdown report here (default: none)",
-        "view": "auto|table|scope|wide, as for lab.run (default: auto)",
+        "view": "auto|table|scope|wide|popek-goldberg, as for lab.run (default: auto)",
     },
     positional=["path"],
     auto_shortflags=False,

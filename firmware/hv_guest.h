@@ -50,7 +50,17 @@ struct hv_ctx {
     const char *exit_path;  /* name of the trapping path in cost keys: "vmexit" */
     const char *end;        /* why the guest ended: "done", "panic", ... (NULL: running) */
     const char *entry_via;  /* the host's entry as cpl-enter names it (NULL: "vmrun") */
+    /* The pg-* family (LABHC_PG_BEGIN): the guest's probed text [pg_lo, pg_hi); the host logs
+     * the guest RIP of each of its exits or traps there (hv_pg_count) until the next batch. */
+    u64 pg_lo, pg_hi;
+    u64 pg_log[LABHC_PG_LOG];
+    unsigned pg_nlog;
 };
+static inline void hv_pg_count(struct hv_ctx *c, u64 rip)
+{
+    if (rip - c->pg_lo < c->pg_hi - c->pg_lo && c->pg_nlog < LABHC_PG_LOG)
+        c->pg_log[c->pg_nlog++] = rip;
+}
 /* One OUT to LABHC_PORT: emit the record(s) it carries. Returns 1 when the
  * guest is finished (DONE or PANIC), else 0. */
 int hv_guest_report(struct hv_ctx *c, struct hv_gregs *r);

@@ -156,7 +156,9 @@ static int soft_report(struct hv_ctx *ctx, struct soft_vcpu *v)
         cost_rdtsc(v, &g);
         return 0;
     }
-    return hv_guest_report(ctx, &g);
+    int r = hv_guest_report(ctx, &g);
+    f->rax = g.rax;                     /* LABHC_PG_BEGIN answers in RAX */
+    return r;
 }
 
 static const char hexdig[] = "0123456789abcdef";
@@ -232,6 +234,7 @@ void soft_main(const struct bootinfo *bi, struct hv_config *cfg, const char *why
         *q = 0;
     v->no_emulate_rdtsc = fault && !strcmp(fault, "no-emulate-rdtsc");
     v->unknown_hlt = fault && !strcmp(fault, "unknown-hlt");
+    v->no_emulate_umip = fault && !strcmp(fault, "no-emulate-umip");
     v->rdtsc_intercept = cfg->intercept_rdtsc && !v->no_emulate_rdtsc;
     v->cpuid_faulting = faulting && cfg->intercept_cpuid;
     scfg = *cfg;
@@ -261,6 +264,7 @@ void soft_main(const struct bootinfo *bi, struct hv_config *cfg, const char *why
     /* The CPU state the SVM host gives the guest (svm.c), but at CPL1. */
     v->f.rip = img.entry;
     v->f.cs = SOFT_KCS;
+    v->vcs = SOFT_KCS;                  /* until the guest loads a CS of its own */
     v->f.rflags = 0x2;
     v->f.rsp = img.stack_top;
     v->f.ss = SOFT_KSS;
@@ -274,6 +278,7 @@ void soft_main(const struct bootinfo *bi, struct hv_config *cfg, const char *why
         rdmsr_safe(MSR_MISC_FEATURES, &misc);
 
     struct hv_ctx ctx = { .cfg = &scfg, .scope = SCOPE, .exit_path = "trap", .end = NULL };
+    v->ctx = &ctx;
     for (int i = 0; i < 32; i++)
         exc_set_hook(i, soft_trap);
     u64 t0 = rdtsc();

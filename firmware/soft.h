@@ -31,7 +31,9 @@ enum soft_mode { SOFT_IDLE = 0, SOFT_GUEST, SOFT_COST };
 /* Trap reasons, one obs record each (docs/records.md "Software host"). */
 enum soft_reason {
     TR_CPUID, TR_RDTSC, TR_OUT, TR_IN, TR_HLT, TR_CLI, TR_STI, TR_MOV_CR, TR_RDMSR,
-    TR_WRMSR, TR_LGDT, TR_LIDT, TR_LTR, TR_LRET, TR_IRETQ, TR_MOV_SREG, TR_UD2,
+    TR_WRMSR, TR_LGDT, TR_LIDT, TR_LTR, TR_LRET, TR_IRETQ, TR_MOV_SREG,
+    TR_LLDT, TR_SGDT, TR_SIDT, TR_SLDT, TR_SMSW, TR_STR, TR_POP_SREG, TR_INT, TR_FAR_CALL, TR_FAR_JMP,
+    TR_UD2,
     TR_VMMCALL, TR_VMCALL, TR_GP, TR_UD, TR_EXC, TR_UNKNOWN, TR_N
 };
 extern const char *const soft_reason_names[TR_N];
@@ -42,15 +44,18 @@ struct soft_vcpu {
     /* virtual privileged state the guest believes it has */
     u64 cr0, cr2, cr3, cr4, cr8, efer, pat;
     u64 gdt_base, idt_base, tss_base;
-    u16 gdt_lim, idt_lim, tr;
+    u16 gdt_lim, idt_lim, tr, ldtr;
+    u16 vcs;                /* the guest's own selector for its kernel code (SOFT_KCS for the CPU) */
     int vif;                /* virtual RFLAGS.IF */
     /* policy */
     int cpuid_faulting;     /* MSR 0x140 bit 0 set while the guest runs */
     int rdtsc_intercept;    /* real CR4.TSD=1 always; emulated RDTSC gets LAB_TSC_MARK */
     int no_emulate_rdtsc;   /* soft-fault=no-emulate-rdtsc: reflect #GP instead */
     int unknown_hlt;        /* soft-fault=unknown-hlt: the decoder "forgets" HLT */
+    int no_emulate_umip;    /* soft-fault=no-emulate-umip: SGDT's UMIP #GP reflected, not emulated */
     u64 host_cr4;           /* real CR4 of the host, TSD clear */
     const struct hv_config *cfg;
+    struct hv_ctx *ctx;     /* the reports' state (hv_pg_count) */
     /* exit to soft_main */
     int exit;               /* enum soft_exit */
     const char *end;        /* why the guest ended (SOFT_EXIT_END) */

@@ -9,9 +9,14 @@
  * Vol. 2B RDTSC); CPUID does when CPUID faulting is on (MSR 0x140 bit 0).
  * Why it is not a virtual machine in the Popek & Goldberg (1974) sense: x86
  * has sensitive instructions that are not privileged and never trap here:
- * `mov %cs` / `mov %ss` read the real CPL (1), SGDT/SIDT/STR/SMSW return
- * the host's tables (no UMIP), PUSHF shows the real IF/IOPL, POPF and IRETQ
- * silently ignore IF at CPL>IOPL. The guest can tell it is deprivileged.
+ * `mov %cs` / `mov %ss` read the real CPL (1), SGDT/SIDT/SLDT/STR/SMSW return
+ * the host's registers (unless the guest set CR4.UMIP, which we pass through:
+ * then they #GP and we emulate them), PUSHF shows the real IF/IOPL, POPF and
+ * IRETQ silently ignore IOPL/IF, LAR/LSL/VERR/VERW read the host's GDT at CPL1.
+ * The guest can tell it is deprivileged: its pg-* probes (lab/catalogue.py
+ * PG_INSNS) measure each. What faults on the host's tables at CPL1 we emulate
+ * on the guest's: LLDT, POP FS/GS, far CALL/JMP through its call gates, INT n
+ * through its IDT (frames show its own CS: soft_vcpu.vcs).
  * Memory is not isolated either: CPL1 is supervisor for paging (SDM Vol. 3A
  * 4.6) and long mode has no segment limits (AMD's EFER.LMSLE aside), so the
  * guest could write the host. This is a lab, not a security boundary. */
@@ -22,7 +27,8 @@ volatile int soft_mode;
 
 const char *const soft_reason_names[TR_N] = {
     "cpuid", "rdtsc", "out", "in", "hlt", "cli", "sti", "mov-cr", "rdmsr",
-    "wrmsr", "lgdt", "lidt", "ltr", "lret", "iretq", "mov-sreg", "ud2",
+    "wrmsr", "lgdt", "lidt", "ltr", "lret", "iretq", "mov-sreg",
+    "lldt", "sgdt", "sidt", "sldt", "smsw", "str", "pop-sreg", "int", "far-call", "far-jmp", "ud2",
     "vmmcall", "vmcall", "gp", "ud", "exception", "unknown",
 };
 
@@ -149,7 +155,7 @@ static int decode(struct exc_frame *f, struct insn *in)
         in->op = in->b[p++];
     }
     int modrm = in->two ? in->op == 0x00 || in->op == 0x01 || in->op == 0x20 || in->op == 0x22
-                        : in->op == 0x8e;
+                        : in->op == 0x8e || in->op == 0xff;
     if (modrm) {
         if (p >= in->n)
             return -1;
@@ -189,7 +195,7 @@ static int decode(struct exc_frame *f, struct insn *in)
             p += disp;
         }
     }
-    if (!in->two && in->op >= 0xe4 && in->op <= 0xe7)
+    if (!in->two && ((in->op >= 0xe4 && in->op <= 0xe7) || in->op == 0xcd))
         in->imm = in->b[p++];
     else if (!in->two && in->op == 0xca) {
         in->imm = in->b[p] | (u64)in->b[p + 1] << 8;
@@ -213,16 +219,28 @@ static int identify(const struct insn *in)
         case 0x32: return TR_RDMSR;
         case 0x30: return TR_WRMSR;
         case 0x0b: return TR_UD2;
-        case 0x00: return (in->reg & 7) == 3 ? TR_LTR : TR_UNKNOWN;
+        case 0x00: {                    /* group 6: SLDT STR LLDT LTR */
+            static const int g6[8] = { TR_SLDT, TR_STR, TR_LLDT, TR_LTR,
+                                       TR_UNKNOWN, TR_UNKNOWN, TR_UNKNOWN, TR_UNKNOWN };
+            return g6[in->reg & 7];
+        }
         case 0x01:
             if (in->mod == 3) {
                 if ((in->reg & 7) == 3 && (in->rm & 7) == 1)
                     return TR_VMMCALL;      /* 0f 01 d9 */
                 if ((in->reg & 7) == 0 && (in->rm & 7) == 1)
                     return TR_VMCALL;       /* 0f 01 c1 */
-                return TR_UNKNOWN;
+                return (in->reg & 7) == 4 ? TR_SMSW : TR_UNKNOWN;
             }
-            return (in->reg & 7) == 2 ? TR_LGDT : (in->reg & 7) == 3 ? TR_LIDT : TR_UNKNOWN;
+            switch (in->reg & 7) {      /* group 7, memory forms */
+            case 0: return TR_SGDT;
+            case 1: return TR_SIDT;
+            case 2: return TR_LGDT;
+            case 3: return TR_LIDT;
+            case 4: return TR_SMSW;
+            }
+            return TR_UNKNOWN;
+        case 0xa1: case 0xa9: return TR_POP_SREG;   /* POP FS / POP GS */
         }
         return TR_UNKNOWN;
     }
@@ -233,6 +251,13 @@ static int identify(const struct insn *in)
     case 0xe4: case 0xe5: case 0xec: case 0xed: return TR_IN;
     case 0xe6: case 0xe7: case 0xee: case 0xef: return TR_OUT;
     case 0x8e: return TR_MOV_SREG;
+    case 0xcd: return TR_INT;
+    case 0xff:                          /* far CALL / JMP m16:xx (memory forms only) */
+        if (in->mem && (in->reg & 7) == 3)
+            return TR_FAR_CALL;
+        if (in->mem && (in->reg & 7) == 5)
+            return TR_FAR_JMP;
+        return TR_UNKNOWN;
     case 0xca: case 0xcb: return in->rex & 8 ? TR_LRET : TR_UNKNOWN;   /* 64-bit forms only */
     case 0xcf: return in->rex & 8 ? TR_IRETQ : TR_UNKNOWN;
     }
@@ -269,6 +294,8 @@ static int translate(struct soft_vcpu *v, u16 sel, int kind, u16 *out)
         if (!code || !lbit)
             return -1;
         *out = dpl ? SOFT_UCS : SOFT_KCS;
+        if (!dpl)
+            v->vcs = sel & ~3;          /* what the guest believes its CS is */
     } else {
         if (code)
             return -1;
@@ -344,7 +371,7 @@ static int deliver(struct soft_vcpu *v, struct exc_frame *f, u32 vec, int has_er
     if (has_err)
         frame[k++] = err;
     frame[k++] = f->rip;
-    frame[k++] = f->cs;
+    frame[k++] = f->cs == SOFT_KCS ? v->vcs : f->cs;   /* a CPL0 kernel's frame shows its own CS */
     frame[k++] = (f->rflags & ~RFL_IF) | (v->vif ? RFL_IF : 0);
     frame[k++] = f->rsp;
     frame[k++] = f->ss;
@@ -493,6 +520,108 @@ static int emu_mov_sreg(struct soft_vcpu *v, struct exc_frame *f, const struct i
     return done(f, in);
 }
 
+/* A register or memory destination of a 16-bit value (SLDT, STR, SMSW: SDM Vol. 2B): memory
+ * takes 16 bits; a register with 66h its low 16; a 32/64-bit register the value zero-extended
+ * (SMSW: CR0's, whose bits above 15 the SDM leaves undefined for r32; we give CR0's own). */
+static int store_w(struct exc_frame *f, const struct insn *in, u64 val)
+{
+    if (in->mem) {
+        u16 w = (u16)val;
+        return gwrite(in->ea, &w, 2);
+    }
+    u64 *r = gpr(f, in->rm);
+    *r = in->osz ? (*r & ~0xffffull) | (val & 0xffff) : in->rex & 8 ? val : (u32)val;
+    return 0;
+}
+
+/* SGDT/SIDT/SLDT/SMSW/STR from the guest kernel: with CR4.UMIP set they #GP at CPL1 (SDM
+ * Vol. 3A 2.5); a CPL0 kernel would get its own registers, so give it the virtual ones. */
+static int emu_store_sys(struct soft_vcpu *v, struct exc_frame *f, const struct insn *in, int r)
+{
+    if (v->no_emulate_umip && r == TR_SGDT)     /* negative control: the guest sees the #GP */
+        return reflect(v, f, r, 13, 0);
+    if (r == TR_SGDT || r == TR_SIDT) {         /* 64-bit mode: 2-byte limit, 8-byte base */
+        u8 m[10];
+        u16 lim = r == TR_SGDT ? v->gdt_lim : v->idt_lim;
+        u64 base = r == TR_SGDT ? v->gdt_base : v->idt_base;
+        __builtin_memcpy(m, &lim, 2);
+        __builtin_memcpy(m + 2, &base, 8);
+        if (!in->mem || gwrite(in->ea, m, 10))
+            return reflect(v, f, r, !in->mem ? 6 : 13, 0);
+        return done(f, in);
+    }
+    u64 val = r == TR_SLDT ? v->ldtr : r == TR_STR ? v->tr : v->cr0;
+    if (store_w(f, in, val))
+        return reflect(v, f, r, 13, 0);
+    return done(f, in);
+}
+
+/* LLDT (SDM Vol. 2A): a null selector or an LDT descriptor (type 2, 16 bytes) of the guest's
+ * GDT; only remembered: the guest runs on the host's descriptor tables (no LDT use). */
+static int emu_lldt(struct soft_vcpu *v, struct exc_frame *f, const struct insn *in)
+{
+    u16 sel;
+    u64 d[2];
+
+    if (in->mem ? gread(in->ea, &sel, 2) : (sel = (u16)*gpr(f, in->rm), 0))
+        return reflect(v, f, TR_LLDT, 13, 0);
+    u64 off = sel & ~7u;
+    if (off && ((sel & 4) || off + 15 > v->gdt_lim || gread(v->gdt_base + off, d, 16) ||
+                ((d[0] >> 40) & 0x9f) != 0x82))
+        return reflect(v, f, TR_LLDT, 13, sel & 0xfffc);
+    v->ldtr = off ? sel : 0;
+    return done(f, in);
+}
+
+/* POP FS/GS of a guest selector: at CPL1 its DPL0 data segment is #GP(sel) (SDM Vol. 2B POP);
+ * load our ring-1 translation, as MOV to FS/GS does. */
+static int emu_pop_sreg(struct soft_vcpu *v, struct exc_frame *f, const struct insn *in)
+{
+    u64 q;
+    u16 h;
+
+    if (gread(f->rsp, &q, 8))
+        return reflect(v, f, TR_POP_SREG, 13, 0);
+    if (translate(v, (u16)q, SEG_DATA, &h))
+        return reflect(v, f, TR_POP_SREG, 13, q & 0xfffc);
+    if (in->op == 0xa1)
+        __asm__ volatile("mov %0, %%fs" :: "r"((u32)h));
+    else
+        __asm__ volatile("mov %0, %%gs" :: "r"((u32)h));
+    f->rsp += 8;
+    return done(f, in);
+}
+
+/* Far CALL/JMP m16:32 (m16:64 with REX.W) through a 64-bit call gate of the guest's GDT to its
+ * own kernel code (APM Vol. 2 4.11.2, SDM Vol. 2A CALL "call gate, same privilege"): the
+ * selector names the host's GDT at CPL1, so it faults; the gate is the guest's. CALL pushes
+ * the guest's view of CS and the return RIP, as quadwords. */
+static int emu_far_gate(struct soft_vcpu *v, struct exc_frame *f, const struct insn *in, int call)
+{
+    int r = call ? TR_FAR_CALL : TR_FAR_JMP;
+    u16 sel, tcs;
+    u64 g[2];
+
+    if (gread(in->ea + (in->rex & 8 ? 8 : in->osz ? 2 : 4), &sel, 2))
+        return reflect(v, f, r, 13, 0);
+    u64 off = sel & ~7u;
+    if ((sel & 4) || off + 15 > v->gdt_lim || gread(v->gdt_base + off, g, 16) ||
+        ((g[0] >> 40) & 0x9f) != 0x8c)  /* present 64-bit call gate (DPL >= CPL 0, RPL) */
+        return reflect(v, f, r, 13, sel & 0xfffc);
+    if (translate(v, (u16)(g[0] >> 16), SEG_CS, &tcs) || tcs != SOFT_KCS)
+        return reflect(v, f, r, 13, (g[0] >> 16) & 0xfffc);
+    u64 target = (g[0] & 0xffff) | ((g[0] >> 32) & 0xffff0000ull) | (g[1] << 32);
+    if (call) {
+        u64 fr[2] = { f->rip + (u64)in->len, v->vcs };
+        if (gwrite(f->rsp - 16, fr, 16))
+            return reflect(v, f, r, 13, 0);
+        f->rsp -= 16;
+    }
+    f->rip = target;
+    f->cs = SOFT_KCS;
+    return 1;
+}
+
 /* LRETQ / IRETQ to a selector of the guest's own GDT: at CPL1 a DPL0 (RPL0)
  * target raises #GP(sel) (SDM Vol. 2B RET, IRET); pop the frame ourselves. */
 static int emu_far_return(struct soft_vcpu *v, struct exc_frame *f, const struct insn *in, int iret)
@@ -598,6 +727,17 @@ static int gp_kernel(struct soft_vcpu *v, struct exc_frame *f, struct insn *in, 
         return emu_mov_sreg(v, f, in);
     case TR_LRET: case TR_IRETQ:
         return emu_far_return(v, f, in, r == TR_IRETQ);
+    case TR_SGDT: case TR_SIDT: case TR_SLDT: case TR_SMSW: case TR_STR:
+        return emu_store_sys(v, f, in, r);
+    case TR_LLDT:
+        return emu_lldt(v, f, in);
+    case TR_POP_SREG:
+        return emu_pop_sreg(v, f, in);
+    case TR_INT:                        /* the host's IDT has no gate there: the guest's has */
+        f->rip += (u64)in->len;
+        return deliver(v, f, (u32)in->imm, 0, 0);
+    case TR_FAR_CALL: case TR_FAR_JMP:
+        return emu_far_gate(v, f, in, r == TR_FAR_CALL);
     }
     return unemulated(v, f, in);
 }
@@ -661,6 +801,7 @@ int soft_trap(struct exc_frame *f)
     if (++v->traps > TRAP_LIMIT)
         return end_guest(v, f, "trap-limit");
     fault_linger_guest();
+    hv_pg_count(v->ctx, f->rip);
     switch (f->vector) {
     case 13:
         return trap_gp(v, f);

@@ -171,6 +171,7 @@ int svm_handle_exit(struct svm_vcpu *v)
     if ((u32)code == 0xffffffffu)       /* QEMU reports -1 as 32-bit */
         code = vm->ctl.exit_code = VMEXIT_INVALID;
     count_exit(code);
+    hv_pg_count(&v->ctx, vm->save.rip);
     vm->ctl.event_inj = 0;
     fault_linger_guest();
     v->g->rax = vm->save.rax;

@@ -170,6 +170,7 @@ int vmx_handle_exit(struct vmx_vcpu *v)
         end_info(v, reason == EXIT_INVALID_GUEST_STATE ? "invalid-guest-state" : "vmentry-failed", reason);
         return 0;
     }
+    hv_pg_count(&v->ctx, vmread(GUEST_RIP));
     switch (reason) {
     case EXIT_CPUID:          r = h_cpuid(v); break;
     case EXIT_RDTSC:          r = h_rdtsc(v); break;

@@ -377,6 +377,64 @@ CATALOGUE += tuple(
     )
 )
 
+# -- Popek & Goldberg (1974) on x86: Robin & Irvine (USENIX Security 2000) listed the x86
+# instructions that are sensitive but not privileged, in two groups. The guest kernel runs each
+# at the CPL it believes is 0 (guests/guest/guest.c probe_pg), with its own CR4.UMIP clear and
+# set, and compares what it saw with its own tables; the host counts its traps/exits around the
+# one instruction. obs: `traps` (the host saw it, the guest saw its own view), `leaks` (unseen,
+# the guest saw what a CPL0 kernel would not), `same` (unseen, the same view), `wrong` (seen,
+# yet the guest saw another view). The rule (lab/expectations.py pg_*) is the SDM's operation
+# of the instruction at the CPL and with the state the host runs the guest in.
+PG_FAMILY = "popek-goldberg"
+PG_REGISTER, PG_PROTECTION = "sensitive register", "protection system"
+_PG_WITNESS = ("none: the verdict joins the guest's comparison with the host's count of its own traps/exits "
+               "(host memory, not CPU state)")
+# (mnemonic, Robin & Irvine's group, rule, what the guest compares, reference)
+PG_INSNS = (
+    ("sgdt", PG_REGISTER, "pg_umip", "the GDTR base against its own GDT",
+     "SDM Vol. 2B SGDT; Vol. 3A 2.5 (CR4.UMIP: #GP(0) at CPL>0)"),
+    ("sidt", PG_REGISTER, "pg_umip", "the IDTR base against its own IDT",
+     "SDM Vol. 2B SIDT; Vol. 3A 2.5 (CR4.UMIP: #GP(0) at CPL>0)"),
+    ("sldt", PG_REGISTER, "pg_umip", "the LDTR selector against the LDT it loaded",
+     "SDM Vol. 2B SLDT; Vol. 3A 2.5 (CR4.UMIP: #GP(0) at CPL>0)"),
+    ("smsw", PG_REGISTER, "pg_umip", "the machine status word against its own CR0 (TS set)",
+     "SDM Vol. 2B SMSW; Vol. 3A 2.5 (CR4.UMIP: #GP(0) at CPL>0)"),
+    ("pushf", PG_REGISTER, "pg_reveals", "the IOPL and IF in RFLAGS against what it set (IOPL 3 by IRETQ)",
+     "SDM Vol. 2B PUSHF: no privilege check outside virtual-8086 mode"),
+    ("popf", PG_REGISTER, "pg_reveals", "whether POPF loading IOPL 3 took effect (read back by PUSHF)",
+     "SDM Vol. 2B POPF: at CPL>0 IOPL is left unchanged (IF too at CPL>IOPL), without a fault"),
+    ("lar", PG_PROTECTION, "pg_reveals", "ZF and the rights of its DPL0 code selector against its GDT",
+     "SDM Vol. 2A LAR: ZF=0 when DPL < CPL or RPL (non-conforming), no fault"),
+    ("lsl", PG_PROTECTION, "pg_reveals", "ZF and the limit of its DPL0 data selector against its GDT",
+     "SDM Vol. 2A LSL: ZF=0 when DPL < CPL or RPL (non-conforming), no fault"),
+    ("verr", PG_PROTECTION, "pg_reveals", "ZF for its DPL0 data selector (readable at CPL0)",
+     "SDM Vol. 2B VERR/VERW: ZF=0 when DPL < CPL or RPL, no fault"),
+    ("verw", PG_PROTECTION, "pg_reveals", "ZF for its DPL0 data selector (writable at CPL0)",
+     "SDM Vol. 2B VERR/VERW: ZF=0 when DPL < CPL or RPL, no fault"),
+    ("pop", PG_PROTECTION, "pg_faults", "POP FS of its DPL0 data selector: loaded or not",
+     "SDM Vol. 2B POP: a data segment with DPL < CPL is #GP(selector); POP DS/ES/SS are #UD in 64-bit mode"),
+    ("push", PG_PROTECTION, "pg_reveals", "PUSH FS after loading its DPL0 data selector: the selector pushed",
+     "SDM Vol. 2B PUSH (the selector as loaded, its RPL); PUSH CS/DS/ES/SS are #UD in 64-bit mode"),
+    ("call", PG_PROTECTION, "pg_faults", "far CALL through its DPL0 call gate: the CS pushed",
+     "SDM Vol. 2A CALL (call gate: selector past the GDT limit #GP(selector); pushes CS with RPL=CPL)"),
+    ("jmp", PG_PROTECTION, "pg_faults", "far JMP through its DPL0 call gate: the target reached",
+     "SDM Vol. 2A JMP (call gate: selector past the GDT limit #GP(selector))"),
+    ("int", PG_PROTECTION, "pg_faults", "INT 0x40 through its DPL0 interrupt gate: the CS in the frame",
+     "SDM Vol. 2A INT n (not an interrupt/trap gate: #GP(vector*8+2)); Vol. 3A 6.14.2 (the frame's CS)"),
+    ("ret", PG_PROTECTION, "pg_faults", "far RET to its own CS (RPL0): returned or not",
+     "SDM Vol. 2B RET (far): a return CS with RPL < CPL is #GP(selector)"),
+    ("str", PG_PROTECTION, "pg_umip", "the TR selector against its own TSS selector",
+     "SDM Vol. 2B STR; Vol. 3A 2.5 (CR4.UMIP: #GP(0) at CPL>0)"),
+    ("mov", PG_PROTECTION, "pg_reveals", "MOV from CS: the selector, whose RPL is the CPL",
+     "SDM Vol. 2A MOV (from a segment register: no privilege check); Vol. 3A 5.5 (CPL is CS[1:0])"),
+)
+CATALOGUE += tuple(
+    Probe(f"pg-{name}", PG_FAMILY, "count", None, (("umip", (0, 1)),), rule, ref,
+          f"{name.upper()} at the guest kernel's CPL: {what} ({group} instruction, Robin & Irvine 2000)",
+          scopes=GUEST_SCOPES, witness=_PG_WITNESS)
+    for name, group, rule, what, ref in PG_INSNS
+)
+
 # What the `lie` build reports instead of the truth (a negative control both witnesses must
 # catch; every other record of that build is the truth).
 LIES = {

@@ -26,8 +26,10 @@ FAULT_KINDS = ("hang", "triple", "garbage", "longline", "cut", "exception", "tab
                "linger")
 # Probes the firmware leaves out when asked with `skip=`: a probe name or a family of the
 # catalogue's table (firmware/probe.c matches either; lab/catalogue.py).
+# The guest's Popek-Goldberg probes too, by name (firmware/hv_guest.c LABHC_PG_BEGIN).
 SKIP_WORDS = tuple(sorted({w for r in catalogue.table_rows()
-                           for w in (r.probe, r.entry.family, *(f"{k}={v}" for k, v in r.params.items()))}))
+                           for w in (r.probe, r.entry.family, *(f"{k}={v}" for k, v in r.params.items()))}
+                          | {p.probe for p in catalogue.CATALOGUE if p.family == catalogue.PG_FAMILY}))
 _BOOL = ("0", "1")
 # Ring -2 (firmware/smm.c): the SMIs per measurement the lab asks for on a machine with SMM
 # (QEMU's pc and q35: SMRAM and the APM control port 0xB2; microvm has neither).
@@ -48,7 +50,7 @@ KERNEL_ARGS: dict[str, tuple[str, ...] | None] = {
     "hv-intercept-rdtsc": _BOOL,
     "hv-npt": _BOOL,
     "hv-fault": ("unknown-exit", "no-rdtsc-exit"),  # no-rdtsc-exit: firmware/vmx.c forgets that exit
-    "soft-fault": ("no-emulate-rdtsc", "unknown-hlt"),
+    "soft-fault": ("no-emulate-rdtsc", "unknown-hlt", "no-emulate-umip"),
     "smm": tuple(str(n) for n in range(1, SMM_MAX_SMIS + 1)),  # the lab names it on pc/q35 (runner.preboot)
     "smm-fault": SMM_FAULTS,
 }

@@ -45,7 +45,7 @@ MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "~", "xpass": "X", 
 LEGEND = "✓ pass  ✗ fail  ! error  ~ xfail (a named deviation)  X xpass  - skip  ᵍ GDB read the same"
 SCOPE_TITLE = {"host": "host", "guest-svm": "guest (SVM)", "guest-vmx": "guest (VMX)", "guest-soft": "guest (soft)",
                "ring-2": "ring -2 (SMM)"}
-VIEWS = ("auto", "table", "scope", "wide")
+VIEWS = ("auto", "table", "scope", "wide", "popek-goldberg")  # the last: lab/popek.py
 DESIGN_WIDTH = 100  # the width the table view is made for, and the default when piped
 RUN_GROUP = "run"  # the boot itself: listed last
 
@@ -505,6 +505,11 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
     # What each column title stands for, where the title is shorter than the configuration.
     out(console, "columns: " + "; ".join(f"{short[c]} = {c}" if short[c] != c else c for c in configs),
                   highlight=False)
+    if view == "popek-goldberg":        # the family's table instead of every check (lab/popek.py)
+        from . import popek
+        popek.render(report, console, short)
+        _print_summary(report, console)
+        return
     _answers(report, console, short)
 
     folded = [] if view == "wide" else [c for c in columns if c.folded]
@@ -549,6 +554,10 @@ def render(report: dict, console: Console | None = None, view: str = "auto") -> 
 
     _why_not_pass(report, console, skip_columns=folded, short=short, dead=dead)
     _boots(report, console)
+    _print_summary(report, console)
+
+
+def _print_summary(report: dict, console: Console) -> None:
     s = report["summary"]
     line = "  ".join(f"{k}={v}" for k, v in s.items())
     causes = skip_causes(report)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .ids import check_id
 
-from .catalogue import GUEST_SCOPES, SMM_SCOPE, Row, rows
+from .catalogue import GUEST_SCOPES, PG_FAMILY, SMM_SCOPE, Row, rows
 
 AT_LEAST_ONCE = ">=1"
 
@@ -371,6 +371,8 @@ def _skip(facts: Facts, row: Row) -> str | None:
         return _said(facts, LONG_MODE_ONLY)
     if row.entry.family == "syscall" and not facts.syscall:
         return _said(facts, "no SYSCALL/SYSRET on this CPU model (CPUID 0x80000001 EDX[11]; QOM `syscall`)")
+    if row.entry.family == PG_FAMILY and row.params.get("umip") == "1" and not facts.has("umip"):
+        return PG_NO_UMIP
     for gate in row.entry.gates:
         if gate.needs.startswith("accel:") and not facts.has(gate.needs):
             if gate.needs == "accel:cpuid-faulting" and facts.cpuid_faulting_cpu is not None:
@@ -383,6 +385,27 @@ def _skip(facts: Facts, row: Row) -> str | None:
             return (f"CR4.{gate.name} is reserved on this CPU (`{gate.needs}`=0 {said}: setting it is a #GP(0), "
                     "SDM Vol. 3A 2.5; the firmware gates on its own CPUID read): not judged")
     return None
+
+
+# -- the Popek-Goldberg family (lab/catalogue.py PG_INSNS) -----------------------------------
+# The guest kernel runs at CPL0 under the SVM and VMX hosts (VMRUN / VM entry load its own
+# CS, GDTR, IDTR, LDTR, TR and RFLAGS: APM Vol. 2 15.5.1, SDM Vol. 3C 26.3.2), which intercept
+# none of these instructions (firmware/svm.c, vmx.c: CPUID, RDTSC, HLT, I/O, VMMCALL; no
+# descriptor-table exiting, CR0 guest/host mask 0): each runs natively on the guest's state and
+# CR4.UMIP binds only CPL>0 (SDM Vol. 3A 2.5): `same`. Under the software host it runs at CPL1
+# (ring compression) with IOPL 0, on the host's GDT, IDT, TR and LDTR (its own tables are
+# virtual: firmware/soft_trap.c) and with the guest's CR4.UMIP in the real CR4: an instruction
+# that faults there traps to the host, which emulates it (`traps`); one that completes shows
+# the real state, never the guest's (its tables live in its window, the host's outside it:
+# firmware/hv_guest.c hv_guest_load), so the guest sees what a CPL0 kernel would not (`leaks`).
+PG_NO_UMIP = ("CR4.UMIP is reserved on this CPU (`umip`=0: SDM Vol. 3A 2.5): the guest runs its umip=1 "
+              "pass only where its CPUID offers UMIP")
+
+
+def _pg(scope: str, faults_at_cpl1: bool) -> str:
+    if scope != "guest-soft":
+        return "same"
+    return "traps" if faults_at_cpl1 else "leaks"
 
 
 def _soft(scope: str) -> bool:
@@ -425,6 +448,15 @@ RULES = {
                                             "host-value" if f.guest_rdtsc_intercept else "native")),
     "guest_end": lambda f, s, p, i: "done",
     "exit_seen": lambda f, s, p, i: _exit_seen(f, s, p),
+    # Completes at any CPL outside virtual-8086 mode and shows the real state (PUSHF, POPF, LAR,
+    # LSL, VERR, VERW, PUSH, MOV from CS: their entries' references).
+    "pg_reveals": lambda f, s, p, i: _pg(s, False),
+    # #GP at CPL1 on the host's tables (POP FS of a DPL0 segment, far CALL/JMP through a gate
+    # selector past the host GDT's limit, INT n through a vector the host's IDT has no gate
+    # for, far RET to RPL0): the host emulates it.
+    "pg_faults": lambda f, s, p, i: _pg(s, True),
+    # SGDT, SIDT, SLDT, SMSW, STR: #GP(0) at CPL>0 iff CR4.UMIP (SDM Vol. 3A 2.5).
+    "pg_umip": lambda f, s, p, i: _pg(s, p["umip"] == "1"),
 }
 
 

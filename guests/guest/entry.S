@@ -168,6 +168,187 @@ probe_insn_guest_rdtsc:
 probe_done_guest_rdtsc:
     ud2
 
+/* The Popek-Goldberg family (guest.c probe_pg): one sensitive instruction each, run at the
+ * guest kernel's CPL (0 as it believes; 1 under the software host). Between pg_text_start and
+ * pg_text_end nothing else can trap (the gate targets, whose LRETQ/IRETQ trap under the software
+ * host, live outside it): the host counts its traps/exits there (LABHC_PG_BEGIN). Each returns
+ * what the instruction showed (RAX). */
+#define SEL_LDT  0x40
+#define SEL_GATE 0x80                   /* and 0x90: past the host kernel's GDT limit (firmware lab.h) */
+    .globl pg_text_start, pg_text_end
+pg_text_start:
+.macro PG_DTR name, insn
+    .globl pg_\name
+pg_\name:
+    sub $24, %rsp
+pg_at_\name:
+    \insn 8(%rsp)
+    mov 10(%rsp), %rax                  /* the base */
+    add $24, %rsp
+    ret
+.endm
+.macro PG_SEL16 name, insn
+    .globl pg_\name
+pg_\name:
+    xor %eax, %eax
+pg_at_\name:
+    \insn %ax
+    movzwl %ax, %eax
+    ret
+.endm
+    PG_DTR sgdt, sgdt
+    PG_DTR sidt, sidt
+    PG_SEL16 sldt, sldt
+    PG_SEL16 smsw, smsw
+    PG_SEL16 str, str
+    PG_SEL16 mov, "mov %cs,"           /* MOV from CS: its RPL is the CPL */
+
+    .globl pg_pushf
+pg_pushf:
+pg_at_pushf:
+    pushfq
+    pop %rax
+    ret
+    .globl pg_popf                      /* rdi = the RFLAGS to load; returns them read back */
+pg_popf:
+    push %rdi
+pg_at_popf:
+    popfq
+    pushfq
+    pop %rax
+    ret
+/* LAR/LSL: bit 63 = ZF, low bits = what the instruction loaded (LAR masked 00F0FF00H,
+ * SDM Vol. 2A LAR: bits 19:16 are undefined). VERR/VERW: ZF. */
+    .globl pg_lar
+pg_lar:
+    mov $SEL_KCODE, %ecx
+    xor %edx, %edx
+pg_at_lar:
+    lar %cx, %edx
+    setz %cl
+    movzbl %cl, %eax
+    shl $63, %rax
+    and $0x00f0ff00, %edx
+    or %rdx, %rax
+    ret
+    .globl pg_lsl
+pg_lsl:
+    mov $SEL_KDATA, %ecx
+    xor %edx, %edx
+pg_at_lsl:
+    lsl %cx, %edx
+    setz %cl
+    movzbl %cl, %eax
+    shl $63, %rax
+    or %rdx, %rax
+    ret
+.macro PG_VER name
+    .globl pg_\name
+pg_\name:
+    mov $SEL_KDATA, %ecx
+    xor %eax, %eax
+pg_at_\name:
+    \name %cx
+    setz %al
+    ret
+.endm
+    PG_VER verr
+    PG_VER verw
+    .globl pg_pop                       /* POP FS of the DPL0 data selector: loaded or not */
+pg_pop:
+    pushq $SEL_KDATA
+pg_at_pop:
+    pop %fs
+    mov $1, %eax
+    ret
+    .globl pg_push                      /* PUSH FS (guest.c loaded SEL_KDATA): the selector */
+pg_push:
+pg_at_push:
+    push %fs
+    pop %rax
+    movzwl %ax, %eax
+    ret
+/* Far CALL / JMP through the DPL0 call gate SEL_GATE (guest.c), INT through a DPL0 interrupt
+ * gate (vector 0x40), far RET to the same ring: CALL and INT return the CS the CPU pushed. */
+    .globl pg_call, pg_call_target
+pg_call:
+pg_at_call:
+    lcall *pg_far(%rip)
+    mov pg_seen(%rip), %rax
+    ret
+    .globl pg_jmp, pg_jmp_target
+pg_jmp:
+pg_at_jmp:
+    ljmp *pg_far_jmp(%rip)
+pg_jmp_back:
+    mov $1, %eax
+    ret
+    .globl pg_int, pg_int_target
+pg_int:
+pg_at_int:
+    int $0x40
+    mov pg_seen(%rip), %rax
+    ret
+    .globl pg_ret
+pg_ret:
+    pushq $SEL_KCODE
+    lea 1f(%rip), %rax
+    push %rax
+pg_at_ret:
+    lretq
+1:  mov $1, %eax
+    ret
+pg_text_end:
+
+/* The probed instruction of each, in LABHC_PG_* order: the host counts its traps/exits there. */
+    .section .rodata
+    .balign 8
+    .globl pg_at
+pg_at:
+    .irp n, sgdt, sidt, sldt, smsw, str, pushf, popf, lar, lsl, verr, verw, pop, push, call, jmp, int, ret, mov
+    .quad pg_at_\n
+    .endr
+    .text
+pg_call_target:
+    mov 8(%rsp), %rax                   /* a 64-bit call gate pushes CS, RIP as quadwords */
+    mov %rax, pg_seen(%rip)
+    lretq
+pg_int_target:
+    mov 8(%rsp), %rax                   /* frame: RIP, CS, RFLAGS, RSP, SS */
+    mov %rax, pg_seen(%rip)
+    iretq
+pg_jmp_target:
+    jmp pg_jmp_back
+
+/* void guest_set_rflags(u64 rflags): IRETQ to the next instruction, same ring, with these
+ * RFLAGS: how a kernel sets its IOPL (SDM Vol. 2A IRET). */
+    .globl guest_set_rflags
+guest_set_rflags:
+    mov %rsp, %rcx
+    xor %eax, %eax
+    mov %ss, %ax
+    push %rax
+    push %rcx
+    push %rdi
+    pushq $SEL_KCODE
+    lea 1f(%rip), %rax
+    push %rax
+    iretq
+1:  ret
+
+    .data
+    .balign 8
+pg_far:
+    .long 0                             /* a gate's offset is the gate's: this one is ignored */
+    .word SEL_GATE
+pg_far_jmp:
+    .long 0
+    .word SEL_GATE + 16
+    .globl pg_seen
+pg_seen:
+    .quad 0
+    .text
+
 /* Identity map of the first 1 GiB with 2 MiB pages, U/S=1 everywhere so ring-3
  * stubs and their stack need no separate mapping. Under nested paging the host
  * backs only our 2 MiB window (APM Vol. 2 15.25). */
@@ -199,6 +380,13 @@ guest_gdt:
     .quad 0x0020fb0000000000        /* 0x28 64-bit code DPL3 */
 guest_gdt_tss:
     .quad 0, 0                      /* 0x30 64-bit TSS, filled by guest.c */
+    .globl guest_gdt_ldt, guest_gdt_gate
+guest_gdt_ldt:
+    .quad 0, 0                      /* 0x40 LDT descriptor, filled by guest.c */
+    .fill 6, 8, 0                   /* 0x50-0x7f unused */
+guest_gdt_gate:
+    .quad 0, 0                      /* 0x80 64-bit call gate to pg_call_target, filled by guest.c */
+    .quad 0, 0                      /* 0x90 64-bit call gate to pg_jmp_target */
 guest_gdt_end:
     .balign 8
 guest_gdtr:

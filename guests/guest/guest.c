@@ -50,10 +50,17 @@ extern char probe_insn_guest_rdtsc[], probe_done_guest_rdtsc[];
 extern char probe_insn_guest_sgdt[], probe_done_guest_sgdt[], probe_insn_guest_sidt[], probe_done_guest_sidt[];
 extern char probe_insn_guest_sldt[], probe_done_guest_sldt[], probe_insn_guest_smsw[], probe_done_guest_smsw[];
 extern char probe_insn_guest_str[], probe_done_guest_str[];
+extern u64 guest_gdt[], guest_gdt_ldt[2], guest_gdt_gate[4];
+extern char pg_int_target[], pg_call_target[], pg_jmp_target[], pg_text_start[], pg_text_end[];
+void guest_set_rflags(u64 rflags);
+#define SEL_KDATA 0x10
+#define SEL_LDT   0x40
+#define SEL_GATE  0x80
+static u64 guest_ldt[1];
 
 volatile u64 user_cs;               /* written at CPL3 by probe_insn_guest_enter */
 static struct tss64 tss __attribute__((aligned(16)));
-static struct idt_gate idt[32] __attribute__((aligned(16)));
+static struct idt_gate idt[65] __attribute__((aligned(16)));   /* 0-31, and 0x40 (pg-int) */
 static u8 rsp0_stack[8192] __attribute__((aligned(16)));
 static u8 user_stack[4096] __attribute__((aligned(16)));
 
@@ -64,7 +71,7 @@ static volatile struct { u64 vector, error_code, rip, cs, has_err; } caught;
 static unsigned nprobes;
 
 /* ---- the reporting channel (lab_guest_abi.h): args in rdi rsi rdx rcx r8 r9 ---- */
-static inline void hc(u32 fn, u64 a, u64 b, u64 c, u64 d, u64 e, u64 f)
+static inline u64 hc(u32 fn, u64 a, u64 b, u64 c, u64 d, u64 e, u64 f)
 {
     register u64 r8 __asm__("r8") = e;
     register u64 r9 __asm__("r9") = f;
@@ -72,6 +79,7 @@ static inline void hc(u32 fn, u64 a, u64 b, u64 c, u64 d, u64 e, u64 f)
                      : "+a"(fn)
                      : [port] "i"(LABHC_PORT), "D"(a), "S"(b), "d"(c), "c"(d), "r"(r8), "r"(r9)
                      : "memory");
+    return fn;
 }
 
 static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
@@ -85,6 +93,10 @@ static inline u64 rdtsc(void)
     return ((u64)hi << 32) | lo;
 }
 static inline u64 read_cs(void) { u64 v = 0; __asm__ volatile("mov %%cs, %w0" : "+r"(v)); return v; }
+static inline u64 read_cr0(void) { u64 v; __asm__ volatile("mov %%cr0, %0" : "=r"(v)); return v; }
+static inline void write_cr0(u64 v) { __asm__ volatile("mov %0, %%cr0" :: "r"(v) : "memory"); }
+static inline u64 read_rflags(void) { u64 v; __asm__ volatile("pushfq; pop %0" : "=r"(v)); return v; }
+static inline void load_fs(u16 sel) { __asm__ volatile("mov %0, %%fs" :: "r"((u32)sel)); }
 static inline u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); return v; }
 static inline void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" :: "r"(v) : "memory"); }
 
@@ -138,6 +150,19 @@ static void setup_tables(void)
     for (int v = 0; v < 32; v++) {
         u64 h = guest_vec_table[v];
         idt[v] = (struct idt_gate){ (u16)h, SEL_KCODE, 0, 0x8e, (u16)(h >> 16), (u32)(h >> 32), 0 };
+    }
+    u64 h = (u64)pg_int_target;         /* DPL0 interrupt gate for pg-int */
+    idt[0x40] = (struct idt_gate){ (u16)h, SEL_KCODE, 0, 0x8e, (u16)(h >> 16), (u32)(h >> 32), 0 };
+    /* An LDT of our own (one null entry: SLDT needs only the selector) and a DPL0 64-bit call
+     * gate to pg_call_target (APM Vol. 2 4.8.3, 4.11.2: system descriptors are 16 bytes). */
+    base = (u64)guest_ldt;
+    guest_gdt_ldt[0] = 7 | ((base & 0xffffff) << 16) | (0x82ull << 40) | (((base >> 24) & 0xff) << 56);
+    guest_gdt_ldt[1] = base >> 32;
+    __asm__ volatile("lldt %w0" :: "r"((u16)SEL_LDT));
+    for (int i = 0; i < 2; i++) {       /* 0x80: pg-call's gate, 0x90: pg-jmp's */
+        h = i ? (u64)pg_jmp_target : (u64)pg_call_target;
+        guest_gdt_gate[2 * i] = (h & 0xffff) | ((u64)SEL_KCODE << 16) | (0x8cull << 40) | ((h >> 16 & 0xffff) << 48);
+        guest_gdt_gate[2 * i + 1] = h >> 32;
     }
     idtr.lim = sizeof idt - 1;
     idtr.base = (u64)idt;
@@ -245,6 +270,112 @@ static void probe_umip(void)
     write_cr4(cr4);
 }
 
+/* ---- Popek & Goldberg (1974), Robin & Irvine (USENIX Security 2000): the sensitive but
+ * unprivileged instructions of x86, run at our kernel CPL. Each compares what the instruction
+ * showed with what our own tables say a CPL0 kernel sees (lab/catalogue.py `pg-*`, the SDM
+ * reference per entry); the host counts its traps/exits in the probed text (entry.S). ---- */
+enum { PG_SGDT, PG_SIDT, PG_SLDT, PG_SMSW, PG_STR, PG_PUSHF, PG_POPF, PG_LAR, PG_LSL, PG_VERR,
+       PG_VERW, PG_POP, PG_PUSH, PG_CALL, PG_JMP, PG_INT, PG_RET, PG_MOV };
+/* entry.S; only pg_popf reads its argument */
+u64 pg_sgdt(u64), pg_sidt(u64), pg_sldt(u64), pg_smsw(u64), pg_str(u64), pg_pushf(u64), pg_popf(u64),
+    pg_lar(u64), pg_lsl(u64), pg_verr(u64), pg_verw(u64), pg_pop(u64), pg_push(u64), pg_call(u64),
+    pg_jmp(u64), pg_int(u64), pg_ret(u64), pg_mov(u64);
+#define CR0_TS (1ull << 3)
+#define RFL_IOPL3 (3ull << 12)
+#define RFL_IF (1ull << 9)
+
+static u64 pg_skip;                     /* LABHC_PG_BEGIN's answer: bit i = skip instruction i */
+static u64 pg_out[LABHC_PG_N][LABHC_PG_WORDS];  /* one pass, for LABHC_PG_BATCH */
+static unsigned pg_n;
+extern const u64 pg_at[LABHC_PG_N];
+
+static void pg_one(int i, u64 umip, u64 (*stub)(u64), u64 arg, u64 want, u64 mask)
+{
+    volatile u64 seen = 0;
+    volatile int completed = 0;
+
+    (void)umip;
+    if (pg_skip >> i & 1)
+        return;                         /* the host was told to skip it */
+    if (guest_setjmp(&catch_buf) == 0) {
+        catch_armed = 1;
+        seen = stub(arg);
+        catch_armed = 0;
+        completed = 1;
+    }
+    u64 outcome = completed ? LABHC_OUTCOME_OK
+                            : LABHC_OUTCOME_EXC | caught.vector | (caught.has_err ? LABHC_OUTCOME_ERR : 0);
+    u64 *o = pg_out[pg_n++];
+    o[0] = (u64)i, o[1] = seen & mask, o[2] = want & mask, o[3] = outcome, o[4] = caught.error_code;
+    o[5] = pg_at[i];
+    nprobes++;
+}
+
+static u64 lim_of(u64 d)                /* a descriptor's limit, scaled by G (SDM Vol. 3A 3.4.5) */
+{
+    u64 lim = (d & 0xffff) | ((d >> 48) & 0xf) << 16;
+    return d >> 55 & 1 ? lim << 12 | 0xfff : lim;
+}
+
+static void probe_pg_once(u64 umip)
+{
+    pg_n = 0;
+    const u64 all = ~0ull, z63 = 1ull << 63;
+    pg_one(PG_SGDT, umip, pg_sgdt, 0, (u64)guest_gdt, all);
+    pg_one(PG_SIDT, umip, pg_sidt, 0, (u64)idt, all);
+    pg_one(PG_SLDT, umip, pg_sldt, 0, SEL_LDT, all);
+    /* SMSW: the machine status word against our CR0 with CR0.TS set, as a lazy-FPU kernel
+     * leaves it (no FPU/SSE code runs in between: -mgeneral-regs-only). */
+    u64 cr0 = read_cr0();
+    write_cr0(cr0 | CR0_TS);
+    pg_one(PG_SMSW, umip, pg_smsw, 0, cr0 | CR0_TS, 0xffff);
+    write_cr0(cr0);
+    pg_one(PG_STR, umip, pg_str, 0, SEL_TSS, all);
+    /* PUSHF: the IF and IOPL we set (IOPL 3 by IRETQ, IF 0); POPF: does loading IOPL 3 take? */
+    u64 fl = read_rflags() & ~(RFL_IOPL3 | RFL_IF);
+    guest_set_rflags(fl | RFL_IOPL3);
+    pg_one(PG_PUSHF, umip, pg_pushf, 0, fl | RFL_IOPL3, RFL_IOPL3 | RFL_IF);
+    guest_set_rflags(fl);
+    pg_one(PG_POPF, umip, pg_popf, fl | RFL_IOPL3, fl | RFL_IOPL3, RFL_IOPL3 | RFL_IF);
+    if (read_rflags() & RFL_IOPL3)      /* where POPF took (each IRETQ traps under the soft host) */
+        guest_set_rflags(fl);
+    pg_one(PG_LAR, umip, pg_lar, 0, z63 | (guest_gdt[SEL_KCODE >> 3] >> 32 & 0x00f0ff00), all);
+    pg_one(PG_LSL, umip, pg_lsl, 0, z63 | lim_of(guest_gdt[SEL_KDATA >> 3]), all);
+    pg_one(PG_VERR, umip, pg_verr, 0, 1, all);
+    pg_one(PG_VERW, umip, pg_verw, 0, 1, all);
+    pg_one(PG_POP, umip, pg_pop, 0, 1, all);
+    load_fs(0);
+    load_fs(SEL_KDATA);
+    pg_one(PG_PUSH, umip, pg_push, 0, SEL_KDATA, all);
+    load_fs(0);
+    pg_one(PG_CALL, umip, pg_call, 0, SEL_KCODE, 0xffff);
+    pg_one(PG_JMP, umip, pg_jmp, 0, 1, all);
+    pg_one(PG_INT, umip, pg_int, 0, SEL_KCODE, 0xffff);
+    pg_one(PG_RET, umip, pg_ret, 0, 1, all);
+    pg_one(PG_MOV, umip, pg_mov, 0, SEL_KCODE, all);
+    hc(LABHC_PG_BATCH, (u64)pg_out, pg_n, umip, 0, 0, 0);
+}
+
+/* With our CR4.UMIP clear, then set where CPUID offers it (leaf 7 ECX[2]). */
+static void probe_pg(void)
+{
+    u32 a, b, c, d;
+    u64 cr4 = read_cr4();
+
+    pg_skip = hc(LABHC_PG_BEGIN, (u64)pg_text_start, (u64)pg_text_end, 0, 0, 0, 0);
+    write_cr4(cr4 & ~CR4_UMIP);
+    probe_pg_once(0);
+    cpuid(0, &a, &b, &c, &d);
+    if (a >= 7) {
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+        if (c >> 2 & 1) {
+            write_cr4(cr4 | CR4_UMIP);
+            probe_pg_once(1);
+        }
+    }
+    write_cr4(cr4);
+}
+
 /* A VMMCALL ping (counted as an exit by an SVM host) and a HLT (intercepted:
  * the host resumes us). Neither is a probe record of its own. */
 static void touch_intercepts(void)
@@ -286,6 +417,7 @@ void guest_main(u64 entry_cs)
     probe_ring3();
     probe_rdtsc();
     probe_umip();
+    probe_pg();
     touch_intercepts();
     probe_cost();
     hc(LABHC_DONE, nprobes, 0, 0, 0, 0, 0);

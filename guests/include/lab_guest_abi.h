@@ -52,6 +52,22 @@
 #define LABHC_UMIP_SLDT 2
 #define LABHC_UMIP_SMSW 3
 #define LABHC_UMIP_STR  4
+/* The Popek-Goldberg family (lab/catalogue.py `pg-*`): BEGIN names the guest's text that holds
+ * the probed instructions and nothing else that traps; the host logs the RIP of each of its own
+ * traps/exits there (an instruction's; none where it ran natively). A BATCH then reports one
+ * pass: per instruction what the guest saw against its own tables, and the RIP of the probed
+ * instruction (whose logged traps are its own); the log starts again. One report per pass,
+ * not per instruction: under kvm_pvm every trap costs ~1 ms (firmware/README.md). BEGIN
+ * answers in RAX the instructions the host was told to skip (`skip=pg-<insn>`). */
+#define LABHC_PG_BEGIN      0x34  /* rdi, rsi = [start, end) of the probed text: RAX = skip mask */
+#define LABHC_PG_BATCH      0x36  /* rdi = struct labhc_pg[], rsi = how many, rdx = CR4.UMIP */
+/* struct labhc_pg, 6 quadwords: instruction (LABHC_PG_*), seen, expected by the guest's own
+ * tables, outcome, error code, RIP of the probed instruction */
+#define LABHC_PG_WORDS      6
+#define LABHC_PG_LOG        64    /* trapped RIPs the host keeps per batch */
+#define LABHC_PG_N          18    /* sgdt sidt sldt smsw str pushf popf lar lsl verr verw
+                                     pop push call jmp int ret mov, in this order */
+#define LABHC_PG_RET        16
 #define LABHC_COST          0x40  /* rdi=op (LABHC_OP_*), rsi=iterations, rdx=cycles */
 #define LABHC_PANIC         0x7e  /* rdi=vector, rsi=error code, rdx=rip, rcx=cs */
 #define LABHC_DONE          0x7f  /* rdi=number of probes run: end the guest */
