@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .catalogue import PG_FAMILY, PG_INSNS
+from .console import out
 
 HOSTS = {"guest-soft": "software host (CPL1)", "guest-svm": "SVM guest (CPL0)", "guest-vmx": "VMX guest (CPL0)"}
 _MARK = {"pass": "✓", "fail": "✗", "error": "!", "xfail": "~", "xpass": "X", "skip": "-"}
@@ -78,7 +79,7 @@ def render(report: dict, console: Console, short: dict[str, str] | None = None) 
     checks = pg_checks(report)
     cols = columns(report)
     if not cols:
-        console.print("popek-goldberg: no guest ran the family in this run (a guest host runs it: "
+        out(console, "popek-goldberg: no guest ran the family in this run (a guest host runs it: "
                       "--host-mode soft, svm or vmx)", highlight=False)
         return
     short = short or {}
@@ -96,13 +97,12 @@ def render(report: dict, console: Console, short: dict[str, str] | None = None) 
             cell.append_text(_cell(checks[col].get((name, "1"))))
             row.append(cell)
         t.add_row(*row)
-    console.print(t)
-    console.print("traps: the host saw it and the guest saw its own view; leaks: no trap, and the guest saw "
+    out(console, t)
+    out(console, "traps: the host saw it and the guest saw its own view; leaks: no trap, and the guest saw "
                   "what a CPL0 kernel would not; same: no trap, the same view; wrong: a trap, yet another "
                   "view (docs/probes.md \"The Popek-Goldberg table\")", style="dim", highlight=False)
     for config, scope in cols:
-        console.print(f"  {short.get(config, config)} {conclusion(scope, checks[(config, scope)])}",
-                      highlight=False)
+        out(console, f"  {short.get(config, config)} {conclusion(scope, checks[(config, scope)])}", highlight=False)
 
 
 FAMILY = PG_FAMILY

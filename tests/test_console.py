@@ -404,7 +404,7 @@ def test_bad_view_is_refused_before_any_work(tmp_path):
 def test_invoke_bad_view_is_one_error_line_and_exit_2():
     out = subprocess.run(["invoke", "lab.run", "--view", "nope"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: --view 'nope': choose one of auto, table, scope, wide"]
+    assert out.stderr.strip().splitlines() == [f"error: --view 'nope': choose one of {', '.join(con.VIEWS)}"]
 
 
 def test_the_boot_row_stays_last_when_a_later_configuration_adds_a_group(tmp_path):
