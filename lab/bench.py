@@ -120,8 +120,9 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="ringlab-bench-") as scratch:
         tmp = Path(scratch)
 
-        def lab_boot(cfg, witness):
-            out = run_one(cfg, tmp / f"{cfg.accel}-{witness}-{time.monotonic_ns()}", kvm, witness)
+        def lab_boot(cfg, witness, record=True):
+            out = run_one(cfg, tmp / f"{cfg.accel}-{witness}-{time.monotonic_ns()}", kvm, witness,
+                          gdb_record=record)
             if not out.boot or out.boot.exit != "ok":
                 raise RuntimeError(f"lab boot failed: {out.error or out.boot.exit_detail}")
             return out
@@ -136,13 +137,18 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
             progress(console, f"{accel}: the lab, serial and GDB witnesses ({rounds} rounds)")
             witnessed: list = []
             gdb = _time(lambda: witnessed.append(lab_boot(cfg, "both")), rounds)
+            # The baseline of a stop: GDB stops where the plan says and reads nothing there.
+            progress(console, f"{accel}: the same GDB stops, nothing read ({rounds} rounds)")
+            bare: list = []
+            stops_only = _time(lambda: bare.append(lab_boot(cfg, "both", record=False)), rounds)
             progress(console, f"{accel}: -M pc ({max(1, min(rounds, 3))} rounds)")
             pc = _time(lambda: lab_boot(pc_cfg, "serial"), max(1, min(rounds, 3)))
             n_checks = len([c for c in lab_boot(cfg, "serial").checks if c.status != "skip"])
             progress(console, f"{accel}: naive, one boot per check ({n_checks} boots)")
             naive = [sum(_time(lambda: lab_boot(cfg, "serial"), n_checks)) for _ in range(naive_rounds)]
             costs = lab_boot(cfg, "serial").as_run_dict()["costs"]
-            f, s, g = _stats(floor), _stats(serial), _stats(gdb)
+            f, s, g, so = _stats(floor), _stats(serial), _stats(gdb), _stats(stops_only)
+            bare_stops = gdb_stops(bare[-1])
             results["accels"][accel] = {
                 "floor_s": f, "lab_serial_s": s, "lab_gdb_s": g, "pc_serial_s": _stats(pc),
                 "naive_s": _stats(naive), "naive_boots": n_checks,
@@ -151,6 +157,11 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
                 # the CPU stops GDB made in a witnessed boot, and what each costs the boot
                 "gdb_stops": gdb_stops(witnessed[-1]),
                 "gdb_per_stop_ms": 1000 * (g["median"] - s["median"]) / max(1, gdb_stops(witnessed[-1])),
+                # the same plan's stops with nothing read: what a stop costs by itself, and what
+                # the reading adds on top (insn chains stop again at their trap there: more stops)
+                "gdb_stops_only_s": so, "gdb_bare_stops": bare_stops,
+                "gdb_bare_stop_ms": 1000 * (so["median"] - s["median"]) / max(1, bare_stops),
+                "gdb_reading_s": g["median"] - so["median"],
                 "naive_over_lab": statistics.median(naive) / s["median"],
                 "pc_over_microvm": statistics.median(pc) / s["median"],
                 "guest_costs_cycles": costs,
@@ -226,6 +237,10 @@ def _print(console: Console, r: dict) -> None:
         if a.get("gdb_stops"):
             console.print(f"  {accel} GDB witness: {a['gdb_stops']} stops a boot, {a['gdb_added_s']:+.3f} s a boot, "
                           f"{a['gdb_per_stop_ms']:.2f} ms a stop", highlight=False)
+        if a.get("gdb_bare_stops"):
+            console.print(f"  {accel} the stops alone (nothing read): {a['gdb_bare_stops']} stops, "
+                          f"{a['gdb_bare_stop_ms']:.2f} ms a stop; the reading adds {a['gdb_reading_s']:+.3f} s a boot",
+                          highlight=False)
     console.print(f"full invoke lab.run --accel all: {_fmt(r['full_run_s'])}")
     v = r.get("full_run_checks") or {}
     if v.get("per_s"):
@@ -280,6 +295,8 @@ def readme_block(r: dict) -> str:
             f"({a['lab_over_floor']:.2f}x floor) | {a['gdb_added_s']:+.2f} s | {a['naive_s']['median']:.1f} s "
             f"({a['naive_over_lab']:.0f}x lab, {a['naive_boots']} boots) | {a['pc_over_microvm']:.1f}x microvm |")
     stops = [f"{accel.upper()} {a['gdb_stops']} stops a boot, {a['gdb_per_stop_ms']:.2f} ms a stop"
+             + (f" (the same stops reading nothing: {a['gdb_bare_stop_ms']:.2f} ms a stop; the reading adds "
+                f"{a['gdb_reading_s']:+.2f} s a boot)" if a.get("gdb_bare_stops") else "")
              for accel, a in r["accels"].items() if a.get("gdb_stops")]
     if stops:
         lines += ["", "GDB witness: " + "; ".join(stops) + "."]

@@ -249,9 +249,10 @@ def make_config(
 
 
 def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "serial",
-            cancel: threading.Event | None = None) -> RunOutcome:
+            cancel: threading.Event | None = None, *, gdb_record: bool = True) -> RunOutcome:
     """Boot once, judge, and write the run folder's report. Never raises for a bad boot:
-    the outcome then carries `error` checks and the reason."""
+    the outcome then carries `error` checks and the reason. `gdb_record=False`: GDB stops the
+    CPU where its plan says but reads nothing (lab/bench.py's baseline; its checks are unread)."""
     if cfg.accel == BOCHS:  # the serial witness only (docs/bochs.md)
         from . import bochs
 
@@ -278,7 +279,7 @@ def run_one(cfg: RunConfig, run_dir: Path, kvm: KvmStatus, witness: str = "seria
         from .witness import GdbWitness  # imported lazily: serial-only runs skip pygdbmi
 
         gdb = GdbWitness(run_dir, cfg.symbols, cfg.guest_symbols, f"127.0.0.1:{gdb_port}", cfg.accel,
-                         deadline=deadline)
+                         deadline=deadline, record=gdb_record)
         outcome.gdb_transcript = gdb.transcript
     try:
         if gdb is not None:

@@ -918,12 +918,14 @@ class GdbWitness:
 
     def __init__(self, run_dir: Path | str, host_elf: Path | str, guest_elf: Path | str | None,
                  gdb_addr: str, accel: str, *, gdb: str = "gdb", command_timeout: float = 5.0,
-                 deadline: float | None = None):
+                 deadline: float | None = None, record: bool = True):
         self.run_dir = Path(run_dir)
         self.host_elf = Path(host_elf)
         self.guest_elf = Path(guest_elf) if guest_elf else None
         self.gdb_addr = gdb_addr
         self.accel = accel
+        # False: the same stops, nothing read at them (lab/bench.py's baseline for a stop's cost)
+        self.record = record
         self.plan: WitnessPlan | None = None
         self.guest_scope: str | None = None
         self._image: Image | None = None  # the host ELF, read once at start()
@@ -1042,7 +1044,8 @@ class GdbWitness:
             msr = next((sp for sp in specs if sp.get("msr")), {})
             config = {"out": str(self.stops_path), "watches": specs, "word": image.bits // 8,
                       "stubs": [[st.insn, st.done] for st in stubs.values()],
-                      "faults": {"msr": msr.get("msr", []), "rdmsr_at": msr.get("rdmsr_at")}}
+                      "faults": {"msr": msr.get("msr", []), "rdmsr_at": msr.get("rdmsr_at")},
+                      "record": self.record}
             self._gdb.console("python lab_collect_start(" + repr(json.dumps(config)) + ")")
             self._gdb.cont()
         except BaseException:

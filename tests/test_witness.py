@@ -577,6 +577,26 @@ def test_gdb_agrees_on_every_witnessed_check(tmp_path, accel, qemu, kvm, no_left
 @needs_gdb
 @pytest.mark.gdb
 @pytest.mark.parametrize("accel", ACCELS)
+def test_the_bench_baseline_stops_as_the_plan_says_and_reads_nothing(tmp_path, accel, qemu, kvm, no_leftovers):
+    """`invoke bench` splits a stop's cost by a session that stops where the plan says and
+    reads nothing (gdb_record=False): the boot runs to its end, every record is a bare stop,
+    at least as many as the recording session's, and no check is confirmed by GDB from it."""
+    cfg = make_config(accel, build.build("normal"), qemu=qemu, kvm=kvm)
+    full = run_one(cfg, tmp_path / "recorded", kvm, "both")
+    bare = run_one(cfg, tmp_path / "bare", kvm, "both", gdb_record=False)
+    assert bare.boot is not None and bare.boot.exit == "ok"
+    stops = [json.loads(line) for line in (bare.run_dir / "gdb.stops.jsonl").read_text().splitlines()]
+    assert stops and all(set(s) == {"at", "kind"} and s["kind"] == "stop" for s in stops)
+    recorded = json.loads((full.run_dir / "gdb.readings.json").read_text())["stops"]
+    assert len(stops) >= recorded > 0
+    confirmed = [c.id for c in full.checks if "gdb" in c.witnesses and c.status == "pass"]
+    assert confirmed  # control: the recording session confirms checks; the bare one none of them
+    assert not [c.id for c in bare.checks if c.id in confirmed and c.status == "pass" and "gdb" in c.witnesses]
+
+
+@needs_gdb
+@pytest.mark.gdb
+@pytest.mark.parametrize("accel", ACCELS)
 def test_a_recorded_session_reads_the_same_replayed_and_not_once_forged(tmp_path, accel, qemu, kvm, no_leftovers):
     """The reading is a pure function of the recorded stops: a real session's record, replayed,
     gives the session's readings; edited as a forger would need to, it does not."""

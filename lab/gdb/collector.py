@@ -26,6 +26,10 @@ Watch kinds:
         just wrote to the VMCB at `vmcb` (exit code, EXITINFO1, the guest's CPL, RIP and RAX).
   end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
 
+With `"record": false` in the config every watch writes only {"at", "kind": "stop"} and lets
+the CPU go on (an `end` still stops for the MI session): the same stops, nothing read. lab/bench.py times that against the
+recording session to split a stop's cost into the stop itself and the reading.
+
 A trap watch with `msr` entries [MSR, first RIP, last RIP] also reads a control QEMU's gdbstub
 does not show (an MSR) where the trapping RIP is in that range: the CPU itself runs the
 firmware's `witness_rdmsr` (RDMSR at CPL0, its bytes 0f 32 checked first) as one single step
@@ -51,7 +55,7 @@ _MASK = (1 << 64) - 1
 # word: the frame's word size (4: 32-bit host); traps: trap watches by address; idt/tr: the
 # IDTR and TR of the last `info registers` (insn watch); stubs: [first, last RIP] of each probe stub
 # faults: what a trap record needs where no watch is (the MSRs to read there)
-_state = {"out": None, "watches": {}, "word": 8, "traps": {}, "stubs": (), "faults": {}}
+_state = {"out": None, "watches": {}, "word": 8, "traps": {}, "stubs": (), "faults": {}, "record": True}
 RDMSR = bytes.fromhex("0f32")
 # QEMU's x86-64 gdbstub registers (the 'g' packet's layout): number -> (byte offset, size).
 # RAX..R15 are 8 bytes each (0-15), RIP 8 (16), EFLAGS 4 (17), then CS, SS, ... 4 each.
@@ -85,6 +89,9 @@ class _Watch(gdb.Breakpoint):
 
     def stop(self):
         spec = self.spec
+        if not _state["record"]:  # the bench's baseline: the stop alone
+            _write({"at": spec["location"], "kind": "stop"})
+            return spec["kind"] == "end"
         if spec["kind"] == "end":
             return True
         if spec["kind"] == "insn":
@@ -311,6 +318,7 @@ def lab_collect_start(config_json):
     _state["word"] = config.get("word", 8)
     _state["stubs"] = [tuple(r) for r in config.get("stubs", ())]
     _state["faults"] = config.get("faults", _state["faults"])
+    _state["record"] = config.get("record", True)
     for spec in config["watches"]:
         if spec["kind"] == "trap" and spec.get("addr") is not None:
             _state["traps"][spec["addr"]] = spec
