@@ -295,8 +295,8 @@ def readme_block(r: dict) -> str:
             f"({a['lab_over_floor']:.2f}x floor) | {a['gdb_added_s']:+.2f} s | {a['naive_s']['median']:.1f} s "
             f"({a['naive_over_lab']:.0f}x lab, {a['naive_boots']} boots) | {a['pc_over_microvm']:.1f}x microvm |")
     stops = [f"{accel.upper()} {a['gdb_stops']} stops a boot, {a['gdb_per_stop_ms']:.2f} ms a stop"
-             + (f" (the same stops reading nothing: {a['gdb_bare_stop_ms']:.2f} ms a stop; the reading adds "
-                f"{a['gdb_reading_s']:+.2f} s a boot)" if a.get("gdb_bare_stops") else "")
+             + (f" (the plan's stops reading nothing: {a['gdb_bare_stops']} stops, {a['gdb_bare_stop_ms']:.2f} ms a "
+                f"stop; the reading adds {a['gdb_reading_s']:+.2f} s a boot)" if a.get("gdb_bare_stops") else "")
              for accel, a in r["accels"].items() if a.get("gdb_stops")]
     if stops:
         lines += ["", "GDB witness: " + "; ".join(stops) + "."]

@@ -40,8 +40,8 @@ def test_block_shows_the_figures():
     per_stop["accels"] = {"tcg": {**figures()["accels"]["tcg"], "gdb_stops": 166, "gdb_per_stop_ms": 1.81}}
     assert "GDB witness: TCG 166 stops a boot, 1.81 ms a stop." in bench.readme_block(per_stop)
     per_stop["accels"]["tcg"].update(gdb_bare_stops=180, gdb_bare_stop_ms=1.2, gdb_reading_s=0.09)
-    assert ("GDB witness: TCG 166 stops a boot, 1.81 ms a stop (the same stops reading nothing: 1.20 ms a "
-            "stop; the reading adds +0.09 s a boot).") in bench.readme_block(per_stop)
+    assert ("GDB witness: TCG 166 stops a boot, 1.81 ms a stop (the plan's stops reading nothing: 180 stops, "
+            "1.20 ms a stop; the reading adds +0.09 s a boot).") in bench.readme_block(per_stop)
     assert "load average 3.9 on 2 cores" in bench.readme_block({**figures(), "load_1min": 3.9, "cores": 2})
 
 
