@@ -148,15 +148,15 @@ def measure(rounds: int, console: Console, naive_rounds: int = 1) -> dict:
             naive = [sum(_time(lambda: lab_boot(cfg, "serial"), n_checks)) for _ in range(naive_rounds)]
             costs = lab_boot(cfg, "serial").as_run_dict()["costs"]
             f, s, g, so = _stats(floor), _stats(serial), _stats(gdb), _stats(stops_only)
-            bare_stops = gdb_stops(bare[-1])
+            stops, bare_stops = gdb_stops(witnessed[-1]), gdb_stops(bare[-1])
             results["accels"][accel] = {
                 "floor_s": f, "lab_serial_s": s, "lab_gdb_s": g, "pc_serial_s": _stats(pc),
                 "naive_s": _stats(naive), "naive_boots": n_checks,
                 "lab_over_floor": s["median"] / f["median"],
                 "gdb_added_s": g["median"] - s["median"],
                 # the CPU stops GDB made in a witnessed boot, and what each costs the boot
-                "gdb_stops": gdb_stops(witnessed[-1]),
-                "gdb_per_stop_ms": 1000 * (g["median"] - s["median"]) / max(1, gdb_stops(witnessed[-1])),
+                "gdb_stops": stops,
+                "gdb_per_stop_ms": 1000 * (g["median"] - s["median"]) / max(1, stops),
                 # the same plan's stops with nothing read: what a stop costs by itself, and what
                 # the reading adds on top (insn chains stop again at their trap there: more stops)
                 "gdb_stops_only_s": so, "gdb_bare_stops": bare_stops,

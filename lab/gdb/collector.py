@@ -27,8 +27,9 @@ Watch kinds:
   end   a real stop (the lab's MI session deletes the `ends` watches, then continues).
 
 With `"record": false` in the config every watch writes only {"at", "kind": "stop"} and lets
-the CPU go on (an `end` still stops for the MI session): the same stops, nothing read. lab/bench.py times that against the
-recording session to split a stop's cost into the stop itself and the reading.
+the CPU go on (an `end` still stops for the MI session): the same stops, nothing read.
+lab/bench.py times that against the recording session to split a stop's cost into the stop
+itself and the reading.
 
 A trap watch with `msr` entries [MSR, first RIP, last RIP] also reads a control QEMU's gdbstub
 does not show (an MSR) where the trapping RIP is in that range: the CPU itself runs the
